@@ -1,0 +1,236 @@
+"""Everything a block-removal spec implies for one teacher, derived in one place.
+
+From a teacher U-Net config and a :class:`BlockSpec` we derive
+
+* the student's diffusers config (``UNet2DConditionModel.from_config`` builds it, any pipeline loads it),
+* the module map (student module <- teacher module) and from it the state-dict key map, checked so that every
+  student tensor receives exactly one teacher tensor of identical shape,
+* the feature-KD layer pairs (teacher module name, student module name) that distillation hooks.
+
+Because all three come from the same stage/pair bookkeeping, they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bksdm.arch.spec import BlockSpec
+from bksdm.errors import UserError
+
+SUPPORTED = "SD-v1.x, SD-v2.x-base, SD-v2.x and U-Nets of the same block layout (CrossAttn/plain down and up stages)"
+_DOWN_TYPES = {"CrossAttnDownBlock2D", "DownBlock2D"}
+_UP_TYPES = {"CrossAttnUpBlock2D", "UpBlock2D"}
+_MID_TYPES = {"UNetMidBlock2DCrossAttn", None}
+# Config keys holding one value per stage, in down-stage order (diffusers reverses them for the up path).
+_PER_STAGE_KEYS = (
+    "block_out_channels",
+    "layers_per_block",
+    "attention_head_dim",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "only_cross_attention",
+)
+
+
+@dataclass
+class Derivation:
+    """The student a spec yields for one teacher: config, weight map and feature-KD pairs."""
+
+    spec: BlockSpec
+    teacher_config: dict[str, Any]
+    student_config: dict[str, Any]
+    module_map: list[tuple[str, str]]  # (student module, teacher module), block-level
+    layer_pairs: list[tuple[str, str]]  # (teacher module, student module) whose outputs feature-KD matches
+    key_map: dict[str, str] = field(default_factory=dict)  # student tensor key -> teacher tensor key
+    unused_teacher_keys: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-serialisable account of the derivation (written next to a compressed model)."""
+        return {
+            "spec": self.spec.to_dict(),
+            "module_map": [list(p) for p in self.module_map],
+            "layer_pairs": [list(p) for p in self.layer_pairs],
+            "key_map": self.key_map,
+            "unused_teacher_keys": self.unused_teacher_keys,
+        }
+
+
+def check_teacher_config(cfg: dict[str, Any]) -> None:
+    """Raise :class:`UserError` unless ``cfg`` is an SD-v1/v2-style ``UNet2DConditionModel`` config."""
+    problems = []
+    cls = cfg.get("_class_name", "UNet2DConditionModel")
+    if cls != "UNet2DConditionModel":
+        problems.append(f"class {cls}")
+    if cfg.get("addition_embed_type"):
+        problems.append(f"addition_embed_type={cfg['addition_embed_type']!r} (an SDXL-style U-Net)")
+    tl = cfg.get("transformer_layers_per_block", 1)
+    if tl not in (1, None) and not (isinstance(tl, list) and all(x == 1 for x in tl)):
+        problems.append(f"transformer_layers_per_block={tl!r}")
+    down, up = cfg.get("down_block_types", []), cfg.get("up_block_types", [])
+    if bad := [t for t in down if t not in _DOWN_TYPES]:
+        problems.append(f"down blocks {bad}")
+    if bad := [t for t in up if t not in _UP_TYPES]:
+        problems.append(f"up blocks {bad}")
+    if cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in _MID_TYPES:
+        problems.append(f"mid block {cfg.get('mid_block_type')}")
+    if not down or len(down) != len(up):
+        problems.append("unequal numbers of down and up stages")
+    if problems:
+        raise UserError(f"teacher U-Net is not SD-v1/v2 style ({'; '.join(problems)}); supported: {SUPPORTED}")
+
+
+def _layers(cfg: dict[str, Any]) -> list[int]:
+    lpb = cfg.get("layers_per_block", 2)
+    n = len(cfg["down_block_types"])
+    return list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
+
+
+def _validate(spec: BlockSpec, cfg: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """Check the spec against the teacher; return the kept down-stage and up-stage indices."""
+    n = len(cfg["down_block_types"])
+    layers = _layers(cfg)
+    where = f"spec {spec.name!r}"
+    if len(spec.down) != n or len(spec.up) != n:
+        raise UserError(f"{where} lists {len(spec.down)} down and {len(spec.up)} up stages; the teacher has {n} of each")
+    for kind, stages, limit in (("down", spec.down, lambda i: layers[i]), ("up", spec.up, lambda i: layers[n - 1 - i] + 1)):
+        for i, st in enumerate(stages):
+            if st is None:
+                continue
+            if list(st) != sorted(set(st)):
+                raise UserError(f"{where}: {kind}[{i}] = {list(st)}; list each kept pair once, in increasing order")
+            if st[0] < 0 or st[-1] >= limit(i):
+                raise UserError(
+                    f"{where}: {kind}[{i}] keeps pair {st[-1] if st[-1] >= limit(i) else st[0]} but teacher {kind} stage {i} "
+                    f"has pairs 0..{limit(i) - 1}"
+                )
+    kept_down = [i for i, st in enumerate(spec.down) if st is not None]
+    kept_up = [i for i, st in enumerate(spec.up) if st is not None]
+    n_drop = n - len(kept_down)
+    if not kept_down:
+        raise UserError(f"{where} drops every stage; keep at least the outermost one")
+    if kept_down != list(range(n - n_drop)) or kept_up != list(range(n_drop, n)):
+        raise UserError(
+            f"{where}: only the innermost stages can be dropped, the same number on both paths "
+            f"(down stages {n - n_drop}..{n - 1} and up stages 0..{n_drop - 1}); skip connections need the others"
+        )
+    for d in kept_down:
+        u = n - 1 - d
+        if len(spec.up[u]) != len(spec.down[d]) + 1:
+            raise UserError(
+                f"{where}: up stage {u} keeps {len(spec.up[u])} pairs but its mirrored down stage {d} keeps "
+                f"{len(spec.down[d])}; skip connections need exactly one more pair in the up stage"
+            )
+    if spec.mid and cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
+        raise UserError(f"{where} keeps the mid-block but the teacher has none; set mid: false")
+    return kept_down, kept_up
+
+
+def _student_config(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: list[int]) -> dict[str, Any]:
+    n = len(cfg["down_block_types"])
+    out = {k: copy.deepcopy(v) for k, v in cfg.items() if not k.startswith("_")}
+    for key in _PER_STAGE_KEYS:
+        if isinstance(out.get(key), (list, tuple)) and len(out[key]) == n:
+            out[key] = [out[key][i] for i in kept_down]
+    out["down_block_types"] = [cfg["down_block_types"][i] for i in kept_down]
+    out["up_block_types"] = [cfg["up_block_types"][i] for i in kept_up]
+    counts = [len(spec.down[i]) for i in kept_down]
+    out["layers_per_block"] = counts[0] if len(set(counts)) == 1 else counts
+    if not spec.mid:
+        out["mid_block_type"] = None
+    else:
+        out["mid_block_type"] = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    return out
+
+
+def _last_layer(block_type: str, stage: str, n_pairs: int) -> str:
+    """The module whose output is a stage's output before its down/up-sampler."""
+    if "CrossAttn" in block_type:
+        return f"{stage}.attentions.{n_pairs - 1}.proj_out"
+    return f"{stage}.resnets.{n_pairs - 1}"
+
+
+def _maps(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: list[int]):
+    n, ns = len(cfg["down_block_types"]), len(kept_down)
+    layers = _layers(cfg)
+    modules: list[tuple[str, str]] = []
+    pairs_down: list[tuple[str, str]] = []
+    pairs_up: list[tuple[str, str]] = []
+    for path, kept, types in (("down_blocks", kept_down, cfg["down_block_types"]), ("up_blocks", kept_up, cfg["up_block_types"])):
+        sampler = "downsamplers" if path == "down_blocks" else "upsamplers"
+        stages = spec.down if path == "down_blocks" else spec.up
+        for s, t in enumerate(kept):
+            keep = stages[t]
+            attn = "CrossAttn" in types[t]
+            for j, k in enumerate(keep):
+                modules.append((f"{path}.{s}.resnets.{j}", f"{path}.{t}.resnets.{k}"))
+                if attn:
+                    modules.append((f"{path}.{s}.attentions.{j}", f"{path}.{t}.attentions.{k}"))
+            student_has, teacher_has = s < ns - 1, t < n - 1
+            if student_has:
+                modules.append((f"{path}.{s}.{sampler}.0", f"{path}.{t}.{sampler}.0"))
+            if student_has == teacher_has:
+                pair = (f"{path}.{t}", f"{path}.{s}")
+            else:  # the student stage lost its sampler: match the stage output before the teacher's sampler
+                n_teacher = layers[t] if path == "down_blocks" else layers[n - 1 - t] + 1
+                pair = (_last_layer(types[t], f"{path}.{t}", n_teacher), _last_layer(types[t], f"{path}.{s}", len(keep)))
+            (pairs_down if path == "down_blocks" else pairs_up).append(pair)
+    if spec.mid:
+        modules.append(("mid_block", "mid_block"))
+    return modules, pairs_down + pairs_up
+
+
+def _meta_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _key_map(modules: list[tuple[str, str]], student: dict[str, torch.Size], teacher: dict[str, torch.Size]):
+    prefixes = dict(modules)
+    key_map: dict[str, str] = {}
+    for key, shape in student.items():
+        parts = key.split(".")
+        src = key
+        for depth in (4, 1):  # block-level modules are 4 components deep; mid_block is 1
+            head = ".".join(parts[:depth])
+            if head in prefixes:
+                src = prefixes[head] + key[len(head):]
+                break
+        else:
+            if parts[0] in ("down_blocks", "up_blocks", "mid_block"):
+                raise AssertionError(f"student tensor {key} is not covered by the module map")
+        if src not in teacher:
+            raise UserError(f"student tensor {key} maps to {src}, which the teacher does not have")
+        if teacher[src] != shape:
+            raise UserError(f"student tensor {key} {tuple(shape)} maps to {src} of shape {tuple(teacher[src])}")
+        key_map[key] = src
+    used = set(key_map.values())
+    if len(used) != len(key_map):
+        raise AssertionError("two student tensors map to the same teacher tensor")
+    return key_map, sorted(k for k in teacher if k not in used)
+
+
+def derive(teacher_config: dict[str, Any], spec: BlockSpec, with_keys: bool = True) -> Derivation:
+    """Derive the student of ``spec`` for ``teacher_config``.
+
+    Args:
+        teacher_config: the teacher's ``UNet2DConditionModel`` config (as in its ``config.json``).
+        spec: which blocks to keep.
+        with_keys: also build the tensor-level key map (instantiates both U-Nets on the meta device; cheap).
+    """
+    check_teacher_config(teacher_config)
+    kept_down, kept_up = _validate(spec, teacher_config)
+    student_cfg = _student_config(spec, teacher_config, kept_down, kept_up)
+    modules, pairs = _maps(spec, teacher_config, kept_down, kept_up)
+    der = Derivation(spec, copy.deepcopy(teacher_config), student_cfg, modules, pairs)
+    if with_keys:
+        teacher_cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+        der.key_map, der.unused_teacher_keys = _key_map(modules, _meta_shapes(student_cfg), _meta_shapes(teacher_cfg))
+    return der

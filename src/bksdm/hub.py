@@ -1,0 +1,52 @@
+"""Finding models: a local diffusers folder or a Hugging Face hub id, failing fast when offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from bksdm.errors import UserError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(name: str, what: str = "model") -> Path:
+    """The local folder of ``name``: a folder path as is, or a hub id's snapshot (cache first, then download).
+
+    Raises :class:`UserError` (never a long retry loop) when neither is available.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise UserError(f"{what} folder {name} does not exist; pass a diffusers folder or a Hugging Face hub id")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    try:
+        return Path(snapshot_download(name, local_files_only=True, allow_patterns=patterns))
+    except Exception:
+        pass
+    how = (f"download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR instead, "
+           f"or point HF_HOME at a cache that holds it")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
+        raise UserError(f"{what} {name!r} is not a local folder and is not in the Hugging Face cache (HF_HUB_OFFLINE is set); {how}")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as exc:
+        raise UserError(f"{what} {name!r} could not be fetched from the hub ({type(exc).__name__}); {how}") from None
+
+
+def read_unet_config(folder: Path) -> tuple[dict[str, Any], Path]:
+    """The U-Net config of a pipeline folder (``unet/config.json``) or of a bare U-Net folder, and its folder."""
+    for cand in (folder / "unet", folder):
+        cfg = cand / "config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            if data.get("_class_name") in (None, "UNet2DConditionModel") or "down_block_types" in data:
+                return data, cand
+    raise UserError(f"{folder} holds no U-Net config (expected unet/config.json of a diffusers pipeline folder)")

@@ -1,0 +1,117 @@
+"""Tiny SD-shaped pipeline components: word-level tokenizer, CLIP text encoder, space-to-depth "VAE", U-Net.
+
+The U-Net has exactly the SD-v1 block layout (three cross-attention down stages and a plain one, two pairs per
+down stage, a cross-attention mid-block, mirrored up stages), so the built-in ``bk-*`` specs apply unchanged.
+The latent space is a lossless 2x2 space-to-depth of the RGB image (32x32x3 -> 16x16x12): the teacher's quality
+is then the U-Net's alone, and no VAE has to be trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+
+class SpaceToDepthVAE(ModelMixin, ConfigMixin):
+    """An exact, parameter-free autoencoder: ``encode`` folds each 2x2 pixel block into channels.
+
+    Speaks the ``AutoencoderKL`` interface that diffusers pipelines and our recipes use:
+    ``encode(x).latent_dist`` (a :class:`DiagonalGaussianDistribution` with negligible variance) and
+    ``decode(z).sample``; images are in [-1, 1], shape (B, 3, H, W) <-> latents (B, 3*f*f, H/f, W/f).
+    """
+
+    @register_to_config
+    def __init__(self, factor: int = 2, in_channels: int = 3, sample_size: int = 32, scaling_factor: float = 1.0,
+                 block_out_channels: tuple[int, ...] = (12, 12)):
+        super().__init__()
+        # block_out_channels only tells pipelines the downscale factor: 2 ** (len - 1) == factor
+        # a saved buffer gives the module a device, a dtype and a weight file that from_pretrained expects
+        self.register_buffer("anchor", torch.zeros(1))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.in_channels * self.config.factor ** 2
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        z = torch.nn.functional.pixel_unshuffle(x, self.config.factor)
+        # logvar at the distribution's floor (-30): sampling is the identity up to ~3e-7
+        dist = DiagonalGaussianDistribution(torch.cat([z, torch.full_like(z, -30.0)], dim=1))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
+        x = torch.nn.functional.pixel_shuffle(z, self.config.factor)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x).latent_dist.mode()).sample
+
+
+def make_tokenizer(words: list[str], max_length: int):
+    """A word-level fast tokenizer over ``words`` (lower-cased, whitespace split, <bos> ... <eos>, padded)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=max_length,
+    )
+
+
+def text_encoder_config(vocab_size: int, max_length: int, width: int = 64, layers: int = 2) -> dict[str, Any]:
+    return {
+        "vocab_size": vocab_size, "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "max_position_embeddings": max_length, "hidden_act": "quick_gelu",
+        "projection_dim": width, "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0,
+    }
+
+
+def unet_config(channels: tuple[int, ...] = (32, 64, 128, 128), cross_attention_dim: int = 64, sample_size: int = 16,
+                latent_channels: int = 12, groups: int = 8, heads: int = 4) -> dict[str, Any]:
+    """An SD-v1-layout U-Net config scaled down (same stages, pairs and block types)."""
+    return {
+        "act_fn": "silu", "attention_head_dim": heads, "block_out_channels": list(channels),
+        "center_input_sample": False, "cross_attention_dim": cross_attention_dim,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "downsample_padding": 1,
+        "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": latent_channels, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": groups, "out_channels": latent_channels,
+        "sample_size": sample_size, "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    }
+
+
+SCHEDULER_CONFIG: dict[str, Any] = {  # SD-v1's training schedule
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+}
+
+
+def build_pipeline(words: list[str], max_length: int = 24, image_size: int = 32, seed: int = 0,
+                   unet: dict[str, Any] | None = None, text_width: int = 64, text_layers: int = 2):
+    """A randomly initialised tiny ``StableDiffusionPipeline`` (PNDM scheduler, no safety checker)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(words, max_length)
+    text = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer), max_length, text_width, text_layers)))
+    vae = SpaceToDepthVAE(sample_size=image_size)
+    ucfg = unet or unet_config(cross_attention_dim=text_width, sample_size=image_size // 2)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=UNet2DConditionModel.from_config(ucfg),
+        scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )

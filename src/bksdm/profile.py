@@ -1,0 +1,291 @@
+"""Parameters, MACs and latency of each pipeline component and of a whole generated image (paper Table 1).
+
+MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on the meta device, so counting
+a full-size U-Net costs no memory and well under a second. Two figures are reported for every component:
+
+* ``gmacs`` — convolutions and linear layers, attention projections included: the paper's convention
+  (SD-v1.4 U-Net 338.6 G, the "339G" of Table 1);
+* ``gmacs_with_scores`` — the same plus the attention-score products QK^T and AV (SD-v1.4 U-Net 401.6 G),
+  which the paper's profiler did not count.
+
+Latency is real: random weights of the real architecture, one warm-up, then the median of ``runs`` calls.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (falls back to platform.processor())."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_gmacs(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(GMACs without attention scores, GMACs with them) of running ``fn`` (build its inputs on meta)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    counts = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    total = sum(counts.values()) / 2e9
+    # On the meta device scaled_dot_product_attention decomposes into bmm: those are the score products.
+    scores = counts.get("aten.bmm", 0) / 2e9
+    return total - scores, total
+
+
+def median_latency(fn: Callable[[], Any], runs: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn`` after ``warmup`` untimed calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(runs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Components:
+    """The three networks of a text-to-image pipeline that generation runs."""
+
+    name: str
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module  # needs ``decode(latents)`` and a ``config`` with latent channels
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return cfg.in_channels, size, size
+
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        return self.text_encoder.config.max_position_embeddings, self.text_encoder.config.hidden_size
+
+
+def _vae_decoder_params(vae: torch.nn.Module) -> int:
+    decoder = getattr(vae, "decoder", None)
+    return count_params(decoder) if decoder is not None else count_params(vae)
+
+
+def _calls(c: Components, device, dtype, unet_batch: int):
+    """Closures running one text-encoder, U-Net and VAE-decoder call with inputs on ``device``."""
+    ch, h, w = c.latent_shape
+    seq, width = c.text_shape
+    ids = torch.zeros(1, seq, dtype=torch.long, device=device)
+    lat = torch.randn(unet_batch, ch, h, w, device=device, dtype=dtype)
+    emb = torch.randn(unet_batch, seq, width, device=device, dtype=dtype)
+    t = torch.full((unet_batch,), 500, device=device)
+    vae_ch = getattr(c.vae.config, "latent_channels", ch)
+    dec_in = torch.randn(1, vae_ch, h, w, device=device, dtype=dtype)
+    return {
+        "text_encoder": lambda: c.text_encoder(ids),
+        "unet": lambda: c.unet(lat, t, emb),
+        "vae_decoder": lambda: c.vae.decode(dec_in),
+    }
+
+
+@dataclass
+class Profile:
+    name: str
+    params: dict[str, int]
+    gmacs: dict[str, float]
+    gmacs_with_scores: dict[str, float]
+    latency_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    device: str = ""
+
+    def record(self, steps: int) -> dict[str, Any]:
+        rec: dict[str, Any] = {"name": self.name}
+        for comp in ("unet", "text_encoder", "vae_decoder"):
+            rec[f"{comp}_params"] = self.params[comp]
+            rec[f"{comp}_gmacs"] = round(self.gmacs[comp], 2)
+            rec[f"{comp}_gmacs_with_scores"] = round(self.gmacs_with_scores[comp], 2)
+        rec["whole_params"] = sum(self.params.values())
+        rec["steps"] = steps
+        # one image: prompt and empty prompt encoded, a batch-2 U-Net call per step (guidance), one decode
+        rec["whole_gmacs"] = round(2 * self.gmacs["text_encoder"] + 2 * steps * self.gmacs["unet"] + self.gmacs["vae_decoder"], 1)
+        if self.latency_s:
+            rec["device"] = self.device
+            rec["latency_s"] = self.latency_s
+        return rec
+
+
+def profile_components(
+    c: Components,
+    latency: bool = True,
+    dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    device: str = "cpu",
+    steps: int = 25,
+    runs: int = 3,
+) -> Profile:
+    """Profile ``c``. MACs are counted on meta copies; latency runs the real modules on ``device``.
+
+    The U-Net latency is one call at batch 2 (classifier-free guidance); ``whole_s`` adds two text-encoder
+    calls, ``steps`` U-Net calls and one decode.
+    """
+    params = {"unet": count_params(c.unet), "text_encoder": count_params(c.text_encoder), "vae_decoder": _vae_decoder_params(c.vae)}
+    meta = Components(c.name, _to_meta(c.unet), _to_meta(c.text_encoder), _to_meta(c.vae))
+    gmacs, with_scores = {}, {}
+    for comp, fn in _calls(meta, "meta", torch.float32, unet_batch=1).items():
+        gmacs[comp], with_scores[comp] = count_gmacs(fn)
+    prof = Profile(c.name, params, gmacs, with_scores)
+    if latency:
+        dev = torch.device(device)
+        prof.device = device_name(dev)
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for m in (c.unet, c.text_encoder, c.vae):
+                m.to(dev, dtype=dtype).eval()
+            lat = {comp: median_latency(fn, runs=runs) for comp, fn in _calls(c, dev, dtype, unet_batch=2).items()}
+            lat["whole"] = 2 * lat["text_encoder"] + steps * lat["unet"] + lat["vae_decoder"]
+            prof.latency_s[dname] = {k: round(v, 4) for k, v in lat.items()}
+        for m in (c.unet, c.text_encoder, c.vae):
+            m.to("cpu", dtype=torch.float32)
+    return prof
+
+
+def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
+    """A parameter-free copy of ``module`` on the meta device (rebuilt from its config)."""
+    cls = type(module)
+    with torch.device("meta"):
+        if hasattr(cls, "from_config") and hasattr(module, "config") and not hasattr(module.config, "to_dict"):
+            return cls.from_config(module.config)
+        return cls(module.config)  # transformers models take their config object
+
+
+def _materialise(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+    """Give a meta-device module real CPU storage filled with small random values.
+
+    Latency does not depend on weight values; this is ~10x faster than the models' own initialisers
+    for a full-size U-Net, and avoids uninitialised memory (denormals would distort CPU timings).
+    """
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                t.normal_(0.0, 0.02, generator=generator)
+    return module
+
+
+def random_components(name: str, unet_config: dict, text_config: dict, vae_config: dict, meta: bool = False) -> Components:
+    """Components of the given configs with random weights (no download), fp32 on the CPU (or on meta)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        text = CLIPTextModel(CLIPTextConfig(**text_config))
+        vae = AutoencoderKL.from_config(vae_config)
+    if not meta:
+        gen = torch.Generator().manual_seed(0)
+        unet, vae = _materialise(unet, gen), _materialise(vae, gen)
+        # position_ids is an integer buffer: rebuild the text model's buffers properly
+        text = _materialise(text, gen)
+        text.text_model.embeddings.position_ids.copy_(torch.arange(text.config.max_position_embeddings)[None])
+    return Components(name, unet, text, vae)
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of profile records (teacher first), latency columns when measured."""
+    head = ["model", "U-Net params", "U-Net GMACs", "(+attn scores)", "whole params", f"whole GMACs"]
+    dnames = sorted({d for r in records for d in r.get("latency_s", {})}, key=list(DTYPES).index)
+    for d in dnames:
+        head += [f"TE {d} ms", f"U-Net b2 {d} s", f"VAE dec {d} s", f"image {d} s"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        row = [r["name"], f"{r['unet_params'] / 1e6:.1f}M", f"{r['unet_gmacs']:.1f}", f"{r['unet_gmacs_with_scores']:.1f}",
+               f"{r['whole_params'] / 1e9:.3f}B", f"{r['whole_gmacs'] / 1e3:.2f}T"]
+        for d in dnames:
+            lat = r.get("latency_s", {}).get(d)
+            row += ["-"] * 4 if lat is None else [f"{lat['text_encoder'] * 1e3:.0f}", f"{lat['unet']:.2f}", f"{lat['vae_decoder']:.2f}", f"{lat['whole']:.1f}"]
+        rows.append("| " + " | ".join(row) + " |")
+    device = next((r["device"] for r in records if r.get("device")), None)
+    if device:
+        rows.append(f"\nLatency: median of runs after a warm-up on {device}; image = 2 text-encoder calls + "
+                    f"{records[0]['steps']} U-Net calls at batch 2 + 1 decode.")
+    return "\n".join(rows)
+
+
+def _pipeline_components(folder: str) -> Components:
+    from diffusers import DiffusionPipeline
+
+    from bksdm.hub import resolve_model
+
+    path = resolve_model(folder)
+    pipe = DiffusionPipeline.from_pretrained(path, safety_checker=None) if (path / "model_index.json").is_file() else None
+    if pipe is None:
+        from bksdm.errors import UserError
+
+        raise UserError(f"{folder} is not a pipeline folder (no model_index.json)")
+    return Components(str(folder), pipe.unet.float(), pipe.text_encoder.float(), pipe.vae.float())
+
+
+def profile_models(
+    arch: str | None,
+    students: list[str],
+    models: list[str],
+    latency: bool = True,
+    dtypes: list[str] | None = None,
+    device: str | None = None,
+    steps: int = 25,
+    runs: int = 3,
+) -> list[dict[str, Any]]:
+    """Profile records of ``arch`` (teacher first) and its ``students`` with random weights, then ``models``."""
+    from bksdm.arch import derive, load_spec
+    from bksdm.arch.families import family_component_config
+    from bksdm.errors import UserError
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtypes is None:
+        dtypes = ["fp32", "fp16"] if device.startswith("cuda") else ["fp32", "bf16"]
+    if bad := [d for d in dtypes if d not in DTYPES]:
+        raise UserError(f"unknown precision {bad[0]!r}; choose from {', '.join(DTYPES)}")
+    if students and not arch:
+        raise UserError("--student needs --arch (the teacher family the specs apply to)")
+    todo: list[Callable[[], Components]] = []
+    if arch:
+        unet_cfg = family_component_config(arch, "unet")
+        te, vae = family_component_config(arch, "text_encoder"), family_component_config(arch, "vae")
+        derived = [(s, derive(unet_cfg, load_spec(s), with_keys=False).student_config) for s in students]
+        for name, cfg in [(arch, unet_cfg)] + derived:
+            todo.append(lambda name=name, cfg=cfg: random_components(name, cfg, te, vae, meta=not latency))
+    for m in models:
+        todo.append(lambda m=m: _pipeline_components(m))
+    records = []
+    for build in todo:  # one model in memory at a time
+        comps = build()
+        records.append(profile_components(comps, latency, tuple(dtypes), device, steps, runs).record(steps))
+        del comps
+    return records

@@ -1,0 +1,1 @@
+"""Thin recipes (one per task) and their command-line registrations."""

@@ -1,0 +1,101 @@
+"""`bksdm compress` and `bksdm profile` through the real CLI, in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bksdm.cli import main
+
+
+def test_compress_roundtrip_and_generate(tiny_teacher_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "small"
+    assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", "bk-small", "--out", str(out)]) == 0
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    rec = json.loads((out / "bksdm.json").read_text())
+    assert rec["spec"]["name"] == "bk-small" and rec["params"]["student_unet"] < rec["params"]["teacher_unet"]
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.unet.config.mid_block_type is None and pipe.unet.mid_block is None
+    teacher = StableDiffusionPipeline.from_pretrained(tiny_teacher_dir)
+    for key, src in rec["key_map"].items():  # the saved student is the teacher's tensors
+        assert torch.equal(pipe.unet.state_dict()[key], teacher.unet.state_dict()[src])
+    img = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert img.shape == (1, 32, 32, 3) and float(abs(img).sum()) > 0
+
+
+def test_compress_custom_spec(tiny_teacher_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    spec = tmp_path / "mine.json"
+    spec.write_text(json.dumps({"name": "mine", "down": [[1], [0], [0], None], "mid": False,
+                                "up": [None, [1, 2], [0, 2], [0, 1]]}))
+    out = tmp_path / "mine"
+    assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", str(spec), "--out", str(out)]) == 0
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert len(unet.down_blocks) == 3
+    rec = json.loads((out / "bksdm.json").read_text())
+    assert rec["key_map"]["down_blocks.0.resnets.0.conv1.weight"] == "down_blocks.0.resnets.1.conv1.weight"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--student", "bk-huge"], "unknown student 'bk-huge'"),
+        (["--teacher", "/nonexistent/folder"], "does not exist"),
+        (["--teacher", "CompVis/stable-diffusion-v1-4"], "HF_HUB_OFFLINE.*--local-dir"),
+    ],
+)
+def test_compress_errors(tiny_teacher_dir, tmp_path, capsys, args, message):
+    base = {"--teacher": str(tiny_teacher_dir), "--student": "bk-base", "--out": str(tmp_path / "o")}
+    base.update(dict(zip(args[::2], args[1::2])))
+    code = main(["compress", *[x for kv in base.items() for x in kv]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert pytest.importorskip("re").search(message, err), err
+
+
+def test_compress_rejects_sdxl_teacher(tmp_path, capsys):
+    from bksdm.arch.families import family_unet_config
+
+    folder = tmp_path / "sdxl" / "unet"
+    folder.mkdir(parents=True)
+    cfg = family_unet_config("sd-v1") | {"addition_embed_type": "text_time", "_class_name": "UNet2DConditionModel"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["compress", "--teacher", str(tmp_path / "sdxl"), "--student", "bk-base", "--out", str(tmp_path / "o")]) == 2
+    assert "SDXL" in capsys.readouterr().err
+
+
+def test_profile_arch_json(capsys):
+    assert main(["profile", "--arch", "sd-v1", "--student", "bk-base", "bk-small", "bk-tiny", "--no-latency", "--json"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["name"] for r in recs] == ["sd-v1", "bk-base", "bk-small", "bk-tiny"]
+    assert recs[0]["unet_params"] == 859_520_964 and recs[0]["unet_gmacs"] == pytest.approx(338.6, rel=0.005)
+    assert recs[0]["text_encoder_params"] == 123_060_480 and recs[0]["vae_decoder_params"] == 49_490_179
+    assert [round(r["whole_params"] / 1e9, 2) for r in recs] == [1.03, 0.75, 0.65, 0.50]  # facts.md
+
+
+def test_profile_v2_768_uses_96_latent(capsys):
+    assert main(["profile", "--arch", "sd-v2", "--no-latency", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    # a 96x96 latent costs (96/64)^2 = 2.25x the 64x64 convolution work of sd-v2-base
+    assert main(["profile", "--arch", "sd-v2-base", "--no-latency", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert rec["unet_params"] == base["unet_params"] == 865_910_724
+    assert rec["unet_gmacs"] / base["unet_gmacs"] > 2.2
+
+
+def test_profile_pipeline_folder_with_latency(tiny_teacher_dir, capsys):
+    assert main(["profile", "--model", str(tiny_teacher_dir), "--runs", "1", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "image fp32 s" in out and "image bf16 s" in out and "Latency: median" in out
+
+
+def test_profile_errors(capsys):
+    assert main(["profile", "--arch", "sdxl", "--no-latency"]) == 2
+    assert "sd-v1, sd-v2-base, sd-v2" in capsys.readouterr().err
+    assert main(["profile", "--arch", "sd-v1", "--dtypes", "int3"]) == 2
