@@ -82,8 +82,87 @@ def _profile(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- distill
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per DistillConfig field (--max-steps, --batch-size, ...): the dataclass is the single source."""
+    from bksdm.distill.config import DistillConfig
+
+    for name, f in DistillConfig.fields().items():
+        default = DistillConfig().__getattribute__(name)
+        kind = "list" if isinstance(default, list) else type(default).__name__
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, nargs="+" if kind == "list" else None,
+                       metavar=kind.upper(), help=f"default: {default!r}")
+
+
+@command("distill", "retrain a compressed student by knowledge distillation from its teacher (paper recipe)")
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (see configs/distill_paper.yaml); flags and key=value override it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of any config key, anywhere on the line")
+    _add_config_flags(p)
+
+
+@_distill_args.run
+def _distill(a: argparse.Namespace) -> int:
+    from bksdm.distill.config import DistillConfig, load_config
+    from bksdm.recipes.distill import DistillRecipe
+
+    flags = {k: getattr(a, k) for k in DistillConfig.fields()}
+    cfg = load_config(a.config, a.overrides, **flags)
+    last = DistillRecipe(cfg).setup().train()
+    print(json.dumps({"out": str(cfg.out), **{k: round(v, 6) for k, v in last.items()}}))
+    return 0
+
+
+# ---------------------------------------------------------------- cache
+@command("cache", "precompute VAE latents (both flips) and text embeddings of a dataset for distill --cache")
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="pipeline whose VAE and text encoder encode the data")
+    p.add_argument("--data", required=True, help="image folder with metadata.csv/jsonl, or mini-world[:N]")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution (must match distill)")
+    p.add_argument("--no-flip", action="store_true", help="cache only the unflipped view (for random_flip false)")
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="storage precision")
+    p.add_argument("--batch-size", type=int, default=16, help="images encoded at once")
+
+
+@_cache_args.run
+def _cache(a: argparse.Namespace) -> int:
+    from bksdm.distill.cache import build_cache
+
+    rec = build_cache(a.teacher, a.data, a.out, a.resolution, not a.no_flip, a.dtype, a.batch_size)
+    print(f"cached {rec['cached']} of {rec['items']} items ({len(rec['skipped'])} unreadable skipped) into {a.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+@command("generate", "generate images for a prompt file (MS-COCO protocol by default), batch-size invariant")
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="pipeline folder or hub id")
+    p.add_argument("--prompts", required=True, help="MS-COCO csv (file_name, caption) or a text file, one prompt a line")
+    p.add_argument("--out", required=True, help="output folder (images/ and images_256/)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (paper: 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (paper: 7.5)")
+    p.add_argument("--scheduler", default="pndm", help="pndm (paper), ddim, euler, dpm")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's, 512 for SD-v1)")
+    p.add_argument("--save-size", type=int, default=256, help="also save a bicubic copy at this size (0: none)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per call; images do not depend on it")
+    p.add_argument("--seed", type=int, default=0, help="added to each prompt's own seed")
+    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp16 on GPU, bf16 on CPUs with bf16)")
+    p.add_argument("--device", default=None, help="default: this process's accelerate device")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+
+
+@_generate_args.run
+def _generate(a: argparse.Namespace) -> int:
+    from bksdm.generate import generate
+
+    res = generate(a.model, a.prompts, a.out, a.steps, a.guidance, a.scheduler, a.resolution, a.batch_size, a.seed,
+                   a.save_size or None, a.dtype, a.device, a.limit)
+    print(json.dumps(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    _load_commands()
     parser = argparse.ArgumentParser(prog="bksdm", description="BK-SDM: block-removed, distilled Stable Diffusion")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add_arguments, _) in _COMMANDS.items():
@@ -91,20 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMAND_MODULES: tuple[str, ...] = ()
+def _quiet_libraries() -> None:
+    """diffusers/transformers warn on every dtype cast and unexpected component type; users see our messages."""
+    import diffusers
+    import transformers
 
-
-def _load_commands() -> None:
-    """Import the modules whose CLI registrations live next to their recipes."""
-    import importlib
-
-    for mod in _COMMAND_MODULES:
-        importlib.import_module(mod)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _quiet_libraries()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # key=value overrides may sit between flags, which argparse positionals cannot express
+        if args.command != "distill" or any("=" not in r or r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
     try:
         return _COMMANDS[args.command][2](args) or 0
     except UserError as exc:

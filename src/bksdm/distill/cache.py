@@ -1,0 +1,119 @@
+"""`bksdm cache`: precompute the VAE latent distribution and the text embeddings of a dataset, once.
+
+A cache folder holds ``index.json`` and shards ``shard-00000.safetensors`` with, for ``n`` items,
+``mean`` and ``std`` (n, F, C, h, w) — F = 2 when flipping is on (unflipped, flipped), else 1 — and ``emb``
+(n, L, D), the text encoder's last hidden state. Distillation reading a cache draws
+``latent = mean + std * eps`` exactly as ``AutoencoderKL.latent_dist.sample`` does, so losses match the uncached
+path for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from bksdm.distill.data import BadSample, augment, open_source
+from bksdm.errors import UserError
+
+SHARD = 1024
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@torch.no_grad()
+def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip: bool = True, dtype: str = "fp16",
+                batch: int = 16, device: str | None = None) -> dict[str, Any]:
+    """Encode every item of ``data`` once; returns the index record. Unreadable items are skipped and counted."""
+    from safetensors.torch import save_file
+
+    from bksdm.models import load_text_side
+
+    source = open_source(data)
+    if getattr(source, "streamed", False):
+        raise UserError("cache needs a map-style dataset (an image folder or mini-world), not streamed webdataset shards")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae, tokenizer, text_encoder = load_text_side(teacher, device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n, skipped, shard, buf = len(source), [], 0, {"mean": [], "std": [], "emb": [], "index": []}
+    flips = (False, True) if flip else (False,)
+
+    def flush():
+        nonlocal shard, buf
+        if buf["index"]:
+            tensors = {k: torch.cat(v) if k != "index" else torch.tensor(v) for k, v in buf.items()}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"shard-{shard:05d}.safetensors"))
+            shard, buf = shard + 1, {"mean": [], "std": [], "emb": [], "index": []}
+
+    for start in tqdm(range(0, n, batch), desc="cache", unit="batch"):
+        pix, texts, idx = [], [], []
+        for i in range(start, min(n, start + batch)):
+            try:
+                image, text = source.get(i)
+            except BadSample as exc:
+                skipped.append(str(exc))
+                continue
+            pix.append(torch.stack([augment(image, resolution, f) for f in flips]))
+            texts.append(text)
+            idx.append(i)
+        if not idx:
+            continue
+        x = torch.stack(pix).to(device)  # (b, F, 3, R, R)
+        b, f = x.shape[:2]
+        dist = vae.encode(x.flatten(0, 1).to(vae.dtype)).latent_dist
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        emb = text_encoder(ids)[0]
+        cast = DTYPES[dtype]
+        buf["mean"].append(dist.mean.unflatten(0, (b, f)).to("cpu", cast))
+        buf["std"].append(dist.std.unflatten(0, (b, f)).to("cpu", cast))
+        buf["emb"].append(emb.to("cpu", cast))
+        buf["index"].extend(idx)
+        if len(buf["index"]) >= SHARD:
+            flush()
+    flush()
+    if shard == 0:
+        raise UserError(f"dataset {data} gave no readable items to cache")
+    record = {"items": n, "cached": n - len(skipped), "skipped": skipped, "resolution": resolution, "flip": flip,
+              "dtype": dtype, "teacher": str(teacher), "data": str(data), "shards": shard}
+    (out / "index.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+class CacheSource:
+    """A cache folder as a map-style source: ``item(i, flip)`` -> dict of ``mean``, ``std``, ``emb`` (fp32)."""
+
+    is_cache = True
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not (self.folder / "index.json").is_file():
+            raise UserError(f"{folder} is not a bksdm cache (no index.json); build one with `bksdm cache`")
+        self.info = json.loads((self.folder / "index.json").read_text())
+        self._where: dict[int, tuple[int, int]] = {}
+        self._shards: dict[int, dict[str, torch.Tensor]] = {}
+        from safetensors import safe_open
+
+        for s in range(self.info["shards"]):
+            with safe_open(str(self.folder / f"shard-{s:05d}.safetensors"), "pt") as f:
+                for row, i in enumerate(f.get_tensor("index").tolist()):
+                    self._where[i] = (s, row)
+        self._missing = sorted(set(range(self.info["items"])) - set(self._where))
+
+    def __len__(self) -> int:
+        return self.info["items"]
+
+    def item(self, index: int, flip: bool) -> dict[str, torch.Tensor]:
+        if index not in self._where:
+            raise BadSample(f"item {index} was skipped when the cache was built")
+        s, row = self._where[index]
+        if s not in self._shards:
+            from safetensors.torch import load_file
+
+            self._shards = {s: load_file(str(self.folder / f"shard-{s:05d}.safetensors"))}
+        t = self._shards[s]
+        f = 1 if (flip and self.info["flip"]) else 0
+        return {"mean": t["mean"][row, f].float(), "std": t["std"][row, f].float(), "emb": t["emb"][row].float()}

@@ -1,0 +1,188 @@
+"""Training data: (image, caption) sources, the paper's augmentation, and a deterministic, resumable order.
+
+Sources (``open_source``):
+
+* an image folder with ``metadata.csv`` or ``metadata.jsonl`` holding ``file_name`` and ``text`` columns (the
+  layout of the public LAION-Aesthetics 212K subset and of Hugging Face ``imagefolder``);
+* webdataset tar shards (``data/{00000..00099}.tar`` or a folder of ``.tar`` files): image + ``txt``, streamed;
+* ``mini-world`` / ``mini-world:N`` — the procedural shapes world (:mod:`bksdm.mini.world`);
+* any Python object with ``__len__`` and ``get(i) -> (PIL.Image, str)`` (:class:`PairSource`).
+
+Order: sample position ``p`` of the run maps to item ``perm_e[p % n]`` with ``perm_e`` a seeded permutation for
+epoch ``e = p // n``; process ``r`` of ``W`` takes positions ``m*B*W + r*B + j`` of micro-batch ``m``. Positions
+depend only on the step, so a resumed run reads exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bksdm.errors import UserError
+
+_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
+
+
+class BadSample(Exception):
+    """An unreadable or corrupt item: skipped and counted, never fatal."""
+
+
+class PairSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def get(self, index: int) -> tuple[Image.Image, str]: ...
+
+
+class ImageFolderSource:
+    """``folder/metadata.{csv,jsonl}`` with ``file_name`` and ``text``; images relative to the folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        rows: list[tuple[str, str]] = []
+        if (self.folder / "metadata.csv").is_file():
+            with open(self.folder / "metadata.csv", newline="") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or not {"file_name", "text"} <= set(reader.fieldnames):
+                    raise UserError(f"{self.folder}/metadata.csv needs columns file_name and text (has {reader.fieldnames})")
+                rows = [(r["file_name"], r["text"] or "") for r in reader]
+        elif (self.folder / "metadata.jsonl").is_file():
+            for n, line in enumerate(open(self.folder / "metadata.jsonl"), 1):
+                if line.strip():
+                    try:
+                        r = json.loads(line)
+                        rows.append((r["file_name"], r.get("text") or ""))
+                    except (json.JSONDecodeError, KeyError):
+                        raise UserError(f"{self.folder}/metadata.jsonl line {n} is not a JSON object with file_name and text") from None
+        else:
+            raise UserError(f"{self.folder} has no metadata.csv or metadata.jsonl (columns file_name, text)")
+        if not rows:
+            raise UserError(f"dataset {self.folder} is empty (its metadata lists no images)")
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, index: int) -> tuple[Image.Image, str]:
+        name, text = self.rows[index]
+        try:
+            with Image.open(self.folder / name) as im:
+                return im.convert("RGB"), text
+        except Exception as exc:
+            raise BadSample(f"{name}: {type(exc).__name__}") from None
+
+
+class MiniWorldSource:
+    """``count`` scenes of the shapes world (training indices 0..count-1)."""
+
+    def __init__(self, count: int = 100_000, seed: int = 0):
+        from bksdm.mini.world import ShapesWorld
+
+        self.world, self.count = ShapesWorld(seed=seed), count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, index: int) -> tuple[Image.Image, str]:
+        image, text, _ = self.world.sample(index)
+        return image, text
+
+
+class WebDatasetSource:
+    """Tar shards of (image, ``txt``) streamed in shard order; only this process's positions are decoded."""
+
+    streamed = True
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+
+    def samples(self) -> Iterator[dict[str, bytes]]:
+        import webdataset as wds
+
+        while True:  # epochs
+            got = False
+            for sample in wds.WebDataset(self.urls, shardshuffle=False, empty_check=False):
+                got = True
+                yield sample
+            if not got:
+                raise UserError(f"webdataset {self.urls[0]} ... holds no samples")
+
+    @staticmethod
+    def decode(sample: dict[str, Any]) -> tuple[Image.Image, str]:
+        key = next((k for k in _IMAGE_EXT if k in sample), None)
+        if key is None or "txt" not in sample:
+            raise BadSample(f"{sample.get('__key__')}: needs an image and a txt member")
+        try:
+            image = Image.open(io.BytesIO(sample[key])).convert("RGB")
+        except Exception as exc:
+            raise BadSample(f"{sample.get('__key__')}: {type(exc).__name__}") from None
+        text = sample["txt"].decode() if isinstance(sample["txt"], bytes) else str(sample["txt"])
+        return image, text
+
+
+def open_source(spec: str | Any) -> Any:
+    """A source from a CLI string (see module docstring) or an object already implementing the interface."""
+    if not isinstance(spec, str):
+        return spec
+    if spec.startswith("mini-world"):
+        count = int(spec.split(":", 1)[1]) if ":" in spec else 100_000
+        return MiniWorldSource(count)
+    path = Path(spec)
+    if spec.endswith(".tar") or "{" in spec:
+        import braceexpand
+
+        return WebDatasetSource(list(braceexpand.braceexpand(spec)))
+    if not path.exists():
+        raise UserError(f"data folder {spec} does not exist")
+    if path.is_dir() and not (path / "metadata.csv").exists() and not (path / "metadata.jsonl").exists():
+        tars = sorted(str(p) for p in path.glob("*.tar"))
+        if tars:
+            return WebDatasetSource(tars)
+    return ImageFolderSource(path)
+
+
+def augment(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
+    """Paper augmentation: resize the short side to ``resolution``, center crop, optional horizontal flip.
+
+    Returns (3, resolution, resolution) float in [-1, 1].
+    """
+    w, h = image.size
+    scale = resolution / min(w, h)
+    if scale != 1:
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+class Order:
+    """Which item and which flip each sample position gets (deterministic in seed and position)."""
+
+    def __init__(self, n: int, seed: int, flip: bool):
+        self.n, self.seed, self.flip = n, seed, flip
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def item(self, position: int) -> tuple[int, bool]:
+        epoch = position // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))}
+        index = int(self._perms[epoch][position % self.n])
+        flipped = self.flip and bool(torch.randint(2, (), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + position)))
+        return index, flipped
+
+
+def positions(micro: int, batch: int, rank: int, world: int) -> range:
+    """Sample positions of micro-batch ``micro`` read by process ``rank`` of ``world``."""
+    start = micro * batch * world + rank * batch
+    return range(start, start + batch)

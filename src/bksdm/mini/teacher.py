@@ -1,0 +1,158 @@
+"""The shipped mini teacher: the recipe that trains it and the checksummed loader.
+
+Training: the text encoder and the SD-v1-layout U-Net learn together from scratch on the shapes world
+(epsilon prediction, SD-v1's noise schedule, 10% empty captions so classifier-free guidance works, EMA).
+
+    python -m bksdm.mini.teacher --out teacher --steps 6000      # writes a pipeline folder (fp16 safetensors)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bksdm.errors import UserError
+from bksdm.mini.model import build_pipeline, unet_config
+from bksdm.mini.world import WORDS, ShapesWorld
+
+ASSET = Path(__file__).parent / "assets" / "teacher"
+CHECKSUMS = "checksums.json"
+TEACHER_UNET = dict(channels=(32, 64, 64, 64), cross_attention_dim=64, groups=8, heads=4)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) float in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def world_batch(world: ShapesWorld, start: int, batch: int, gen: torch.Generator, drop: float = 0.1):
+    """A training batch: images in [-1, 1], horizontally flipped at random? No: flipping swaps left/right in
+    the caption, so the mini world uses no flip; captions emptied with probability ``drop``."""
+    images, texts = [], []
+    for i in range(start, start + batch):
+        im, text, _ = world.sample(i)
+        images.append(im)
+        texts.append("" if torch.rand((), generator=gen) < drop else text)
+    return to_tensor(images), texts
+
+
+def train_teacher(out: Path, steps: int = 6000, batch: int = 32, lr: float = 5e-4, seed: int = 0,
+                  log_every: int = 100, bf16: bool = True, save_every: int = 500) -> dict:
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET))
+    unet, text, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    ema = {k: v.detach().clone() for k, v in {**_prefixed(unet, "unet."), **_prefixed(text, "text.")}.items()}
+    world, gen = ShapesWorld(seed=seed), torch.Generator().manual_seed(seed)
+    t0, losses, history = time.time(), [], []
+    for step in range(steps):
+        images, texts = world_batch(world, step * batch, batch, gen)
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = unet(noisy, t, text(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in {**_prefixed(unet, "unet."), **_prefixed(text, "text.")}.items():
+                ema[k].lerp_(v.detach(), 1 - decay)
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0:
+            rec = {"step": step + 1, "loss": float(np.mean(losses[-log_every:])), "seconds": round(time.time() - t0, 1)}
+            history.append(rec)
+            print(json.dumps(rec), flush=True)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save_ema(pipe, ema, out / f"step-{step + 1}", {"steps": step + 1, "history": history})
+    _save_ema(pipe, ema, out, {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "bf16_autocast": bf16,
+                             "seconds": round(time.time() - t0, 1), "history": history})
+    return {"seconds": time.time() - t0, "final_loss": history[-1]["loss"] if history else None}
+
+
+def _save_ema(pipe, ema: dict[str, torch.Tensor], out: Path, info: dict) -> None:
+    """Save the pipeline with its EMA weights swapped in, then swap the live weights back."""
+    live = {**_prefixed(pipe.unet, "unet."), **_prefixed(pipe.text_encoder, "text.")}
+    backup = {k: v.detach().clone() for k, v in live.items()}
+    with torch.no_grad():
+        for k, v in live.items():
+            v.copy_(ema[k])
+        save_teacher(pipe, out, info)
+        for k, v in live.items():
+            v.copy_(backup[k])
+
+
+def _prefixed(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: p for k, p in module.named_parameters()}
+
+
+def save_teacher(pipe, out: Path, info: dict) -> None:
+    """Save in fp16 safetensors with a checksum file (the shipped asset format)."""
+    out = Path(out)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.to(dtype=torch.float32)
+    (out / "training.json").write_text(json.dumps(info, indent=1))
+    sums = {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*.safetensors"))}
+    (out / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def teacher_path(path: Path | None = None) -> Path:
+    """The shipped teacher folder (or ``path``), after verifying every weight file's sha256."""
+    path = Path(path) if path else ASSET
+    sums_file = path / CHECKSUMS
+    if not sums_file.is_file():
+        raise UserError(f"no mini teacher at {path} (missing {CHECKSUMS}); train one with `python -m bksdm.mini.teacher --out DIR`")
+    for rel, digest in json.loads(sums_file.read_text()).items():
+        f = path / rel
+        if not f.is_file() or _sha256(f) != digest:
+            raise UserError(f"mini teacher file {f} is missing or corrupt (sha256 mismatch); reinstall bksdm or retrain it")
+    return path
+
+
+def load_teacher(path: Path | None = None, dtype: torch.dtype = torch.float32):
+    """The mini teacher as a ``StableDiffusionPipeline`` (fp32 by default; weights ship in fp16)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(teacher_path(path), torch_dtype=dtype)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="train the mini-world teacher")
+    p.add_argument("--out", type=Path, default=ASSET)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    print(train_teacher(a.out, a.steps, a.batch, a.lr, a.seed, bf16=not a.fp32))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Loading pipeline components by name from a pipeline folder (hub id or local), as model_index.json says."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bksdm.errors import UserError
+from bksdm.hub import resolve_model
+
+
+def pipeline_folder(name: str, what: str = "model") -> Path:
+    path = resolve_model(name, what)
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{name} is not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def load_component(folder: Path, name: str, **kwargs: Any):
+    """Component ``name`` (unet, vae, text_encoder, tokenizer, scheduler, ...) of a pipeline folder."""
+    index = json.loads((folder / "model_index.json").read_text())
+    if name not in index or index[name][0] is None:
+        raise UserError(f"{folder} has no {name} component")
+    library, cls_name = index[name]
+    cls = getattr(importlib.import_module(library), cls_name)
+    return cls.from_pretrained(folder / name, **kwargs)
+
+
+def load_text_side(teacher: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(vae, tokenizer, text_encoder) of a pipeline, frozen in eval mode on ``device``."""
+    folder = pipeline_folder(str(teacher), "teacher")
+    vae = load_component(folder, "vae").to(device, dtype).eval().requires_grad_(False)
+    tokenizer = load_component(folder, "tokenizer")
+    text_encoder = load_component(folder, "text_encoder").to(device, dtype).eval().requires_grad_(False)
+    return vae, tokenizer, text_encoder
+
+
+def prediction_type(folder: Path) -> str:
+    """'epsilon' or 'v_prediction', from the pipeline's scheduler config."""
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    return json.loads(cfg.read_text()).get("prediction_type", "epsilon") if cfg.is_file() else "epsilon"
+
+
+class FrozenTeacher(torch.nn.Module):
+    """Wraps the teacher so it stays frozen and in eval mode even when ``train()`` is called on a parent."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)

@@ -1,0 +1,328 @@
+"""The distillation recipe (paper sections C and E): one class, one GPU or many through accelerate.
+
+loss = lambda_sd * MSE(student, target) + lambda_out * MSE(student, teacher) + lambda_feat * sum_k MSE(f_s_k, f_t_k)
+
+``DistillRecipe(cfg).train()`` runs it; ``loss_step`` returns every term by name. The teacher is wrapped so it
+stays frozen in eval mode; feature hooks sit on the unwrapped modules so DDP/compile names never matter; every
+random draw of a step comes from a generator seeded by (seed, micro-batch, rank), so a resumed run equals an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bksdm.distill.config import DistillConfig
+from bksdm.distill.hooks import FeatureHooks, unwrap
+from bksdm.errors import UserError
+
+TERMS = ("loss", "task", "out_kd", "feat_kd")
+
+
+class DistillRecipe:
+    def __init__(self, cfg: DistillConfig, source: Any = None):
+        self.cfg = cfg.validate()
+        self.source_override = source
+        self.step = 0
+        self.skipped = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "DistillRecipe":
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        from bksdm.compress import derivation_for
+        from bksdm.hub import read_unet_config
+        from bksdm.models import FrozenTeacher, load_text_side, pipeline_folder, prediction_type
+
+        cfg = self.cfg
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed-precision bf16 or no")
+        self.out = Path(cfg.out)
+        log_with = None if cfg.report_to == "none" else cfg.report_to
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                               log_with=log_with, project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                                                       logging_dir=str(self.out / "logs")))
+        self.teacher_dir = pipeline_folder(cfg.teacher, "teacher")
+        teacher_cfg, unet_dir = read_unet_config(self.teacher_dir)
+        self.derivation = derivation_for(teacher_cfg, cfg.student)
+        self.source = self._open_data()
+
+        teacher_unet = UNet2DConditionModel.from_pretrained(unet_dir)
+        student = self._student(teacher_unet)
+        if cfg.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        self.teacher = FrozenTeacher(teacher_unet).to(self.acc.device, self.weight_dtype)
+        pairs = self.derivation.layer_pairs
+        self.t_hooks = FeatureHooks(self.teacher.unet, [t for t, _ in pairs], "teacher")
+        self.s_hooks = FeatureHooks(student, [s for _, s in pairs], "student")
+        if not getattr(self.source, "is_cache", False):
+            self.vae, self.tokenizer, self.text_encoder = load_text_side(self.teacher_dir, self.acc.device, self.weight_dtype)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(self.teacher_dir, subfolder="scheduler")
+        self.prediction = prediction_type(self.teacher_dir)
+
+        fused = cfg.fused_adam and self.acc.device.type in ("cpu", "cuda")
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=fused or None)
+        self.ema = None
+        if cfg.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(student.parameters(), decay=cfg.ema_decay)
+        self.student, self.opt = self.acc.prepare(student, opt)
+        if self.ema is not None:
+            self.ema.to(self.acc.device)
+        if cfg.resume:
+            self._resume(cfg.resume)
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if log_with:
+            self.acc.init_trackers("distill", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, list)})
+        return self
+
+    def _open_data(self):
+        from bksdm.distill.cache import CacheSource
+        from bksdm.distill.data import open_source
+
+        if self.source_override is not None:
+            return open_source(self.source_override)
+        if self.cfg.cache:
+            src = CacheSource(self.cfg.cache)
+            if src.info["resolution"] != self.cfg.resolution:
+                raise UserError(f"cache {self.cfg.cache} was built at {src.info['resolution']} px, not {self.cfg.resolution}")
+            return src
+        return open_source(self.cfg.data)
+
+    def _student(self, teacher_unet):
+        """A new student initialised from the teacher (or at random), or a student folder checked against it."""
+        from diffusers import UNet2DConditionModel
+
+        from bksdm.arch import init_student_from_teacher
+
+        cfg, der = self.cfg, self.derivation
+        folder = Path(cfg.student)
+        if folder.is_dir():
+            student = UNet2DConditionModel.from_pretrained(folder / "unet")
+            for key, want in der.student_config.items():
+                have = student.config.get(key)
+                if isinstance(want, (list, tuple)):
+                    want, have = list(want), list(have) if isinstance(have, (list, tuple)) else have
+                if have != want:
+                    raise UserError(f"student {folder} does not match this teacher: its {key} is {have!r}, "
+                                    f"the teacher's spec gives {want!r}; compress it from this teacher")
+            return student
+        if cfg.init == "random":
+            torch.manual_seed(cfg.seed)
+            return UNet2DConditionModel.from_config(der.student_config)
+        return init_student_from_teacher(teacher_unet, der)
+
+    # ------------------------------------------------------------------ loss
+    def encode(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents (B, C, h, w), text embeddings (B, L, D)) from pixels and captions, or from the cache."""
+        dev = self.acc.device
+        if "mean" in batch:
+            eps = torch.randn(batch["mean"].shape, generator=gen)
+            latents = batch["mean"] + batch["std"] * eps
+            sf = self.source.info.get("scaling_factor") or self._scaling_factor()
+            return (latents * sf).to(dev), batch["emb"].to(dev)
+        with torch.no_grad():
+            dist = self.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
+            eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
+            latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
+            ids = self.tokenizer(batch["text"], padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(dev)
+            emb = self.text_encoder(ids)[0].float()
+        return latents, emb
+
+    def _scaling_factor(self) -> float:
+        cfg = json.loads((self.teacher_dir / "vae" / "config.json").read_text())
+        return float(cfg.get("scaling_factor", 0.18215))
+
+    def loss_step(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """All loss terms for one micro-batch: ``loss`` (weighted total), ``task``, ``out_kd``, ``feat_kd``."""
+        cfg = self.cfg
+        latents, emb = self.encode(batch, gen)
+        noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        t = t.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        t_pred = self.teacher(noisy.to(self.weight_dtype), t, emb.to(self.weight_dtype)).sample.float()
+        t_feats = [f.float() for f in self.t_hooks.pop()]
+        s_pred = self.student(noisy, t, emb).sample.float()
+        s_feats = [f.float() for f in self.s_hooks.pop()]
+        task = F.mse_loss(s_pred, target)
+        out_kd = F.mse_loss(s_pred, t_pred)
+        feat_kd = sum(F.mse_loss(s, tf) for s, tf in zip(s_feats, t_feats))
+        loss = cfg.lambda_sd * task + cfg.lambda_out * out_kd + cfg.lambda_feat * feat_kd
+        return {"loss": loss, "task": task, "out_kd": out_kd, "feat_kd": feat_kd}
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        from bksdm.distill.loader import micro_batches
+
+        cfg, acc = self.cfg, self.acc
+        if self.step >= cfg.max_steps:
+            return self.finish({})
+        start_micro = self.step * cfg.grad_accum
+        batches = micro_batches(self.source, cfg.seed, cfg.random_flip, cfg.resolution, cfg.batch_size,
+                                acc.process_index, acc.num_processes, start_micro, cfg.num_workers)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="distill", unit="step")
+        sums = {k: 0.0 for k in TERMS}
+        micro, t0, seen, last = start_micro, time.perf_counter(), 0, {}
+        self.student.train()
+        for batch in batches:
+            self.skipped += batch["skipped"]
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro * acc.num_processes + acc.process_index)
+            micro += 1
+            if "pixels" not in batch and "mean" not in batch:
+                continue  # every item of this micro-batch was unreadable
+            with acc.accumulate(self.student):
+                terms = self.loss_step(batch, gen)
+                acc.backward(terms["loss"])
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+            for k in TERMS:
+                sums[k] += terms[k].item() / cfg.grad_accum
+            seen += len(batch.get("text", batch.get("emb", [])))
+            if not acc.sync_gradients:
+                continue
+            self.step += 1
+            if self.ema is not None:
+                self.ema.step(unwrap(self.student).parameters())
+            rate = seen * acc.num_processes / (time.perf_counter() - t0)
+            last = {**sums, "lr": cfg.lr, "samples_per_s": rate, "skipped": self.skipped}
+            if self.step % cfg.log_every == 0:
+                self._log(last)
+            bar.set_postfix({k: f"{sums[k]:.4f}" for k in TERMS} | {"samples/s": f"{rate:.2f}"})
+            bar.update(1)
+            sums = {k: 0.0 for k in TERMS}
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.sample_grid()
+            if self.step >= cfg.max_steps:
+                break
+        bar.close()
+        return self.finish(last)
+
+    def _log(self, values: dict[str, float]) -> None:
+        self.acc.log(values, step=self.step)
+        if not self.acc.is_main_process:
+            return
+        path = self.out / "logs" / "losses.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", *values])
+            w.writerow([self.step, *[f"{v:.6g}" for v in values.values()]])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Atomically write ``checkpoints/step-N`` (a temporary folder renamed into place); keep the last N."""
+        ckdir = self.out / "checkpoints"
+        final, tmp = ckdir / f"step-{self.step}", ckdir / f".tmp-step-{self.step}"
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            state = {"step": self.step, "skipped": self.skipped}
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), tmp / "ema.pt")
+            unwrap(self.acc.unwrap_model(self.student)).save_pretrained(tmp / "unet", safe_serialization=True)
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            done = sorted((p for p in ckdir.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
+            for old in done[: max(0, len(done) - self.cfg.checkpoints_total_limit)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def _resume(self, which: str) -> None:
+        ckdir = self.out / "checkpoints"
+        if which == "latest":
+            done = sorted(ckdir.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if ckdir.is_dir() else []
+            if not done:
+                self.acc.print(f"no checkpoint in {ckdir}; starting from step 0")
+                return
+            path = done[-1]
+        else:
+            path = Path(which)
+            if not (path / "trainer_state.json").is_file():
+                raise UserError(f"{which} is not a checkpoint folder (no trainer_state.json)")
+        self.acc.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.skipped = state["step"], state["skipped"]
+        if self.ema is not None and (path / "ema.pt").is_file():
+            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+            self.ema.to(self.acc.device)
+        self.acc.print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ outputs
+    def final_unet(self):
+        """The student U-Net to ship: a copy holding the EMA weights when EMA is on."""
+        import copy
+
+        unet = copy.deepcopy(unwrap(self.acc.unwrap_model(self.student))).float()
+        if self.ema is not None:
+            self.ema.copy_to(unet.parameters())
+        return unet
+
+    def finish(self, last: dict[str, float]) -> dict[str, float]:
+        """Write ``out/final``: the teacher's other components with the student U-Net, loadable by diffusers."""
+        from bksdm.compress import RECORD, _copy_pipeline
+
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            final = self.out / "final"
+            _copy_pipeline(self.teacher_dir, final)
+            self.final_unet().save_pretrained(final / "unet", safe_serialization=True)
+            record = {"teacher": self.cfg.teacher, **self.derivation.record(), "distill": {"steps": self.step}}
+            record.pop("key_map")
+            (final / RECORD).write_text(json.dumps(record, indent=1))
+            if self.cfg.sample_prompts:
+                self.sample_grid()
+        self.acc.end_training()
+        return last
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """Teacher (top row) vs student (bottom row) at fixed seeds, one column per sample prompt."""
+        if not self.acc.is_main_process or not self.cfg.sample_prompts:
+            return None
+        from bksdm.generate import generate_images
+        from bksdm.models import load_text_side, load_component
+        from bksdm.report import image_grid
+
+        vae, tok, te = load_text_side(self.teacher_dir)
+        sched = load_component(self.teacher_dir, "scheduler")
+        rows = []
+        for unet in (self.teacher.unet, self.final_unet()):
+            rows.append(generate_images(unet.float(), vae, tok, te, sched, self.cfg.sample_prompts,
+                                        seeds=list(range(len(self.cfg.sample_prompts))), steps=self.cfg.sample_steps))
+        self.teacher.unet.to(self.weight_dtype)
+        path = self.out / "samples" / f"step-{self.step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(rows).save(path)
+        return path

@@ -1,0 +1,170 @@
+"""`bksdm distill` and `bksdm cache` on tiny models: learning, exact resume, cache equality, DDP, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bksdm.cli import main
+from bksdm.distill.config import DistillConfig, load_config
+from bksdm.recipes.distill import DistillRecipe
+
+FAST = ["--resolution", "32", "--batch-size", "4", "--mixed-precision", "no", "--num-workers", "0",
+        "random_flip=false", "report_to=none", "gradient_checkpointing=false"]
+
+
+def _cfg(teacher, out, **kw):
+    base = dict(teacher=str(teacher), student="bk-small", data="mini-world:16", out=str(out), resolution=32,
+                batch_size=4, grad_accum=1, max_steps=4, mixed_precision="no", num_workers=0, random_flip=False,
+                report_to="none", gradient_checkpointing=False, checkpoint_every=100)
+    return DistillConfig().update(base | kw, "test")
+
+
+def _losses(out: Path) -> list[dict]:
+    return list(csv.DictReader(open(out / "logs" / "losses.csv")))
+
+
+def test_shipped_yaml_equals_defaults():
+    path = Path(__file__).parents[1] / "src" / "bksdm" / "configs" / "distill_paper.yaml"
+    assert yaml.safe_load(path.read_text()) == DistillConfig().to_dict()
+    assert load_config("paper") == DistillConfig()
+
+
+def test_overfits_a_fixed_batch(tiny_teacher_dir, tmp_path):
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "run", data="mini-world:4", lr=2e-3, max_steps=150, ema=False)
+    recipe = DistillRecipe(cfg).setup()
+    from bksdm.distill.loader import micro_batches
+
+    batch = next(micro_batches(recipe.source, 0, False, 32, 4, 0, 1, 0))
+    start = {k: v.item() for k, v in recipe.loss_step(batch, torch.Generator().manual_seed(0)).items()}
+    recipe.train()
+    with torch.no_grad():
+        end = {k: v.item() for k, v in recipe.loss_step(batch, torch.Generator().manual_seed(0)).items()}
+    assert end["loss"] < 0.5 * start["loss"], (start, end)
+    assert end["feat_kd"] < start["feat_kd"] and end["out_kd"] < start["out_kd"]
+
+
+def test_killed_and_resumed_equals_uninterrupted(tiny_teacher_dir, tmp_path):
+    full = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "a", grad_accum=2, checkpoint_every=2)).setup()
+    full.train()
+    part = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "b", grad_accum=2, checkpoint_every=2, max_steps=2)).setup()
+    part.train()  # "killed" after step 2: a fresh process resumes from the checkpoint
+    resumed = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "b", grad_accum=2, checkpoint_every=2, resume="latest")).setup()
+    assert resumed.step == 2
+    resumed.train()
+    a, b = full.final_unet().state_dict(), resumed.final_unet().state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [r["loss"] for r in _losses(tmp_path / "a")] == [r["loss"] for r in _losses(tmp_path / "b")]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+def test_cached_equals_uncached(tiny_teacher_dir, tmp_path):
+    assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", "mini-world:8", "--out", str(tmp_path / "c"),
+                 "--resolution", "32", "--dtype", "fp32"]) == 0
+    plain = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "u", data="mini-world:8", random_flip=True)).setup()
+    cached = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "k", cache=str(tmp_path / "c"), random_flip=True)).setup()
+    assert not hasattr(cached, "vae") and not hasattr(cached, "text_encoder")
+    from bksdm.distill.loader import micro_batches
+
+    for micro in range(2):
+        b1 = next(micro_batches(plain.source, 1234, True, 32, 4, 0, 1, micro))
+        b2 = next(micro_batches(cached.source, 1234, True, 32, 4, 0, 1, micro))
+        l1 = plain.loss_step(b1, torch.Generator().manual_seed(micro))
+        l2 = cached.loss_step(b2, torch.Generator().manual_seed(micro))
+        for k in l1:
+            torch.testing.assert_close(l1[k], l2[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_corrupt_image_is_skipped_and_counted(tiny_teacher_dir, tmp_path):
+    from bksdm.mini.world import ShapesWorld
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(6):
+        image, text, _ = ShapesWorld().sample(i)
+        image.save(data / f"{i}.png")
+        rows.append((f"{i}.png", text))
+    (data / "2.png").write_bytes(b"not a png")
+    with open(data / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file_name", "text"), *rows])
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(tiny_teacher_dir), "--data", str(data), "--out", str(out),
+                 "--max-steps", "3", "--grad-accum", "1", *FAST]) == 0
+    rows = _losses(out)
+    assert len(rows) == 3 and int(rows[-1]["skipped"]) >= 1
+
+
+def test_two_process_run_logs_every_term(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bksdm.cli", "distill", "--teacher", str(tiny_teacher_dir),
+           "--data", "mini-world:32", "--out", str(out), "--max-steps", "2", "--grad-accum", "1", *FAST]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _losses(out)
+    assert len(rows) == 2 and all(float(r[k]) > 0 for r in rows for k in ("loss", "task", "out_kd", "feat_kd"))
+    assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_hooks_see_through_compile_wrapper(tiny_teacher_dir):
+    from diffusers import UNet2DConditionModel
+
+    from bksdm.distill.hooks import FeatureHooks
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_teacher_dir / "unet")
+    wrapped = torch.compile(unet)  # an OptimizedModule whose names gain "_orig_mod."
+    hooks = FeatureHooks(wrapped, ["down_blocks.0", "up_blocks.3"])
+    unet(torch.randn(1, 12, 16, 16), 5, torch.randn(1, 4, 16))
+    feats = hooks.pop()
+    assert feats[0].shape == (1, 8, 8, 8) and feats[1].shape == (1, 8, 16, 16)
+
+
+def test_final_pipeline_loads(tiny_teacher_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    r = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "f", max_steps=1, sample_prompts=["a red circle at the top left"],
+                           sample_steps=2)).setup()
+    r.train()
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "f" / "final")
+    assert pipe.unet.mid_block is None
+    assert (tmp_path / "f" / "samples" / "step-1.png").is_file()
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_errors(tiny_teacher_dir, tmp_path, capsys):
+    base = ["distill", "--teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "o"), *FAST]
+    assert main(base + ["--data", "mini-world:8", "bogus_key=1"]) == 2
+    assert "unknown key 'bogus_key'" in _err(capsys)
+    assert main(base + ["--data", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in _err(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.csv").write_text("file_name,text\n")
+    assert main(base + ["--data", str(empty)]) == 2
+    assert "is empty" in _err(capsys)
+    # a student compressed from another teacher (different text width) does not match this one
+    from bksdm.mini.model import build_pipeline, unet_config
+    from tests.conftest import TINY_UNET, WORDS
+
+    other = tmp_path / "other"
+    build_pipeline(WORDS, unet=unet_config(**{**TINY_UNET, "cross_attention_dim": 8}), text_width=8).save_pretrained(other)
+    assert main(["compress", "--teacher", str(other), "--student", "bk-small", "--out", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    assert main(base + ["--data", "mini-world:8", "--student", str(tmp_path / "s")]) == 2
+    assert "does not match this teacher" in _err(capsys)
