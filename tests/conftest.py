@@ -38,3 +38,33 @@ def tiny_teacher_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher")
     make_tiny_pipeline().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def metric_home(tmp_path_factory):
+    """A TORCH_HOME holding random-weight Inception files of the real architectures (pytorch-fid's FID Inception;
+    torch-fidelity's Inception reads the same keys), and a tiny open_clip config with a random checkpoint."""
+    import open_clip
+    from pytorch_fid.inception import (FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2,
+                                       _inception_v3)
+
+    from bksdm.evaluate.weights import FID_INCEPTION, ISC_INCEPTION
+
+    home = tmp_path_factory.mktemp("torch_home")
+    torch.manual_seed(0)
+    m = _inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    m.Mixed_5b, m.Mixed_5c, m.Mixed_5d = FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64)
+    m.Mixed_6b, m.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
+    m.Mixed_6d, m.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
+    m.Mixed_7b, m.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
+    ck = home / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save(m.state_dict(), ck / FID_INCEPTION)
+    torch.save(m.state_dict(), ck / ISC_INCEPTION)
+    cfg = home / "bksdm-tiny-clip.json"
+    cfg.write_text('{"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},'
+                   ' "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}')
+    open_clip.add_model_config(cfg)
+    clip = open_clip.create_model("bksdm-tiny-clip")
+    torch.save(clip.state_dict(), home / "tiny-clip.pt")
+    return home

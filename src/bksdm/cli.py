@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from bksdm.errors import USER_ERROR_EXIT, UserError
@@ -159,6 +160,89 @@ def _generate(a: argparse.Namespace) -> int:
     res = generate(a.model, a.prompts, a.out, a.steps, a.guidance, a.scheduler, a.resolution, a.batch_size, a.seed,
                    a.save_size or None, a.dtype, a.device, a.limit)
     print(json.dumps(res))
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+def _metric_weight_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception-weights", help="local pytorch-fid Inception file (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--isc-weights", help="local torch-fidelity Inception file (weights-inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--clip-model", default="ViT-g-14", help="open_clip model name (paper: ViT-g-14)")
+    p.add_argument("--clip-pretrained", default="laion2b_s34b_b88k", help="open_clip tag or a local checkpoint file")
+    p.add_argument("--size", type=int, default=256, help="images are squashed to this size for FID/IS (paper: 256)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="metric network device")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@command("evaluate", "FID, IS and CLIP score of generated images (MS-COCO protocol), or mini-world metrics")
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of generated images named as in the prompt file")
+    p.add_argument("--prompts", required=True, help="the prompt file used to generate them")
+    p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"], help="fid is clip fidelity mini-fid")
+    p.add_argument("--fid-ref", help="pytorch-fid statistics (.npz with mu, sigma) or a folder of real images")
+    p.add_argument("--name", default="model", help="row name in the Markdown table")
+    p.add_argument("--out", help="write the results as JSON here")
+    _metric_weight_args(p)
+
+
+@_evaluate_args.run
+def _evaluate(a: argparse.Namespace) -> int:
+    from bksdm.recipes.evaluate import evaluate, markdown_row
+
+    res = evaluate(a.images, a.prompts, a.metrics, a.fid_ref, a.size, a.inception_weights, a.isc_weights,
+                   a.clip_model, a.clip_pretrained, a.device)
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    print(markdown_row(a.name, res))
+    return 0
+
+
+@command("fid-stats", "pytorch-fid statistics (.npz) of a folder of real images, squashed to --size (paper: 256)")
+def _fid_stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of real images (MS-COCO val2014: all 40,504)")
+    p.add_argument("--out", required=True, help="output .npz")
+    _metric_weight_args(p)
+
+
+@_fid_stats_args.run
+def _fid_stats(a: argparse.Namespace) -> int:
+    from bksdm.evaluate import metrics as M
+    from bksdm.evaluate.weights import fid_inception
+
+    mu, sigma = M.folder_stats(a.images, fid_inception(a.inception_weights, a.device), a.size or None, device=a.device)
+    M.save_stats(a.out, mu, sigma)
+    print(f"wrote {a.out}: mu {mu.shape}, sigma {sigma.shape}")
+    return 0
+
+
+@command("evaluate-progress", "generate and score with every checkpoint of a distill run: CSV and plot (Fig. 3)")
+def _progress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a `bksdm distill` output folder")
+    p.add_argument("--prompts", required=True, help="prompt file (MS-COCO csv or text)")
+    p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"])
+    p.add_argument("--fid-ref", help="pytorch-fid .npz or a folder of real images")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", help="default: RUN/progress")
+    _metric_weight_args(p)
+
+
+@_progress_args.run
+def _progress(a: argparse.Namespace) -> int:
+    from bksdm.recipes.evaluate import progress
+
+    rows = progress(a.run, a.prompts, a.metrics, a.out, gen_kwargs={"steps": a.steps, "guidance": a.guidance,
+                    "batch_size": a.batch_size}, fid_ref=a.fid_ref, size=a.size, inception_weights=a.inception_weights,
+                    isc_weights=a.isc_weights, clip_name=a.clip_model, clip_pretrained=a.clip_pretrained, device=a.device)
+    for r in rows:
+        print(json.dumps(r))
     return 0
 
 

@@ -1,0 +1,115 @@
+"""FID, IS and CLIP score on folders of images, through the reference libraries.
+
+* FID — pytorch-fid: 2048-d pool features of its FID Inception, Frechet distance to statistics saved as a
+  pytorch-fid ``.npz`` (``mu``, ``sigma``). Images are first squashed to ``size`` x ``size`` (bicubic), the
+  paper's 256 px protocol, for both real statistics and generated images.
+* IS — torch-fidelity: its Inception's ``logits_unbiased`` and its ``isc_features_to_metric`` (10 splits).
+* CLIP score — open_clip: mean raw cosine similarity of image and prompt embeddings (no x100, no clamp).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bksdm.errors import UserError
+
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXT)
+    if not files:
+        raise UserError(f"image folder {folder} holds no images")
+    return files
+
+
+def _load(paths: Iterable[Path], size: int | None) -> Iterable[Image.Image]:
+    for p in paths:
+        im = Image.open(p).convert("RGB")
+        yield im.resize((size, size), Image.BICUBIC) if size and im.size != (size, size) else im
+
+
+def _uint8_batches(images: Iterable[Image.Image], batch: int) -> Iterable[torch.Tensor]:
+    buf: list[np.ndarray] = []
+    for im in images:
+        buf.append(np.asarray(im, dtype=np.uint8))
+        if len(buf) == batch:
+            yield torch.from_numpy(np.stack(buf)).permute(0, 3, 1, 2)
+            buf = []
+    if buf:
+        yield torch.from_numpy(np.stack(buf)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def inception_features(images: Iterable[Image.Image], model, batch: int = 50, device: str = "cpu") -> np.ndarray:
+    """(N, 2048) pytorch-fid pool features of PIL images."""
+    feats = []
+    for x in _uint8_batches(images, batch):
+        out = model(x.to(device).float() / 255.0)[0]  # pytorch-fid expects [0, 1] and resizes to 299 itself
+        feats.append(out.squeeze(-1).squeeze(-1).cpu().numpy())
+    return np.concatenate(feats).astype(np.float64)
+
+
+def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+    np.savez(path, mu=mu, sigma=sigma)
+
+
+def load_stats(path: str | Path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"FID statistics {p} do not exist; build them with `bksdm fid-stats --images DIR --out {p.name}`")
+    with np.load(p) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise UserError(f"{p} is not a pytorch-fid statistics file (needs arrays mu and sigma)")
+        mu, sigma = f["mu"], f["sigma"]
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or (dim and mu.shape[0] != dim):
+        raise UserError(f"{p} has mu {mu.shape} and sigma {sigma.shape}; expected ({dim or 'D'},) and "
+                        f"({dim or 'D'}, {dim or 'D'}) for this feature network")
+    return mu, sigma
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def folder_stats(folder: str | Path, model, size: int | None = 256, batch: int = 50, device: str = "cpu"):
+    """pytorch-fid statistics of every image in ``folder`` squashed to ``size`` (the paper: val2014 at 256)."""
+    return stats(inception_features(_load(list_images(folder), size), model, batch, device))
+
+
+@torch.no_grad()
+def inception_score(images: Iterable[Image.Image], model, batch: int = 50, splits: int = 10, device: str = "cpu") -> dict:
+    """torch-fidelity's IS: ``logits_unbiased`` of its Inception, ``isc_features_to_metric``."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    logits = torch.cat([model(x.to(device))[0].cpu() for x in _uint8_batches(images, batch)])
+    res = isc_features_to_metric(logits, splits=min(splits, len(logits)))
+    return {"is": res["inception_score_mean"], "is_std": res["inception_score_std"]}
+
+
+@torch.no_grad()
+def clip_similarities(images: list[Image.Image], prompts: list[str], model, preprocess, tokenizer,
+                      batch: int = 32, device: str = "cpu") -> torch.Tensor:
+    """(N,) raw cosine similarities between each image and its prompt."""
+    sims = []
+    for i in range(0, len(images), batch):
+        x = torch.stack([preprocess(im) for im in images[i:i + batch]]).to(device)
+        t = tokenizer(prompts[i:i + batch]).to(device)
+        fi = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+        ft = torch.nn.functional.normalize(model.encode_text(t).float(), dim=-1)
+        sims.append((fi * ft).sum(-1).cpu())
+    return torch.cat(sims)

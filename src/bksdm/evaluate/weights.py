@@ -1,0 +1,93 @@
+"""Where each metric network's weights come from, and a fast, explicit failure when they are not there.
+
+Nothing here retries a download for a minute: a missing file is reported at once with the file name, where it was
+looked for, and the flag that takes a local copy.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bksdm.errors import UserError
+
+FID_INCEPTION = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID Inception
+ISC_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception (IS)
+
+
+def hub_checkpoint(name: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def require(name: str, given: str | None, flag: str, what: str) -> Path:
+    """The local weight file for ``what``: ``given`` if passed, else the torch hub cache copy.
+
+    Downloading is left to the metric library only when online (HF_HUB_OFFLINE unset) and returns None there.
+    """
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise UserError(f"{what} weights {path} do not exist")
+        return path
+    cached = hub_checkpoint(name)
+    if cached.is_file():
+        return cached
+    raise UserError(f"{what} needs {name}, not found in {cached.parent} (TORCH_HOME); download it once and pass "
+                    f"{flag} FILE or put it there")
+
+
+def fid_inception(weights: str | None = None, device: str = "cpu"):
+    """pytorch-fid's InceptionV3 (2048-d pool features), from ``weights`` or the torch hub cache."""
+    from pytorch_fid.inception import InceptionV3
+
+    path = require(FID_INCEPTION, weights, "--inception-weights", "FID (pytorch-fid Inception)") if (weights or offline()) else None
+    if path is None or path == hub_checkpoint(FID_INCEPTION):
+        model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+    else:  # pytorch-fid only reads its hub cache: expose the given file there under a temporary hub dir
+        old = torch.hub.get_dir()
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "checkpoints").mkdir()
+            (Path(tmp) / "checkpoints" / FID_INCEPTION).symlink_to(path.resolve())
+            torch.hub.set_dir(tmp)
+            try:
+                model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+            finally:
+                torch.hub.set_dir(old)
+    return model.to(device).eval()
+
+
+def isc_inception(weights: str | None = None, device: str = "cpu"):
+    """torch-fidelity's InceptionV3 producing ``logits_unbiased`` (what its IS uses)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = require(ISC_INCEPTION, weights, "--isc-weights", "IS (torch-fidelity Inception)") if (weights or offline()) else None
+    model = FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"],
+                                        feature_extractor_weights_path=str(path) if path else None)
+    return model.to(device).eval()
+
+
+def clip_model(name: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b88k", device: str = "cpu"):
+    """(model, preprocess, tokenizer) from open_clip; ``pretrained`` is a tag or a local checkpoint file."""
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise UserError(f"unknown open_clip model {name!r}")
+    local = Path(pretrained).is_file()
+    if not local and offline():
+        tags = [t for m, t in open_clip.list_pretrained() if m == name]
+        if pretrained not in tags:
+            raise UserError(f"open_clip {name} has no pretrained tag {pretrained!r} and no such file exists")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+    except Exception as exc:
+        raise UserError(f"CLIP score needs open_clip {name} weights {pretrained!r}, which could not be loaded "
+                        f"({type(exc).__name__}; offline={offline()}); download the checkpoint once and pass "
+                        f"--clip-pretrained FILE") from None
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)

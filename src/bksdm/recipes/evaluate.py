@@ -1,0 +1,122 @@
+"""Evaluation recipes: score a folder of generated images; score every checkpoint of a distillation run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from bksdm.errors import UserError
+from bksdm.evaluate import metrics as M
+
+ALL_METRICS = ("fid", "is", "clip", "fidelity", "mini-fid")
+
+
+def matched_images(images: str | Path, prompts: str | Path) -> tuple[list[Path], list[str]]:
+    """The image of every prompt (by name), in prompt-file order; an error if any is missing."""
+    from bksdm.generate import read_prompts
+
+    items = read_prompts(prompts)
+    folder = Path(images)
+    have = {p.name for p in M.list_images(folder)}
+    missing = [n for n, _ in items if n not in have]
+    if missing:
+        raise UserError(f"image folder {folder} has {len(items) - len(missing)} of the {len(items)} images the prompt "
+                        f"file names (first missing: {missing[0]}); generate them first")
+    return [folder / n for n, _ in items], [p for _, p in items]
+
+
+def evaluate(images: str | Path, prompts: str | Path, metrics: list[str], fid_ref: str | None = None,
+             size: int | None = 256, inception_weights: str | None = None, isc_weights: str | None = None,
+             clip_name: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", device: str = "cpu",
+             batch: int = 50) -> dict[str, Any]:
+    """Scores of the images named by ``prompts`` in ``images``; ``fid_ref`` is a pytorch-fid .npz or a folder."""
+    from bksdm.evaluate import weights as W
+
+    if bad := [m for m in metrics if m not in ALL_METRICS]:
+        raise UserError(f"unknown metric {bad[0]!r}; choose from {', '.join(ALL_METRICS)}")
+    paths, texts = matched_images(images, prompts)
+    res: dict[str, Any] = {"images": len(paths)}
+    if "fid" in metrics:
+        if not fid_ref:
+            raise UserError("fid needs --fid-ref: a pytorch-fid .npz (mu, sigma) or a folder of real images")
+        model = W.fid_inception(inception_weights, device)
+        mu, sigma = M.stats(M.inception_features(M._load(paths, size), model, batch, device))
+        ref = Path(fid_ref)
+        mu2, sigma2 = M.folder_stats(ref, model, size, batch, device) if ref.is_dir() else M.load_stats(ref, mu.shape[0])
+        res["fid"] = M.frechet_distance(mu, sigma, mu2, sigma2)
+    if "is" in metrics:
+        res.update(M.inception_score(M._load(paths, size), W.isc_inception(isc_weights, device), batch, device=device))
+    if "clip" in metrics:
+        model, preprocess, tok = W.clip_model(clip_name, clip_pretrained, device)
+        res["clip"] = float(M.clip_similarities([im for im in M._load(paths, None)], texts, model, preprocess, tok,
+                                                device=device).mean())
+    if "fidelity" in metrics or "mini-fid" in metrics:
+        from bksdm.mini.metrics import mini_scores
+
+        res.update(mini_scores(paths, texts, fid="mini-fid" in metrics, fidelity="fidelity" in metrics))
+    return res
+
+
+def markdown_row(name: str, res: dict[str, Any]) -> str:
+    cols = [k for k in ("fid", "is", "clip", "fidelity", "mini_fid") if k in res]
+    head = "| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
+    return head + "\n| " + name + " | " + " | ".join(f"{res[c]:.4f}" for c in cols) + " |"
+
+
+def progress(run: str | Path, prompts: str | Path, metrics: list[str], out: str | Path | None = None,
+             gen_kwargs: dict[str, Any] | None = None, **eval_kwargs: Any) -> list[dict[str, Any]]:
+    """Generate and score with every checkpoint of a distillation run (appendix Figure 3): CSV and PNG plot."""
+    from bksdm.compress import _copy_pipeline
+    from bksdm.generate import generate
+
+    run = Path(run)
+    cfg_file = run / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{run} is not a distillation run folder (no config.json)")
+    teacher = json.loads(cfg_file.read_text())["teacher"]
+    from bksdm.models import pipeline_folder
+
+    teacher_dir = pipeline_folder(teacher, "teacher")
+    ckpts = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not ckpts:
+        raise UserError(f"{run}/checkpoints holds no step-N checkpoints")
+    out = Path(out or run / "progress")
+    rows = []
+    for ck in ckpts:
+        step = int(ck.name.split("-")[1])
+        pipe_dir = out / "pipelines" / ck.name
+        if not (pipe_dir / "model_index.json").is_file():
+            _copy_pipeline(teacher_dir, pipe_dir)
+            import shutil
+
+            shutil.copytree(ck / "unet", pipe_dir / "unet", dirs_exist_ok=True)
+        gen_dir = out / "images" / ck.name
+        generate(str(pipe_dir), prompts, gen_dir, **(gen_kwargs or {}))
+        res = evaluate(gen_dir / "images", prompts, metrics, **eval_kwargs)
+        rows.append({"step": step, **res})
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "progress.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot(rows, out / "progress.png")
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k not in ("step", "images", "is_std")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows], marker="o")
+        ax.set_xlabel("iteration")
+        ax.set_title(k)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

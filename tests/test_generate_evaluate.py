@@ -1,0 +1,158 @@
+"""`bksdm generate` and `bksdm evaluate`: batch-size invariance, resume, and the real metric code paths offline."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance
+
+from bksdm.cli import main
+from bksdm.mini.world import ShapesWorld
+
+
+@pytest.fixture
+def prompts_csv(tmp_path):
+    path = tmp_path / "prompts.csv"
+    world = ShapesWorld(seed=3)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "caption"])
+        for i in range(5):
+            w.writerow([f"COCO_val2014_{i:012d}.jpg", world.sample(i)[1]])
+    return path
+
+
+def _gen(teacher, prompts, out, *extra):
+    return main(["generate", "--model", str(teacher), "--prompts", str(prompts), "--out", str(out), "--steps", "3",
+                 "--save-size", "16", "--dtype", "fp32", *extra])
+
+
+def test_images_do_not_depend_on_batch_size(tiny_teacher_dir, prompts_csv, tmp_path):
+    assert _gen(tiny_teacher_dir, prompts_csv, tmp_path / "b1", "--batch-size", "1") == 0
+    assert _gen(tiny_teacher_dir, prompts_csv, tmp_path / "b3", "--batch-size", "3") == 0
+    names = sorted(p.name for p in (tmp_path / "b1" / "images").iterdir())
+    assert len(names) == 5 and names[0] == "COCO_val2014_000000000000.png"
+    for n in names:
+        a = np.asarray(Image.open(tmp_path / "b1" / "images" / n), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "b3" / "images" / n), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, n  # fp rounding of batched kernels at most flips one 8-bit level
+    assert Image.open(tmp_path / "b1" / "images_16" / names[0]).size == (16, 16)
+    first = np.asarray(Image.open(tmp_path / "b1" / "images" / names[0]), dtype=np.int16)
+    second = np.asarray(Image.open(tmp_path / "b1" / "images" / names[1]), dtype=np.int16)
+    assert np.abs(first - second).max() > 10  # different prompts and seeds give different images
+
+
+def test_killed_generation_resumes_only_missing(tiny_teacher_dir, prompts_csv, tmp_path, capsys):
+    assert _gen(tiny_teacher_dir, prompts_csv, tmp_path / "g", "--limit", "2") == 0
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "g" / "images").iterdir()}
+    assert _gen(tiny_teacher_dir, prompts_csv, tmp_path / "g") == 0
+    out = capsys.readouterr().out
+    assert '"generated": 3' in out and '"skipped": 2' in out
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "g" / "images").iterdir()}
+    assert len(after) == 5 and all(after[n] == t for n, t in before.items())
+
+
+def _write(images, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(folder / f"{i:05d}.png")
+
+
+def _prompts_txt(tmp_path, n):
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(ShapesWorld().sample(i)[1] for i in range(n)))
+    return path
+
+
+def test_fid_is_zero_on_itself_and_grows_with_shift(metric_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(metric_home))
+    from bksdm.recipes.evaluate import evaluate
+
+    world = ShapesWorld(seed=1)
+    real = [world.sample(i)[0].resize((64, 64)) for i in range(12)]
+    _write(real, tmp_path / "real")
+    prompts = _prompts_txt(tmp_path, 12)
+    fids = []
+    for k, factor in enumerate([1.0, 0.8, 0.5]):
+        _write([ImageEnhance.Brightness(im).enhance(factor) for im in real], tmp_path / f"s{k}")
+        fids.append(evaluate(tmp_path / f"s{k}", prompts, ["fid"], str(tmp_path / "real"), size=64)["fid"])
+    assert abs(fids[0]) < 1e-3 and fids[0] < fids[1] < fids[2]
+    # the .npz route gives the FID of the folder route
+    assert main(["fid-stats", "--images", str(tmp_path / "real"), "--out", str(tmp_path / "real.npz"), "--size", "64"]) == 0
+    via_npz = evaluate(tmp_path / "s2", prompts, ["fid"], str(tmp_path / "real.npz"), size=64)["fid"]
+    assert via_npz == pytest.approx(fids[2], rel=1e-6)
+
+
+def test_is_of_identical_predictions_is_one(metric_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(metric_home))
+    from bksdm.recipes.evaluate import evaluate
+
+    _write([ShapesWorld().sample(0)[0]] * 10, tmp_path / "same")
+    res = evaluate(tmp_path / "same", _prompts_txt(tmp_path, 10), ["is"], size=64)
+    assert res["is"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_clip_score_equals_direct_cosine(metric_home, tmp_path):
+    import open_clip
+
+    from bksdm.recipes.evaluate import evaluate
+
+    world = ShapesWorld(seed=2)
+    images = [world.sample(i)[0] for i in range(4)]
+    _write(images, tmp_path / "c")
+    prompts = _prompts_txt(tmp_path, 4)
+    texts = prompts.read_text().splitlines()
+    res = evaluate(tmp_path / "c", prompts, ["clip"], clip_name="bksdm-tiny-clip", clip_pretrained=str(metric_home / "tiny-clip.pt"))
+    model, _, pre = open_clip.create_model_and_transforms("bksdm-tiny-clip", pretrained=str(metric_home / "tiny-clip.pt"))
+    tok = open_clip.get_tokenizer("bksdm-tiny-clip")
+    with torch.no_grad():
+        cos = [torch.nn.functional.cosine_similarity(model.encode_image(pre(im)[None]), model.encode_text(tok([t])))[0]
+               for im, t in zip(images, texts)]
+    assert res["clip"] == pytest.approx(float(torch.stack(cos).mean()), abs=1e-5)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
+    assert _gen(tiny_teacher_dir, tmp_path / "none.csv", tmp_path / "o") == 2
+    assert "does not exist" in _one_line_error(capsys)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file_name,caption\na.jpg,a red circle\nb.jpg,a blue square,extra\n")
+    assert _gen(tiny_teacher_dir, bad, tmp_path / "o") == 2
+    assert "line 3 is malformed" in _one_line_error(capsys)
+    _write([ShapesWorld().sample(0)[0]] * 2, tmp_path / "two")
+    assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(_prompts_txt(tmp_path, 3)),
+                 "--metrics", "is"]) == 2
+    assert "has 2 of the 3 images" in _one_line_error(capsys)
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.zeros((64, 64)))
+    assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(_prompts_txt(tmp_path, 2)),
+                 "--metrics", "fid", "--fid-ref", str(tmp_path / "wrong.npz"), "--inception-weights", "/nope.pth"]) == 2
+    assert "/nope.pth do not exist" in _one_line_error(capsys)
+
+
+def test_offline_metric_weights_fail_fast(tmp_path, capsys, monkeypatch, metric_home):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _write([ShapesWorld().sample(0)[0]] * 2, tmp_path / "two")
+    prompts = _prompts_txt(tmp_path, 2)
+    for metric, needle in [("fid", "--inception-weights"), ("is", "--isc-weights"), ("clip", "--clip-pretrained")]:
+        t0 = time.time()
+        code = main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(prompts), "--metrics", metric,
+                     "--fid-ref", str(tmp_path / "two")])
+        assert code == 2 and time.time() - t0 < 20
+        assert needle in _one_line_error(capsys)
+    # statistics of the wrong size for the feature network
+    monkeypatch.setenv("TORCH_HOME", str(metric_home))
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.zeros((64, 64)))
+    assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(prompts), "--metrics", "fid",
+                 "--fid-ref", str(tmp_path / "wrong.npz"), "--size", "64"]) == 2
+    assert "expected (2048,)" in _one_line_error(capsys)
