@@ -84,12 +84,10 @@ def _profile(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- distill
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per DistillConfig field (--max-steps, --batch-size, ...): the dataclass is the single source."""
-    from bksdm.distill.config import DistillConfig
-
-    for name, f in DistillConfig.fields().items():
-        default = DistillConfig().__getattribute__(name)
+def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per config field (--max-steps, --batch-size, ...): the dataclass is the single source."""
+    for name in cls.fields():
+        default = getattr(cls(), name)
         kind = "list" if isinstance(default, list) else type(default).__name__
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, nargs="+" if kind == "list" else None,
                        metavar=kind.upper(), help=f"default: {default!r}")
@@ -99,7 +97,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe (see configs/distill_paper.yaml); flags and key=value override it")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of any config key, anywhere on the line")
-    _add_config_flags(p)
+    from bksdm.distill.config import DistillConfig
+
+    _add_config_flags(p, DistillConfig)
 
 
 @_distill_args.run
@@ -243,6 +243,97 @@ def _progress(a: argparse.Namespace) -> int:
                     isc_weights=a.isc_weights, clip_name=a.clip_model, clip_pretrained=a.clip_pretrained, device=a.device)
     for r in rows:
         print(json.dumps(r))
+    return 0
+
+
+# ---------------------------------------------------------------- mini world
+@command("demo", "the whole BK-SDM method in the mini world, offline on a CPU in minutes: writes a report")
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bksdm-demo", help="output folder (report.md, pictures, models)")
+    p.add_argument("--steps", type=int, default=400, help="distillation steps")
+    p.add_argument("--images", type=int, default=1000, help="generated images per model for the metrics")
+    p.add_argument("--student", default="bk-small", help="spec to compress the mini teacher with")
+    p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
+    p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
+
+
+@_demo_args.run
+def _demo(a: argparse.Namespace) -> int:
+    from bksdm.recipes.mini import demo
+
+    res = demo(a.out, a.steps, a.images, a.student, a.teacher, a.gen_steps)
+    from bksdm.report import markdown_table
+
+    print(markdown_table(res["rows"]))
+    print(f"report: {Path(a.out) / 'report.md'} ({res['minutes']:.1f} min)")
+    return 0
+
+
+@command("ablate", "appendix Table 3 in the mini world: init and KD variants x students x seeds")
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bksdm-ablation", help="output folder (ablation.json, ablation.md); resumable")
+    p.add_argument("--steps", type=int, default=50, help="distillation steps of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--students", nargs="+", default=["bk-small", "bk-tiny"])
+    p.add_argument("--images", type=int, default=500, help="generated images per run for fidelity and mini-FID")
+    p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
+    p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
+
+
+@_ablate_args.run
+def _ablate(a: argparse.Namespace) -> int:
+    from bksdm.recipes.mini import ablate, ablation_markdown
+
+    rows = ablate(a.out, a.steps, tuple(a.seeds), tuple(a.students), a.images, a.teacher, a.gen_steps)
+    print(ablation_markdown(rows, a.steps))
+    return 0
+
+
+# ---------------------------------------------------------------- dreambooth
+@command("dreambooth", "personalise a pipeline on one subject (DreamBooth, prior preservation, full or LoRA)")
+def _dreambooth_args(p: argparse.ArgumentParser) -> None:
+    from bksdm.recipes.dreambooth import DreamBoothConfig
+
+    _add_config_flags(p, DreamBoothConfig)
+
+
+@_dreambooth_args.run
+def _dreambooth(a: argparse.Namespace) -> int:
+    from bksdm.recipes.dreambooth import DreamBoothConfig, finetune
+
+    cfg = DreamBoothConfig().update({k: getattr(a, k) for k in DreamBoothConfig.fields() if getattr(a, k) is not None}, "flag")
+    res = finetune(cfg)
+    print(json.dumps({"out": cfg.out, "seconds": round(res["seconds"], 1), "peak_gb": round(res["memory"]["peak_gb"], 2),
+                      "final": res["history"][-1]}))
+    return 0
+
+
+@command("dreambooth-bench", "DreamBooth benchmark: every subject fine-tuned, 4 images x 25 prompts, DINO/CLIP-I/CLIP-T")
+def _dbbench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="pipeline folder or hub id to personalise")
+    p.add_argument("--dataset", required=True, help="google/dreambooth dataset folder (one folder per subject)")
+    p.add_argument("--out", required=True, help="output folder; rerunning skips finished subjects and images")
+    p.add_argument("--subjects", nargs="*", default=None, help="only these subjects")
+    p.add_argument("--lora", action="store_true", help="LoRA (rank 16, lr 1e-4) instead of full fine-tuning")
+    p.add_argument("--max-steps", type=int, default=800, help="fine-tuning steps per subject (paper: 800)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--num-class-images", type=int, default=200)
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps when generating")
+    p.add_argument("--dino-model", default=None, help="DINO ViT-S/16 hub id or local folder (default facebook/dino-vits16)")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for CLIP-I and CLIP-T")
+    p.add_argument("--clip-pretrained", default="openai", help="open_clip tag or a local checkpoint file")
+
+
+@_dbbench_args.run
+def _dbbench(a: argparse.Namespace) -> int:
+    from bksdm.recipes.dreambooth import bench
+    from bksdm.report import markdown_table
+
+    res = bench(a.model, a.dataset, a.out, a.subjects, a.lora, a.images_per_prompt, a.steps, dino=a.dino_model,
+                clip_name=a.clip_model, clip_pretrained=a.clip_pretrained, max_steps=a.max_steps,
+                resolution=a.resolution, num_class_images=a.num_class_images)
+    print(markdown_table(res["subjects"] + [{"subject": "mean", **res["mean"]}]))
     return 0
 
 

@@ -20,6 +20,15 @@ def pipeline_folder(name: str, what: str = "model") -> Path:
     return path
 
 
+def import_own_components(folder: Path) -> None:
+    """Import bksdm modules that a pipeline's model_index.json names (the mini world's VAE), so that
+    ``DiffusionPipeline.from_pretrained`` can load them; other libraries are never imported on a file's say-so."""
+    index = json.loads((folder / "model_index.json").read_text())
+    for value in index.values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("bksdm."):
+            importlib.import_module(value[0])
+
+
 def load_component(folder: Path, name: str, **kwargs: Any):
     """Component ``name`` (unet, vae, text_encoder, tokenizer, scheduler, ...) of a pipeline folder."""
     index = json.loads((folder / "model_index.json").read_text())

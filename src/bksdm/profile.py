@@ -241,14 +241,11 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def _pipeline_components(folder: str) -> Components:
     from diffusers import DiffusionPipeline
 
-    from bksdm.hub import resolve_model
+    from bksdm.models import import_own_components, pipeline_folder
 
-    path = resolve_model(folder)
-    pipe = DiffusionPipeline.from_pretrained(path, safety_checker=None) if (path / "model_index.json").is_file() else None
-    if pipe is None:
-        from bksdm.errors import UserError
-
-        raise UserError(f"{folder} is not a pipeline folder (no model_index.json)")
+    path = pipeline_folder(folder)
+    import_own_components(path)
+    pipe = DiffusionPipeline.from_pretrained(path, safety_checker=None)
     return Components(str(folder), pipe.unet.float(), pipe.text_encoder.float(), pipe.vae.float())
 
 

@@ -6,16 +6,16 @@ agree); ``bksdm distill --config FILE key=value ...`` overrides any field. Unkno
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bksdm.config import Config, load_yaml_config
 from bksdm.errors import UserError
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Config):
     teacher: str = ""  # teacher pipeline: hub id or local folder
     student: str = "bk-small"  # built-in spec, spec file, or a folder written by `bksdm compress`
     data: str = ""  # image folder with metadata, webdataset shards, a cache folder, or mini-world
@@ -52,19 +52,6 @@ class DistillConfig:
     num_workers: int = 2  # image decoding workers
     init: str = "teacher"  # teacher | random: how the student's weights start (ablation)
 
-    @classmethod
-    def fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls)}
-
-    def update(self, values: dict[str, Any], source: str) -> "DistillConfig":
-        known = self.fields()
-        for key, value in values.items():
-            key = key.replace("-", "_")
-            if key not in known:
-                raise UserError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
-            setattr(self, key, _coerce(key, value, getattr(self, key), source))
-        return self
-
     def validate(self) -> "DistillConfig":
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"mixed_precision {self.mixed_precision!r}; choose no, fp16 or bf16")
@@ -79,52 +66,7 @@ class DistillConfig:
             raise UserError("no data: pass --data (an image folder, webdataset shards or mini-world) or --cache")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _coerce(key: str, value: Any, current: Any, source: str) -> Any:
-    """Values from YAML or ``key=value`` strings, converted to the field's type."""
-    if isinstance(value, str) and not isinstance(current, str):
-        import yaml
-
-        value = yaml.safe_load(value)
-    try:
-        if isinstance(current, bool):
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if isinstance(current, int):
-            return int(value)
-        if isinstance(current, float):
-            return float(value)
-        if isinstance(current, list):
-            return list(value) if isinstance(value, (list, tuple)) else [value]
-        return "" if value is None else str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{source}: {key}={value!r} is not a {type(current).__name__}") from None
-
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, **flags: Any) -> DistillConfig:
-    """Defaults, then the YAML file, then ``key=value`` overrides, then explicit flags (None = not given)."""
-    import yaml
-
-    cfg = DistillConfig()
-    if path:
-        p = Path(path)
-        shipped = Path(__file__).parent.parent / "configs" / f"distill_{path}.yaml"
-        if not p.is_file() and shipped.is_file():
-            p = shipped  # `--config paper` / `--config mini`: the shipped recipes
-        if not p.is_file():
-            raise UserError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise UserError(f"config file {p} must hold a mapping of keys to values")
-        cfg.update(data, str(p))
-    for item in overrides or []:
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        cfg.update({k: v}, "override")
-    cfg.update({k: v for k, v in flags.items() if v is not None}, "flag")
-    return cfg
+    """Defaults, then the YAML file (or ``paper`` / ``mini``), then ``key=value`` overrides, then flags."""
+    return load_yaml_config(DistillConfig, path, "distill", overrides, **flags)

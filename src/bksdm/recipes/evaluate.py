@@ -55,7 +55,7 @@ def evaluate(images: str | Path, prompts: str | Path, metrics: list[str], fid_re
     if "fidelity" in metrics or "mini-fid" in metrics:
         from bksdm.mini.metrics import mini_scores
 
-        res.update(mini_scores(paths, texts, fid="mini-fid" in metrics, fidelity="fidelity" in metrics))
+        res.update(mini_scores(paths, texts, fid="mini-fid" in metrics, fidelity_="fidelity" in metrics))
     return res
 
 

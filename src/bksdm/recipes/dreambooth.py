@@ -1,0 +1,307 @@
+"""DreamBooth fine-tuning with prior preservation (full or LoRA) and the 30-subject benchmark runner.
+
+``finetune(cfg)`` personalises one pipeline folder on one subject; its ``loss_step`` returns ``loss``,
+``instance`` and ``prior`` by name. ``bench(...)`` runs every subject of the public dataset layout (resumable),
+generates 4 images per evaluation prompt and scores DINO / CLIP-I / CLIP-T beside fine-tuning time and memory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from bksdm.config import Config
+from bksdm.errors import UserError
+
+
+@dataclass
+class DreamBoothConfig(Config):
+    model: str = ""  # pipeline folder or hub id to personalise (a teacher or one of our students)
+    instance_dir: str = ""  # the subject's photos
+    instance_prompt: str = ""  # e.g. "a sks dog"
+    class_prompt: str = ""  # e.g. "a dog"; needed for prior preservation
+    with_prior: bool = True  # paper: prior preservation on, weight 1
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 200  # paper: 200 class images
+    class_model: str = ""  # model that generates class images (default: the original teacher, else --model)
+    class_dir: str = ""  # where class images live (default OUT/class_images); missing ones are generated
+    class_steps: int = 25  # denoising steps for class images
+    resolution: int = 512  # short side resized, then a random crop
+    out: str = "dreambooth-out"
+    max_steps: int = 800  # paper: 800 iterations
+    batch_size: int = 1  # paper: 1
+    lr: float = 0.0  # 0: paper default, 1e-6 full fine-tuning, 1e-4 LoRA
+    lora: bool = False  # LoRA adapters (peft) instead of full fine-tuning
+    lora_rank: int = 16
+    train_text_encoder: bool = True  # paper: the text encoder is fine-tuned jointly
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "fp16"  # no | fp16 (GPU) | bf16
+    seed: int = 1234
+
+    def validate(self) -> "DreamBoothConfig":
+        if not self.model:
+            raise UserError("no model: pass --model (a pipeline folder or hub id)")
+        if not self.instance_prompt:
+            raise UserError("no instance prompt: pass --instance-prompt, e.g. 'a sks dog'")
+        if self.with_prior and not self.class_prompt:
+            raise UserError("prior preservation needs --class-prompt (e.g. 'a dog'), or pass --with-prior false")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            self.mixed_precision = "no"  # fp16 is a GPU default; on a CPU run in fp32 (or ask for bf16)
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (1e-4 if self.lora else 1e-6)
+
+
+def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
+    """Resize the short side to ``size``, random crop: (3, size, size) in [-1, 1]."""
+    w, h = image.size
+    s = size / min(w, h)
+    image = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+    w, h = image.size
+    x, y = rng.randint(0, w - size), rng.randint(0, h - size)
+    arr = np.asarray(image.crop((x, y, x + size, y + size)), dtype=np.float32)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
+    """The prior-preservation images: those in class_dir plus any missing ones, generated now (resumable)."""
+    from bksdm.compress import load_record
+    from bksdm.generate import generate_images
+    from bksdm.models import load_component, pipeline_folder
+
+    folder = Path(cfg.class_dir or Path(cfg.out) / "class_images")
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sorted(folder.glob("*.png"))
+    missing = [i for i in range(cfg.num_class_images) if not (folder / f"{i:05d}.png").exists()]
+    if missing:
+        source = cfg.class_model or (load_record(pipeline_folder(cfg.model)) or {}).get("teacher") or cfg.model
+        src = pipeline_folder(source, "class model")
+        parts = {n: load_component(src, n) for n in ("unet", "vae", "tokenizer", "text_encoder", "scheduler")}
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        for start in range(0, len(missing), 4):
+            idx = missing[start:start + 4]
+            ims = generate_images(parts["unet"], parts["vae"], parts["tokenizer"], parts["text_encoder"], parts["scheduler"],
+                                  [cfg.class_prompt] * len(idx), seeds=[cfg.seed + i for i in idx], steps=cfg.class_steps,
+                                  resolution=cfg.resolution, dtype=dtype, device=device)
+            for i, im in zip(idx, ims):
+                im.save(folder / f"{i:05d}.png")
+        have = sorted(folder.glob("*.png"))
+    return [Image.open(p).convert("RGB") for p in have[: cfg.num_class_images]]
+
+
+class DreamBooth:
+    """One subject's fine-tuning run."""
+
+    def __init__(self, cfg: DreamBoothConfig):
+        self.cfg = cfg.validate()
+
+    def setup(self) -> "DreamBooth":
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+
+        from bksdm.dreambooth.dataset import load_subject_images
+        from bksdm.models import load_component, pipeline_folder, prediction_type
+
+        cfg = self.cfg
+        self.instances = load_subject_images(cfg.instance_dir)
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.folder = pipeline_folder(cfg.model)
+        self.classes = class_images(cfg, str(self.acc.device)) if cfg.with_prior else []
+        self.unet = load_component(self.folder, "unet")
+        self.text_encoder = load_component(self.folder, "text_encoder")
+        self.tokenizer = load_component(self.folder, "tokenizer")
+        self.vae = load_component(self.folder, "vae").to(self.acc.device).eval().requires_grad_(False)
+        self.noise = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler")
+        self.prediction = prediction_type(self.folder)
+        self.unet.float()
+        self.text_encoder.float()
+        if cfg.lora:
+            from peft import LoraConfig
+
+            self.unet.requires_grad_(False)
+            self.text_encoder.requires_grad_(False)
+            self.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                             target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            if cfg.train_text_encoder:  # peft directly: transformers' add_adapter wants a newer peft than PyPI has
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                                   target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), self.text_encoder)
+        else:
+            self.text_encoder.requires_grad_(cfg.train_text_encoder)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        params = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
+        self.unet, self.text_encoder, self.opt = self.acc.prepare(self.unet, self.text_encoder, opt)
+        self.params = params
+        return self
+
+    def _batch(self, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
+        cfg = self.cfg
+        pix = [_crop(rng.choice(self.instances), cfg.resolution, rng) for _ in range(cfg.batch_size)]
+        texts = [cfg.instance_prompt] * cfg.batch_size
+        if cfg.with_prior:
+            pix += [_crop(rng.choice(self.classes), cfg.resolution, rng) for _ in range(cfg.batch_size)]
+            texts += [cfg.class_prompt] * cfg.batch_size
+        return torch.stack(pix), texts
+
+    def loss_step(self, pixels: torch.Tensor, texts: list[str], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """``loss`` = instance MSE + prior_loss_weight * prior MSE (class half of the batch)."""
+        dev = self.acc.device
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(dev)).latent_dist
+            latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev)) * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen).to(dev)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(dev)
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(dev)
+        emb = self.text_encoder(ids)[0]
+        pred = self.unet(self.noise.add_noise(latents, noise, t), t, emb).sample.float()
+        target = noise if self.prediction == "epsilon" else self.noise.get_velocity(latents, noise, t)
+        b = self.cfg.batch_size
+        instance = F.mse_loss(pred[:b], target[:b])
+        terms = {"instance": instance}
+        if self.cfg.with_prior:
+            terms["prior"] = F.mse_loss(pred[b:], target[b:])
+            terms["loss"] = instance + self.cfg.prior_loss_weight * terms["prior"]
+        else:
+            terms["loss"] = instance
+        return terms
+
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.unet.train()
+        self.text_encoder.train()
+        history = []
+        t0 = time.perf_counter()
+        for step in tqdm(range(cfg.max_steps), desc="dreambooth", unit="step", disable=not self.acc.is_main_process):
+            pixels, texts = self._batch(rng)
+            with self.acc.autocast():
+                terms = self.loss_step(pixels, texts, gen)
+            self.acc.backward(terms["loss"])
+            self.acc.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            history.append({k: round(v.item(), 6) for k, v in terms.items()})
+        seconds = time.perf_counter() - t0
+        if torch.cuda.is_available():
+            memory = {"peak_gb": torch.cuda.max_memory_allocated() / 2**30, "kind": "CUDA peak allocated"}
+        else:
+            memory = {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "kind": "peak RSS of the process"}
+        result = {"seconds": seconds, "memory": memory, "steps": cfg.max_steps, "lora": cfg.lora, "history": history}
+        self.save(result)
+        return result
+
+    def save(self, result: dict[str, Any]) -> None:
+        """Full: a complete pipeline folder. LoRA: ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``."""
+        from bksdm.compress import _copy_pipeline
+        from bksdm.distill.hooks import unwrap
+
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        unet, text = unwrap(self.acc.unwrap_model(self.unet)), unwrap(self.acc.unwrap_model(self.text_encoder))
+        if self.cfg.lora:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            te = convert_state_dict_to_diffusers(get_peft_model_state_dict(text)) if self.cfg.train_text_encoder else None
+            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(unet)), text_encoder_lora_layers=te)
+        else:
+            _copy_pipeline(self.folder, out / "pipeline")
+            shutil.rmtree(out / "pipeline" / "text_encoder", ignore_errors=True)
+            unet.save_pretrained(out / "pipeline" / "unet", safe_serialization=True)
+            text.save_pretrained(out / "pipeline" / "text_encoder", safe_serialization=True)
+        (out / "finetune.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"} |
+                                                      {"config": self.cfg.to_dict(), "final": result["history"][-1]}, indent=1))
+
+
+def finetune(cfg: DreamBoothConfig) -> dict[str, Any]:
+    return DreamBooth(cfg).setup().train()
+
+
+def personalised_pipeline(model: str, out: str | Path, lora: bool):
+    """The fine-tuned pipeline a run wrote (a full pipeline, or the base with its LoRA weights loaded)."""
+    from diffusers import StableDiffusionPipeline
+
+    from bksdm.models import import_own_components, pipeline_folder
+
+    out = Path(out)
+    base = pipeline_folder(model) if lora else out / "pipeline"
+    import_own_components(base)
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    if lora:
+        pipe.load_lora_weights(out)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[str] | None = None, lora: bool = False,
+          images_per_prompt: int = 4, steps: int = 25, guidance: float = 7.5, dino: str | None = None,
+          clip_name: str = "ViT-B-32", clip_pretrained: str = "openai", device: str | None = None,
+          **overrides: Any) -> dict[str, Any]:
+    """Fine-tune, generate (4 images x 25 prompts) and score every subject; finished work is skipped on rerun."""
+    from bksdm.dreambooth import metrics as DM
+    from bksdm.dreambooth.dataset import IDENTIFIER, load_subject_images, prompts, subjects
+    from bksdm.evaluate.weights import clip_model
+    from bksdm.generate import initial_latents, prompt_seed
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    todo = subjects(dataset, subjects_only)
+    dino_net = DM.dino_model(dino or DM.DINO_DEFAULT, device)  # fail on missing metric weights before any training
+    clip = clip_model(clip_name, clip_pretrained, device)
+    out = Path(out)
+    rows = []
+    for name, cls, live in todo:
+        sub = out / name
+        real = load_subject_images(Path(dataset) / name)
+        if not (sub / "finetune.json").is_file():
+            cfg = DreamBoothConfig(model=model, instance_dir=str(Path(dataset) / name), instance_prompt=f"a {IDENTIFIER} {cls}",
+                                   class_prompt=f"a {cls}", out=str(sub), lora=lora,
+                                   class_dir=str(out / "class_images" / cls.replace(" ", "_"))).update(overrides, "bench")
+            finetune(cfg)
+        ft = json.loads((sub / "finetune.json").read_text())
+        pipe = personalised_pipeline(model, sub, lora).to(device)
+        gen_dir = sub / "images"
+        gen_dir.mkdir(exist_ok=True)
+        paths, used = [], []
+        for k, prompt in enumerate(prompts(cls, live)):
+            for j in range(images_per_prompt):
+                path = gen_dir / f"p{k:02d}_{j}.png"
+                if not path.exists():
+                    size = pipe.unet.config.sample_size
+                    lat = initial_latents([prompt_seed(path.name, 0)], (pipe.unet.config.in_channels, size, size))
+                    pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=lat.to(device, pipe.unet.dtype)).images[0].save(path)
+                paths.append(path)
+                used.append(prompt)
+        scores = DM.subject_scores(DM.load_images(paths), used, real, dino_net, clip, IDENTIFIER, device)
+        row = {"subject": name, **scores, "ft_seconds": ft["seconds"], "ft_peak_gb": ft["memory"]["peak_gb"],
+               "memory_kind": ft["memory"]["kind"]}
+        (sub / "metrics.json").write_text(json.dumps(row, indent=1))
+        rows.append(row)
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("dino", "clip_i", "clip_t", "ft_seconds", "ft_peak_gb")}
+    result = {"model": model, "lora": lora, "subjects": rows, "mean": mean}
+    (out / "dreambooth.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,138 @@
+"""DreamBooth on tiny models: full and LoRA fine-tuning with prior preservation, the resumable benchmark,
+metrics equal to directly computed cosines on random-weight networks of the real architectures, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bksdm.cli import main
+from bksdm.mini.world import Shape, render
+
+
+@pytest.fixture
+def subject_dir(tmp_path):
+    """A three-image subject: a large red triangle, slightly moved."""
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    for i, jit in enumerate([(0, 0), (1, -1), (-1, 1)]):
+        render((Shape("triangle", "red", "large", "top left"),), 32, (jit,)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dino_dir(tmp_path_factory):
+    from transformers import ViTConfig, ViTModel
+
+    path = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(0)
+    # DINO ViT-S/16's architecture (random weights)
+    ViTModel(ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                       image_size=224, patch_size=16), add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
+def _ft(teacher, subject, out, *extra):
+    return main(["dreambooth", "--model", str(teacher), "--instance-dir", str(subject), "--instance-prompt",
+                 "a sks triangle", "--class-prompt", "a triangle", "--num-class-images", "2", "--class-steps", "2",
+                 "--resolution", "32", "--max-steps", "3", "--out", str(out), "--gradient-checkpointing", "false", *extra])
+
+
+def test_full_finetune_with_prior(tiny_teacher_dir, subject_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "full"
+    assert _ft(tiny_teacher_dir, subject_dir, out, "--lr", "1e-3") == 0
+    rec = json.loads((out / "finetune.json").read_text())
+    assert rec["final"]["prior"] > 0 and rec["final"]["loss"] == pytest.approx(rec["final"]["instance"] + rec["final"]["prior"], rel=1e-4)
+    assert rec["memory"]["peak_gb"] > 0 and rec["seconds"] > 0
+    assert len(list((out / "class_images").glob("*.png"))) == 2
+    tuned = UNet2DConditionModel.from_pretrained(out / "pipeline" / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_teacher_dir / "unet")
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+    from bksdm.recipes.dreambooth import personalised_pipeline
+
+    img = personalised_pipeline(str(tiny_teacher_dir), out, lora=False)("a sks triangle", num_inference_steps=2).images[0]
+    assert img.size == (32, 32)
+
+
+def test_lora_finetune_loads_into_diffusers(tiny_teacher_dir, subject_dir, tmp_path):
+    from bksdm.recipes.dreambooth import personalised_pipeline
+
+    out = tmp_path / "lora"
+    assert _ft(tiny_teacher_dir, subject_dir, out, "--lora", "true", "--lora-rank", "4") == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "pipeline").exists()
+    pipe = personalised_pipeline(str(tiny_teacher_dir), out, lora=True)
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+    assert json.loads((out / "finetune.json").read_text())["final"]["prior"] > 0
+
+
+def test_metrics_equal_direct_cosines(dino_dir, metric_home):
+    import open_clip
+    from PIL import Image
+
+    from bksdm.dreambooth import metrics as DM
+    from bksdm.evaluate.weights import clip_model
+    from bksdm.mini.world import ShapesWorld
+
+    world = ShapesWorld(seed=9)
+    gen = [world.sample(i)[0] for i in range(3)]
+    real = [world.sample(10 + i)[0] for i in range(2)]
+    prompts = ["a sks circle in the snow", "a sks circle on the beach", "a red sks circle"]
+    dino = DM.dino_model(str(dino_dir))
+    clip = clip_model("bksdm-tiny-clip", str(metric_home / "tiny-clip.pt"))
+    got = DM.subject_scores(gen, prompts, real, dino, clip)
+    with torch.no_grad():
+        x = DM._dino_inputs(gen + real, 224)
+        cls = dino(pixel_values=x).last_hidden_state[:, 0]
+        want_dino = torch.stack([torch.nn.functional.cosine_similarity(cls[i], cls[3 + j], dim=0)
+                                 for i in range(3) for j in range(2)]).mean()
+        model, pre, tok = clip
+        emb = model.encode_image(torch.stack([pre(im) for im in gen + real]))
+        want_i = torch.stack([torch.nn.functional.cosine_similarity(emb[i], emb[3 + j], dim=0)
+                              for i in range(3) for j in range(2)]).mean()
+        txt = model.encode_text(tok(["a circle in the snow", "a circle on the beach", "a red circle"]))
+        want_t = torch.nn.functional.cosine_similarity(emb[:3], txt, dim=-1).mean()
+    assert got["dino"] == pytest.approx(float(want_dino), abs=1e-5)
+    assert got["clip_i"] == pytest.approx(float(want_i), abs=1e-5)
+    assert got["clip_t"] == pytest.approx(float(want_t), abs=1e-5)
+
+
+def test_benchmark_resumes_finished_work(tiny_teacher_dir, subject_dir, tmp_path, dino_dir, metric_home):
+    import shutil
+
+    from bksdm.recipes.dreambooth import bench
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(subject_dir, dataset / "dog")
+    kw = dict(images_per_prompt=1, steps=2, dino=str(dino_dir), clip_name="bksdm-tiny-clip",
+              clip_pretrained=str(metric_home / "tiny-clip.pt"), max_steps=2, resolution=32, num_class_images=1,
+              class_steps=2, gradient_checkpointing=False)
+    res = bench(str(tiny_teacher_dir), dataset, tmp_path / "bench", **kw)
+    sub = tmp_path / "bench" / "dog"
+    assert len(list((sub / "images").glob("*.png"))) == 25 and set(res["mean"]) >= {"dino", "clip_i", "clip_t"}
+    stamps = {p.name: p.stat().st_mtime_ns for p in [sub / "finetune.json", *sub.glob("images/*.png")]}
+    res2 = bench(str(tiny_teacher_dir), dataset, tmp_path / "bench", **kw)
+    assert {p.name: p.stat().st_mtime_ns for p in [sub / "finetune.json", *sub.glob("images/*.png")]} == stamps
+    assert res2["mean"] == pytest.approx(res["mean"])
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input(tiny_teacher_dir, subject_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _ft(tiny_teacher_dir, empty, tmp_path / "o") == 2
+    assert "holds no images" in _err(capsys)
+    assert main(["dreambooth", "--model", str(tiny_teacher_dir), "--instance-dir", str(subject_dir), "--instance-prompt",
+                 "a sks triangle", "--out", str(tmp_path / "o")]) == 2
+    assert "--class-prompt" in _err(capsys)
+    (subject_dir / "broken.jpg").write_bytes(b"\x00\x01 not an image")
+    assert _ft(tiny_teacher_dir, subject_dir, tmp_path / "o") == 2
+    assert "broken.jpg cannot be read" in _err(capsys)

@@ -1,0 +1,101 @@
+"""The mini world: determinism and captions, the shipped teacher and classifier, metrics, demo and ablation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bksdm.errors import UserError
+from bksdm.mini.world import COLOURS, KINDS, POSITIONS, SIZES, Shape, ShapesWorld, caption, parse_caption
+
+
+def test_world_is_deterministic_and_captions_describe_the_scene():
+    a, b = ShapesWorld(seed=4), ShapesWorld(seed=4)
+    for i in range(20):
+        ia, ca, sa = a.sample(i)
+        ib, cb, sb = b.sample(i)
+        assert ca == cb and sa == sb and np.array_equal(np.asarray(ia), np.asarray(ib))
+        assert parse_caption(ca) == sa and 1 <= len(sa) <= 2
+        assert len({s.position for s in sa}) == len(sa)  # distinct quadrants
+    assert ShapesWorld(seed=5).sample(0)[1] != ShapesWorld(seed=4).sample(0)[1] or \
+        not np.array_equal(np.asarray(ShapesWorld(seed=5).sample(0)[0]), np.asarray(ShapesWorld(seed=4).sample(0)[0]))
+    assert caption((Shape("circle", "red", "small", "top left"),)) == "a small red circle at the top left"
+    with pytest.raises(ValueError):
+        parse_caption("a huge red circle at the top left")
+
+
+def test_rendered_shape_has_prompted_colour_in_prompted_quadrant():
+    from bksdm.mini.world import render
+
+    for kind in KINDS:
+        for pos in POSITIONS:
+            img = np.asarray(render((Shape(kind, "blue", "large", pos),)))
+            row, col = pos.split()
+            quad = img[:16] if row == "top" else img[16:]
+            quad = quad[:, :16] if col == "left" else quad[:, 16:]
+            assert (np.abs(quad.astype(int) - COLOURS["blue"]).sum(-1) == 0).sum() > 40
+
+
+def test_classifier_reads_real_images_and_mini_fid_is_zero_on_itself():
+    from bksdm.mini.metrics import fidelity, mini_fid, reference_images
+
+    world = ShapesWorld(seed=11)
+    samples = [world.sample(10**6 + i) for i in range(300)]
+    images, prompts = [s[0] for s in samples], [s[1] for s in samples]
+    assert fidelity(images, prompts) >= 0.97
+    assert abs(mini_fid(images, images)) < 1e-6
+    # real pictures of the same prompts are close; a uniform grey set is far
+    close = mini_fid(images, reference_images(prompts))
+    from PIL import Image
+
+    far = mini_fid([Image.new("RGB", (32, 32), (128, 128, 128))] * 300, images)
+    assert close < far / 10
+
+
+def test_shipped_teacher_loads_and_checks_its_checksum(tmp_path):
+    from bksdm.mini.teacher import ASSET, load_teacher, teacher_path
+
+    pipe = load_teacher()
+    assert pipe.unet.config.down_block_types[-1] == "DownBlock2D" and pipe.unet.config.layers_per_block == 2
+    assert sum(f.stat().st_size for f in ASSET.rglob("*.safetensors")) < 10 * 2**20
+    broken = tmp_path / "teacher"
+    shutil.copytree(teacher_path(), broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        teacher_path(broken)
+
+
+def test_ablation_summary_and_ordering():
+    from bksdm.recipes.mini import VARIANTS, ablation_markdown, ordering_holds, summarise
+
+    rows = []
+    for k, v in enumerate(VARIANTS):
+        for seed in (0, 1):
+            rows.append({"student": "bk-small", "variant": v, "seed": seed, "heldout_mse": 1.0 - 0.1 * k + 0.01 * seed,
+                         "teacher_mse": 0.5 + 0.1 * (k == 3), "fidelity": 0.5, "mini_fid": 10.0})
+    s = summarise(rows)
+    assert ordering_holds(s, "bk-small", "heldout_mse") and not ordering_holds(s, "bk-small", "teacher_mse")
+    md = ablation_markdown(rows, 50)
+    assert "heldout_mse: the paper's ordering (random init > teacher init > + output KD > + output & feature KD) **holds**" in md
+    assert "teacher_mse: the paper's ordering" in md and "**does not hold**" in md
+    assert "0.6050 (0.0100)" in md
+
+
+def test_fast_demo_runs_end_to_end(tmp_path):
+    from bksdm.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--images", "8", "--gen-steps", "2"]) == 0
+    report = (out / "report.md").read_text()
+    assert "Teacher (top) vs distilled student" in report and (out / "samples.png").is_file()
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "bk-small (teacher init, no KD)", "bk-small (distilled)"]
+    assert rows[0]["teacher_mse"] == 0 and rows[2]["unet_params"] < rows[0]["unet_params"]
+    assert all(0 <= r["fidelity"] <= 1 for r in rows if "fidelity" in r)
