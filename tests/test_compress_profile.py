@@ -99,3 +99,19 @@ def test_profile_errors(capsys):
     assert main(["profile", "--arch", "sdxl", "--no-latency"]) == 2
     assert "sd-v1, sd-v2-base, sd-v2" in capsys.readouterr().err
     assert main(["profile", "--arch", "sd-v1", "--dtypes", "int3"]) == 2
+
+
+def test_random_components_latency_path():
+    """The --arch route: random weights of given configs, real latency in fp32 and bf16."""
+    from bksdm.mini.model import text_encoder_config, unet_config
+    from bksdm.profile import profile_components, random_components
+    from tests.conftest import TINY_UNET
+
+    vae = {"block_out_channels": [8, 8], "norm_num_groups": 4, "latent_channels": 12, "layers_per_block": 1,
+           "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+    c = random_components("tiny", unet_config(**TINY_UNET), text_encoder_config(30, 12, width=16), vae)
+    assert torch.equal(c.text_encoder.embeddings.position_ids[0], torch.arange(12))
+    assert all(torch.isfinite(p).all() for p in c.unet.parameters())
+    rec = profile_components(c, latency=True, dtypes=("fp32", "bf16"), runs=1, steps=2).record(2)
+    assert set(rec["latency_s"]) == {"fp32", "bf16"} and rec["latency_s"]["fp32"]["unet"] > 0
+    assert rec["unet_gmacs"] > 0 and rec["vae_decoder_params"] == sum(p.numel() for p in c.vae.decoder.parameters())

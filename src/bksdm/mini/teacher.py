@@ -34,8 +34,8 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def world_batch(world: ShapesWorld, start: int, batch: int, gen: torch.Generator, drop: float = 0.1):
-    """A training batch: images in [-1, 1], horizontally flipped at random? No: flipping swaps left/right in
-    the caption, so the mini world uses no flip; captions emptied with probability ``drop``."""
+    """A training batch: images in [-1, 1] (no flip: it would contradict "left"/"right" in the captions) and
+    captions, each emptied with probability ``drop`` so classifier-free guidance has an unconditional model."""
     images, texts = [], []
     for i in range(start, start + batch):
         im, text, _ = world.sample(i)
@@ -45,11 +45,21 @@ def world_batch(world: ShapesWorld, start: int, batch: int, gen: torch.Generator
 
 
 def train_teacher(out: Path, steps: int = 6000, batch: int = 32, lr: float = 5e-4, seed: int = 0,
-                  log_every: int = 100, bf16: bool = True, save_every: int = 500) -> dict:
-    from diffusers import DDPMScheduler
+                  log_every: int = 100, bf16: bool = True, save_every: int = 500, init: Path | None = None,
+                  low_t: float = 0.0, ema_decay: float = 0.999, start_index: int = 0) -> dict:
+    """Train (or, with ``init``, continue training) the mini teacher.
+
+    ``low_t`` is the share of each batch whose timesteps are drawn from [0, 100) instead of [0, 1000): in a pixel
+    latent space the last denoising steps decide whether residual noise stays visible, and they are learnt last.
+    ``start_index`` offsets the world indices so a continuation sees new pictures.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
-    pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET))
+    if init is not None:
+        pipe = StableDiffusionPipeline.from_pretrained(init, dtype=torch.float32)
+    else:
+        pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET))
     unet, text, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     params = list(unet.parameters()) + list(text.parameters())
@@ -59,11 +69,13 @@ def train_teacher(out: Path, steps: int = 6000, batch: int = 32, lr: float = 5e-
     world, gen = ShapesWorld(seed=seed), torch.Generator().manual_seed(seed)
     t0, losses, history = time.time(), [], []
     for step in range(steps):
-        images, texts = world_batch(world, step * batch, batch, gen)
+        images, texts = world_batch(world, start_index + step * batch, batch, gen)
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
+        n_low = int(low_t * batch)
+        t[:n_low] = torch.randint(0, 100, (n_low,), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = unet(noisy, t, text(ids)[0]).sample
@@ -73,7 +85,7 @@ def train_teacher(out: Path, steps: int = 6000, batch: int = 32, lr: float = 5e-
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in {**_prefixed(unet, "unet."), **_prefixed(text, "text.")}.items():
                 ema[k].lerp_(v.detach(), 1 - decay)
@@ -149,9 +161,14 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--init", type=Path, default=None, help="continue from this teacher folder")
+    p.add_argument("--low-t", type=float, default=0.0, help="share of each batch drawn from timesteps 0-99")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--start-index", type=int, default=0, help="first world index (continuations: use new pictures)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    print(train_teacher(a.out, a.steps, a.batch, a.lr, a.seed, bf16=not a.fp32))
+    print(train_teacher(a.out, a.steps, a.batch, a.lr, a.seed, bf16=not a.fp32, init=a.init, low_t=a.low_t,
+                        ema_decay=a.ema_decay, start_index=a.start_index))
 
 
 if __name__ == "__main__":
