@@ -156,3 +156,18 @@ def test_offline_metric_weights_fail_fast(tmp_path, capsys, monkeypatch, metric_
     assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(prompts), "--metrics", "fid",
                  "--fid-ref", str(tmp_path / "wrong.npz"), "--size", "64"]) == 2
     assert "expected (2048,)" in _one_line_error(capsys)
+
+
+def test_training_progress_csv_and_plot(tiny_teacher_dir, tmp_path):
+    from bksdm.recipes.distill import DistillRecipe
+    from tests.test_distill import _cfg
+
+    run = tmp_path / "run"
+    DistillRecipe(_cfg(tiny_teacher_dir, run, max_steps=2, checkpoint_every=1, checkpoints_total_limit=5)).setup().train()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(ShapesWorld().prompts(6)))
+    assert main(["evaluate-progress", "--run", str(run), "--prompts", str(prompts), "--metrics", "fidelity", "mini-fid",
+                 "--steps", "2", "--batch-size", "3"]) == 0
+    rows = list(csv.DictReader(open(run / "progress" / "progress.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2] and {"fidelity", "mini_fid"} <= set(rows[0])
+    assert (run / "progress" / "progress.png").stat().st_size > 1000
