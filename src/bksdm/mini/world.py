@@ -59,6 +59,9 @@ def _mask(kind: str, cy: float, cx: float, r: float, n: int) -> np.ndarray:
         return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
     if kind == "square":
         return (np.abs(y - cy) <= r * 0.85) & (np.abs(x - cx) <= r * 0.85)
+    if kind == "cross":  # never in the world's scenes: the DreamBooth example teaches it as a new subject
+        arm = max(1.0, r * 0.35)
+        return ((np.abs(y - cy) <= arm) & (np.abs(x - cx) <= r)) | ((np.abs(x - cx) <= arm) & (np.abs(y - cy) <= r))
     # upward triangle: apex at top, base at bottom
     top, bottom = cy - r, cy + r
     half = (y - top) / (2 * r) * r
