@@ -27,7 +27,7 @@ class SpaceToDepthVAE(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, factor: int = 2, in_channels: int = 3, sample_size: int = 32, scaling_factor: float = 1.0,
-                 block_out_channels: tuple[int, ...] = (12, 12)):
+                 block_out_channels: tuple[int, ...] = (12, 12), shift: float = 0.0):
         super().__init__()
         # block_out_channels only tells pipelines the downscale factor: 2 ** (len - 1) == factor
         # a saved buffer gives the module a device, a dtype and a weight file that from_pretrained expects
@@ -38,13 +38,15 @@ class SpaceToDepthVAE(ModelMixin, ConfigMixin):
         return self.config.in_channels * self.config.factor ** 2
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
-        z = torch.nn.functional.pixel_unshuffle(x, self.config.factor)
+        # shift centres the latents: pictures on a light background have a large mean, which pure-noise sampling
+        # (zero mean) cannot reproduce at the schedule's non-zero terminal SNR
+        z = torch.nn.functional.pixel_unshuffle(x, self.config.factor) - self.config.shift
         # logvar at the distribution's floor (-30): sampling is the identity up to ~3e-7
         dist = DiagonalGaussianDistribution(torch.cat([z, torch.full_like(z, -30.0)], dim=1))
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
-        x = torch.nn.functional.pixel_shuffle(z, self.config.factor)
+        x = torch.nn.functional.pixel_shuffle(z + self.config.shift, self.config.factor)
         return DecoderOutput(sample=x) if return_dict else (x,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {  # SD-v1's training schedule
 
 
 def build_pipeline(words: list[str], max_length: int = 24, image_size: int = 32, seed: int = 0,
-                   unet: dict[str, Any] | None = None, text_width: int = 64, text_layers: int = 2):
+                   unet: dict[str, Any] | None = None, text_width: int = 64, text_layers: int = 2, vae_shift: float = 0.0):
     """A randomly initialised tiny ``StableDiffusionPipeline`` (PNDM scheduler, no safety checker)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -108,7 +110,7 @@ def build_pipeline(words: list[str], max_length: int = 24, image_size: int = 32,
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
     text = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer), max_length, text_width, text_layers)))
-    vae = SpaceToDepthVAE(sample_size=image_size)
+    vae = SpaceToDepthVAE(sample_size=image_size, shift=vae_shift)
     ucfg = unet or unet_config(cross_attention_dim=text_width, sample_size=image_size // 2)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=UNet2DConditionModel.from_config(ucfg),

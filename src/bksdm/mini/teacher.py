@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from bksdm.errors import UserError
-from bksdm.mini.model import build_pipeline, unet_config
+from bksdm.mini.model import SpaceToDepthVAE, build_pipeline, unet_config
 from bksdm.mini.world import WORDS, ShapesWorld
 
 ASSET = Path(__file__).parent / "assets" / "teacher"
 CHECKSUMS = "checksums.json"
 TEACHER_UNET = dict(channels=(32, 64, 64, 64), cross_attention_dim=64, groups=8, heads=4)
+VAE_SHIFT = 0.75  # about the mean pixel value of world pictures in [-1, 1]: centres the latents
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -58,8 +59,10 @@ def train_teacher(out: Path, steps: int = 6000, batch: int = 32, lr: float = 5e-
     torch.manual_seed(seed)
     if init is not None:
         pipe = StableDiffusionPipeline.from_pretrained(init, dtype=torch.float32)
+        vae_cfg = {k: v for k, v in pipe.vae.config.items() if not k.startswith("_")}
+        pipe.vae = SpaceToDepthVAE(**{**vae_cfg, "shift": VAE_SHIFT})
     else:
-        pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET))
+        pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET), vae_shift=VAE_SHIFT)
     unet, text, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     params = list(unet.parameters()) + list(text.parameters())
@@ -164,7 +167,8 @@ def main(argv=None) -> None:
     p.add_argument("--init", type=Path, default=None, help="continue from this teacher folder")
     p.add_argument("--low-t", type=float, default=0.0, help="share of each batch drawn from timesteps 0-99")
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--start-index", type=int, default=0, help="first world index (continuations: use new pictures)")
+    p.add_argument("--start-index", type=int, default=0,
+                   help="first world index (continuations: new pictures; avoid 10**6 + 10**5 (evaluation prompts) and 5 * 10**6 + (held-out))")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(train_teacher(a.out, a.steps, a.batch, a.lr, a.seed, bf16=not a.fp32, init=a.init, low_t=a.low_t,
