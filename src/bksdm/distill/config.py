@@ -39,6 +39,7 @@ class DistillConfig(Config):
     mixed_precision: str = "fp16"  # no | fp16 | bf16 (fp16 needs a GPU; bf16 also runs on CPUs)
     ema: bool = True  # keep an EMA of the student; the final pipeline holds the EMA weights
     ema_decay: float = 0.9999
+    ema_foreach: bool = True  # one fused EMA update over all tensors (the public recipe loops tensor by tensor)
     gradient_checkpointing: bool = True  # paper: on (trades ~30% step time for memory)
     seed: int = 1234
     checkpoint_every: int = 5_000
