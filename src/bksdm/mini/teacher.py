@@ -127,8 +127,14 @@ def save_teacher(pipe, out: Path, info: dict) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
     pipe.to(dtype=torch.float32)
     (out / "training.json").write_text(json.dumps(info, indent=1))
-    sums = {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*.safetensors"))}
-    (out / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    write_checksums(out)
+
+
+def write_checksums(folder: Path) -> None:
+    """sha256 of every weight file of the pipeline's components (not of checkpoints saved beside them)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    files = [p for name in index if (folder / name).is_dir() for p in sorted((folder / name).glob("*.safetensors"))]
+    (folder / CHECKSUMS).write_text(json.dumps({str(p.relative_to(folder)): _sha256(p) for p in files}, indent=1))
 
 
 def _sha256(path: Path) -> str:
@@ -152,7 +158,7 @@ def load_teacher(path: Path | None = None, dtype: torch.dtype = torch.float32):
     """The mini teacher as a ``StableDiffusionPipeline`` (fp32 by default; weights ship in fp16)."""
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(teacher_path(path), torch_dtype=dtype)
+    return StableDiffusionPipeline.from_pretrained(teacher_path(path), dtype=dtype)
 
 
 def main(argv=None) -> None:
