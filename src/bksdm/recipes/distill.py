@@ -113,6 +113,7 @@ class DistillRecipe:
 
         cfg, der = self.cfg, self.derivation
         folder = Path(cfg.student)
+        student = None
         if folder.is_dir():
             student = UNet2DConditionModel.from_pretrained(folder / "unet")
             for key, want in der.student_config.items():
@@ -122,11 +123,10 @@ class DistillRecipe:
                 if have != want:
                     raise UserError(f"student {folder} does not match this teacher: its {key} is {have!r}, "
                                     f"the teacher's spec gives {want!r}; compress it from this teacher")
-            return student
-        if cfg.init == "random":
+        if cfg.init == "random":  # the ablation's N1: the student's architecture, none of its weights
             torch.manual_seed(cfg.seed)
             return UNet2DConditionModel.from_config(der.student_config)
-        return init_student_from_teacher(teacher_unet, der)
+        return student if student is not None else init_student_from_teacher(teacher_unet, der)
 
     # ------------------------------------------------------------------ loss
     def encode(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
