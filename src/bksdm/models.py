@@ -67,3 +67,14 @@ class FrozenTeacher(torch.nn.Module):
     @torch.no_grad()
     def forward(self, *args, **kwargs):
         return self.unet(*args, **kwargs)
+
+
+def fresh_accelerator_state() -> None:
+    """Forget the mixed-precision choice of an earlier recipe in this process (accelerate keeps one per process).
+
+    Recipes called in-process one after another (``main(argv)`` twice, the demo after a test) may ask for different
+    precisions. The process-level state (ranks, device) is kept, so this is safe under ``accelerate launch``.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)

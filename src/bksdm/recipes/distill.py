@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from bksdm.distill.config import DistillConfig
 from bksdm.distill.hooks import FeatureHooks, unwrap
 from bksdm.errors import UserError
+from bksdm.models import fresh_accelerator_state
 
 TERMS = ("loss", "task", "out_kd", "feat_kd")
 
@@ -50,6 +51,7 @@ class DistillRecipe:
             raise UserError("mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed-precision bf16 or no")
         self.out = Path(cfg.out)
         log_with = None if cfg.report_to == "none" else cfg.report_to
+        fresh_accelerator_state()
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                                log_with=log_with, project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                                        logging_dir=str(self.out / "logs")))

@@ -23,6 +23,7 @@ from PIL import Image
 
 from bksdm.config import Config
 from bksdm.errors import UserError
+from bksdm.models import fresh_accelerator_state
 
 
 @dataclass
@@ -117,6 +118,7 @@ class DreamBooth:
 
         cfg = self.cfg
         self.instances = load_subject_images(cfg.instance_dir)
+        fresh_accelerator_state()
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
         self.folder = pipeline_folder(cfg.model)
         self.classes = class_images(cfg, str(self.acc.device)) if cfg.with_prior else []
