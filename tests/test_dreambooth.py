@@ -70,9 +70,6 @@ def test_lora_finetune_loads_into_diffusers(tiny_teacher_dir, subject_dir, tmp_p
 
 
 def test_metrics_equal_direct_cosines(dino_dir, metric_home):
-    import open_clip
-    from PIL import Image
-
     from bksdm.dreambooth import metrics as DM
     from bksdm.evaluate.weights import clip_model
     from bksdm.mini.world import ShapesWorld

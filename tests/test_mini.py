@@ -7,10 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from bksdm.errors import UserError
-from bksdm.mini.world import COLOURS, KINDS, POSITIONS, SIZES, Shape, ShapesWorld, caption, parse_caption
+from bksdm.mini.world import COLOURS, KINDS, POSITIONS, Shape, ShapesWorld, caption, parse_caption
 
 
 def test_world_is_deterministic_and_captions_describe_the_scene():

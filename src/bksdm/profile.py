@@ -221,7 +221,7 @@ def random_components(name: str, unet_config: dict, text_config: dict, vae_confi
 
 def format_table(records: list[dict[str, Any]]) -> str:
     """A Markdown table of profile records (teacher first), latency columns when measured."""
-    head = ["model", "U-Net params", "U-Net GMACs", "(+attn scores)", "whole params", f"whole GMACs"]
+    head = ["model", "U-Net params", "U-Net GMACs", "(+attn scores)", "whole params", "whole GMACs"]
     dnames = sorted({d for r in records for d in r.get("latency_s", {})}, key=list(DTYPES).index)
     for d in dnames:
         head += [f"TE {d} ms", f"U-Net b2 {d} s", f"VAE dec {d} s", f"image {d} s"]

@@ -9,7 +9,6 @@ Training: the text encoder and the SD-v1-layout U-Net learn together from scratc
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import time

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bksdm.report import image_grid, markdown_table
+from bksdm.report import markdown_table
 
 
 def _prompt_file(path: Path, count: int, seed: int = 0) -> Path:
