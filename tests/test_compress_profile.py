@@ -113,5 +113,6 @@ def test_random_components_latency_path():
     assert torch.equal(c.text_encoder.embeddings.position_ids[0], torch.arange(12))
     assert all(torch.isfinite(p).all() for p in c.unet.parameters())
     rec = profile_components(c, latency=True, dtypes=("fp32", "bf16"), runs=1, steps=2).record(2)
+    assert rec["name"] == "tiny"
     assert set(rec["latency_s"]) == {"fp32", "bf16"} and rec["latency_s"]["fp32"]["unet"] > 0
     assert rec["unet_gmacs"] > 0 and rec["vae_decoder_params"] == sum(p.numel() for p in c.vae.decoder.parameters())

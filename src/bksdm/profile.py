@@ -213,8 +213,8 @@ def random_components(name: str, unet_config: dict, text_config: dict, vae_confi
         unet, vae = _materialise(unet, gen), _materialise(vae, gen)
         # position_ids is an integer buffer: rebuild the text model's buffers properly
         text = _materialise(text, gen)
-        for name, buf in text.named_buffers():  # integer buffers (position ids) must hold their real values
-            if name.endswith("position_ids"):
+        for key, buf in text.named_buffers():  # integer buffers (position ids) must hold their real values
+            if key.endswith("position_ids"):
                 buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
     return Components(name, unet, text, vae)
 
