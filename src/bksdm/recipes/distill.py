@@ -137,8 +137,7 @@ class DistillRecipe:
         if "mean" in batch:
             eps = torch.randn(batch["mean"].shape, generator=gen)
             latents = batch["mean"] + batch["std"] * eps
-            sf = self.source.info.get("scaling_factor") or self._scaling_factor()
-            return (latents * sf).to(dev), batch["emb"].to(dev)
+            return (latents * self.scaling_factor).to(dev), batch["emb"].to(dev)
         with torch.no_grad():
             dist = self.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
             eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
@@ -148,9 +147,13 @@ class DistillRecipe:
             emb = self.text_encoder(ids)[0].float()
         return latents, emb
 
-    def _scaling_factor(self) -> float:
-        cfg = json.loads((self.teacher_dir / "vae" / "config.json").read_text())
-        return float(cfg.get("scaling_factor", 0.18215))
+    @property
+    def scaling_factor(self) -> float:
+        """The teacher VAE's latent scale (read once; the cached path has no VAE loaded)."""
+        if not hasattr(self, "_scaling"):
+            cfg = json.loads((self.teacher_dir / "vae" / "config.json").read_text())
+            self._scaling = float(cfg.get("scaling_factor", 0.18215))
+        return self._scaling
 
     def loss_step(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
         """All loss terms for one micro-batch: ``loss`` (weighted total), ``task``, ``out_kd``, ``feat_kd``."""
