@@ -32,7 +32,7 @@ def main(argv=None) -> None:
 
     from bksdm.compress import compress
     from bksdm.generate import default_dtype, generate_images
-    from bksdm.models import load_component
+    from bksdm.models import load_components
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps-a", type=int, default=2)
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     del pipe
 
     dtype = default_dtype("cpu")
-    parts = {n: load_component(student, n) for n in ("unet", "vae", "tokenizer", "text_encoder", "scheduler")}
+    parts = load_components(student)
     gen = lambda k: generate_images(parts["unet"], parts["vae"], parts["tokenizer"], parts["text_encoder"],  # noqa: E731
                                     parts["scheduler"], [prompt], [0], steps=k, dtype=dtype)
     gen(1)

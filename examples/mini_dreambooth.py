@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bksdm.generate import generate_images
 from bksdm.mini.world import Shape, render
-from bksdm.models import load_component
+from bksdm.models import load_components
 from bksdm.recipes.dreambooth import DreamBoothConfig, finetune, personalised_pipeline
 from bksdm.report import image_grid
 
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
                            out=str(a.out / "tuned"), max_steps=a.steps, lr=a.lr, class_model=a.teacher or "",
                            gradient_checkpointing=False, mixed_precision="no")
     res = finetune(cfg)
-    parts = {n: load_component(Path(a.student), n) for n in ("unet", "vae", "tokenizer", "text_encoder", "scheduler")}
+    parts = load_components(Path(a.student))
     before = generate_images(parts["unet"], parts["vae"], parts["tokenizer"], parts["text_encoder"], parts["scheduler"],
                              PROMPTS, seeds=list(range(len(PROMPTS))))
     tuned = personalised_pipeline(a.student, a.out / "tuned", lora=False)

@@ -170,13 +170,7 @@ def _metric_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-model", default="ViT-g-14", help="open_clip model name (paper: ViT-g-14)")
     p.add_argument("--clip-pretrained", default="laion2b_s34b_b88k", help="open_clip tag or a local checkpoint file")
     p.add_argument("--size", type=int, default=256, help="images are squashed to this size for FID/IS (paper: 256)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="metric network device")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    p.add_argument("--device", default=None, help="metric network device (default: cuda when available)")
 
 
 @command("evaluate", "FID, IS and CLIP score of generated images (MS-COCO protocol), or mini-world metrics")
@@ -214,8 +208,10 @@ def _fid_stats_args(p: argparse.ArgumentParser) -> None:
 def _fid_stats(a: argparse.Namespace) -> int:
     from bksdm.evaluate import metrics as M
     from bksdm.evaluate.weights import fid_inception
+    from bksdm.models import default_device
 
-    mu, sigma = M.folder_stats(a.images, fid_inception(a.inception_weights, a.device), a.size or None, device=a.device)
+    device = a.device or default_device()
+    mu, sigma = M.folder_stats(a.images, fid_inception(a.inception_weights, device), a.size or None, device=device)
     M.save_stats(a.out, mu, sigma)
     print(f"wrote {a.out}: mu {mu.shape}, sigma {sigma.shape}")
     return 0

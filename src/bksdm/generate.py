@@ -95,7 +95,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from bksdm.models import load_component, pipeline_folder
+    from bksdm.models import load_components, pipeline_folder
     from bksdm.profile import DTYPES
 
     items = read_prompts(prompts)[:limit]
@@ -108,7 +108,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     import diffusers
 
     sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(folder, subfolder="scheduler")
-    parts = {n: load_component(folder, n) for n in ("unet", "vae", "tokenizer", "text_encoder")}
+    parts = load_components(folder, ("unet", "vae", "tokenizer", "text_encoder"))
     out = Path(out)
     big = out / "images"
     small = out / f"images_{save_size}" if save_size else None

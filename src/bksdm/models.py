@@ -29,6 +29,19 @@ def import_own_components(folder: Path) -> None:
             importlib.import_module(value[0])
 
 
+GENERATION_PARTS = ("unet", "vae", "tokenizer", "text_encoder", "scheduler")
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_components(folder: Path, names: tuple[str, ...] = GENERATION_PARTS) -> dict[str, Any]:
+    """Several components of a pipeline folder by name (default: what generation needs)."""
+    return {n: load_component(folder, n) for n in names}
+
+
 def load_component(folder: Path, name: str, **kwargs: Any):
     """Component ``name`` (unet, vae, text_encoder, tokenizer, scheduler, ...) of a pipeline folder."""
     index = json.loads((folder / "model_index.json").read_text())

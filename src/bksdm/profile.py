@@ -266,7 +266,9 @@ def profile_models(
     from bksdm.arch.families import family_component_config
     from bksdm.errors import UserError
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from bksdm.models import default_device
+
+    device = device or default_device()
     if dtypes is None:
         dtypes = ["fp32", "fp16"] if device.startswith("cuda") else ["fp32", "bf16"]
     if bad := [d for d in dtypes if d not in DTYPES]:

@@ -20,7 +20,6 @@ from bksdm.distill.data import BadSample, augment, open_source
 from bksdm.errors import UserError
 
 SHARD = 1024
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @torch.no_grad()
@@ -29,12 +28,13 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
     """Encode every item of ``data`` once; returns the index record. Unreadable items are skipped and counted."""
     from safetensors.torch import save_file
 
-    from bksdm.models import load_text_side
+    from bksdm.models import default_device, load_text_side
+    from bksdm.profile import DTYPES
 
     source = open_source(data)
     if getattr(source, "streamed", False):
         raise UserError("cache needs a map-style dataset (an image folder or mini-world), not streamed webdataset shards")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     vae, tokenizer, text_encoder = load_text_side(teacher, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from bksdm.config import Config
 from bksdm.errors import UserError
-from bksdm.models import fresh_accelerator_state
+from bksdm.models import default_device, fresh_accelerator_state
 
 
 @dataclass
@@ -81,7 +81,7 @@ def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
     """The prior-preservation images: those in class_dir plus any missing ones, generated now (resumable)."""
     from bksdm.compress import load_record
     from bksdm.generate import generate_images
-    from bksdm.models import load_component, pipeline_folder
+    from bksdm.models import load_components, pipeline_folder
 
     folder = Path(cfg.class_dir or Path(cfg.out) / "class_images")
     folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
     if missing:
         source = cfg.class_model or (load_record(pipeline_folder(cfg.model)) or {}).get("teacher") or cfg.model
         src = pipeline_folder(source, "class model")
-        parts = {n: load_component(src, n) for n in ("unet", "vae", "tokenizer", "text_encoder", "scheduler")}
+        parts = load_components(src)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         for start in range(0, len(missing), 4):
             idx = missing[start:start + 4]
@@ -270,7 +270,7 @@ def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[
     from bksdm.evaluate.weights import clip_model
     from bksdm.generate import initial_latents, prompt_seed
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     todo = subjects(dataset, subjects_only)
     dino_net = DM.dino_model(dino or DM.DINO_DEFAULT, device)  # fail on missing metric weights before any training
     clip = clip_model(clip_name, clip_pretrained, device)

@@ -29,10 +29,13 @@ def matched_images(images: str | Path, prompts: str | Path) -> tuple[list[Path],
 
 def evaluate(images: str | Path, prompts: str | Path, metrics: list[str], fid_ref: str | None = None,
              size: int | None = 256, inception_weights: str | None = None, isc_weights: str | None = None,
-             clip_name: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", device: str = "cpu",
+             clip_name: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", device: str | None = None,
              batch: int = 50) -> dict[str, Any]:
     """Scores of the images named by ``prompts`` in ``images``; ``fid_ref`` is a pytorch-fid .npz or a folder."""
     from bksdm.evaluate import weights as W
+    from bksdm.models import default_device
+
+    device = device or default_device()
 
     if bad := [m for m in metrics if m not in ALL_METRICS]:
         raise UserError(f"unknown metric {bad[0]!r}; choose from {', '.join(ALL_METRICS)}")

@@ -28,9 +28,9 @@ def _prompt_file(path: Path, count: int, seed: int = 0) -> Path:
 
 
 def _components(folder: Path):
-    from bksdm.models import load_component
+    from bksdm.models import load_components
 
-    return {n: load_component(folder, n) for n in ("unet", "vae", "tokenizer", "text_encoder", "scheduler")}
+    return load_components(folder)
 
 
 def _float(parts: dict) -> dict:
@@ -39,10 +39,10 @@ def _float(parts: dict) -> dict:
     return parts
 
 
-def heldout(folder: Path, teacher_unet, count: int = 256) -> dict[str, float]:
+def heldout(p: dict, teacher_unet, count: int = 256) -> dict[str, float]:
+    """Held-out MSE and MSE to the teacher of loaded components ``p`` (see :func:`_components`)."""
     from bksdm.mini.metrics import heldout_mse
 
-    p = _float(_components(folder))
     return heldout_mse(p["unet"], teacher_unet, p["tokenizer"], p["text_encoder"], p["vae"], dict(p["scheduler"].config), count)
 
 
@@ -110,10 +110,10 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 400, images: int = 1000, s
     rows = []
     for name, folder in (("teacher", teacher_dir), (f"{student} (teacher init, no KD)", init_dir), (f"{student} (distilled)", final)):
         rec: dict[str, Any] = {"model": name}
-        rec.update(heldout(folder, t_parts["unet"]))
+        parts = t_parts if folder == teacher_dir else _float(_components(folder))
+        rec.update(heldout(parts, t_parts["unet"]))
         if folder != init_dir:
             rec.update(score(folder, prompts, out / "images" / folder.name, steps=gen_steps))
-            parts = _float(_components(folder))
             prof = profile_components(Components(name, parts["unet"], parts["text_encoder"], parts["vae"]),
                                       latency=True, dtypes=("fp32",), runs=5, steps=gen_steps).record(gen_steps)
             rec.update({"unet_params": prof["unet_params"], "unet_mmacs": round(prof["unet_gmacs"] * 1e3, 1),
@@ -183,7 +183,7 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
                 shutil.rmtree(run, ignore_errors=True)
                 distill_run(teacher_dir, init, run, steps, seed=seed, **overrides)
                 rec = {"student": student, "variant": variant, "seed": seed, "steps": steps}
-                rec.update(heldout(run / "final", t_unet))
+                rec.update(heldout(_float(_components(run / "final")), t_unet))
                 rec.update(score(run / "final", prompts, run / "eval", steps=gen_steps))
                 rows.append(rec)
                 done_file.write_text(json.dumps(rows, indent=1))
