@@ -26,6 +26,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=why))
 
 
+def one_line_error(capsys) -> str:
+    """The CLI's stderr, checked to be one line without a traceback (how every user error must look)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def make_tiny_pipeline(seed: int = 0):
     from bksdm.mini.model import build_pipeline, unet_config
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from bksdm.cli import main
+from tests.conftest import one_line_error
 from bksdm.distill.config import DistillConfig, load_config
 from bksdm.recipes.distill import DistillRecipe
 
@@ -139,23 +140,17 @@ def test_final_pipeline_loads(tiny_teacher_dir, tmp_path):
     assert (tmp_path / "f" / "samples" / "step-1.png").is_file()
 
 
-def _err(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_errors(tiny_teacher_dir, tmp_path, capsys):
     base = ["distill", "--teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "o"), *FAST]
     assert main(base + ["--data", "mini-world:8", "bogus_key=1"]) == 2
-    assert "unknown key 'bogus_key'" in _err(capsys)
+    assert "unknown key 'bogus_key'" in one_line_error(capsys)
     assert main(base + ["--data", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in _err(capsys)
+    assert "does not exist" in one_line_error(capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metadata.csv").write_text("file_name,text\n")
     assert main(base + ["--data", str(empty)]) == 2
-    assert "is empty" in _err(capsys)
+    assert "is empty" in one_line_error(capsys)
     # a student compressed from another teacher (different text width) does not match this one
     from bksdm.mini.model import build_pipeline, unet_config
     from tests.conftest import TINY_UNET, WORDS
@@ -165,7 +160,7 @@ def test_errors(tiny_teacher_dir, tmp_path, capsys):
     assert main(["compress", "--teacher", str(other), "--student", "bk-small", "--out", str(tmp_path / "s")]) == 0
     capsys.readouterr()
     assert main(base + ["--data", "mini-world:8", "--student", str(tmp_path / "s")]) == 2
-    assert "does not match this teacher" in _err(capsys)
+    assert "does not match this teacher" in one_line_error(capsys)
 
 
 def test_webdataset_shards_stream_into_distill(tiny_teacher_dir, tmp_path):

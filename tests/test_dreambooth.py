@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bksdm.cli import main
+from tests.conftest import one_line_error
 from bksdm.mini.world import Shape, render
 
 
@@ -116,20 +117,14 @@ def test_benchmark_resumes_finished_work(tiny_teacher_dir, subject_dir, tmp_path
     assert res2["mean"] == pytest.approx(res["mean"])
 
 
-def _err(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_bad_input(tiny_teacher_dir, subject_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _ft(tiny_teacher_dir, empty, tmp_path / "o") == 2
-    assert "holds no images" in _err(capsys)
+    assert "holds no images" in one_line_error(capsys)
     assert main(["dreambooth", "--model", str(tiny_teacher_dir), "--instance-dir", str(subject_dir), "--instance-prompt",
                  "a sks triangle", "--out", str(tmp_path / "o")]) == 2
-    assert "--class-prompt" in _err(capsys)
+    assert "--class-prompt" in one_line_error(capsys)
     (subject_dir / "broken.jpg").write_bytes(b"\x00\x01 not an image")
     assert _ft(tiny_teacher_dir, subject_dir, tmp_path / "o") == 2
-    assert "broken.jpg cannot be read" in _err(capsys)
+    assert "broken.jpg cannot be read" in one_line_error(capsys)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from bksdm.cli import main
+from tests.conftest import one_line_error
 from bksdm.mini.world import ShapesWorld
 
 
@@ -116,27 +117,21 @@ def test_clip_score_equals_direct_cosine(metric_home, tmp_path):
     assert res["clip"] == pytest.approx(float(torch.stack(cos).mean()), abs=1e-5)
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_bad_input(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
     assert _gen(tiny_teacher_dir, tmp_path / "none.csv", tmp_path / "o") == 2
-    assert "does not exist" in _one_line_error(capsys)
+    assert "does not exist" in one_line_error(capsys)
     bad = tmp_path / "bad.csv"
     bad.write_text("file_name,caption\na.jpg,a red circle\nb.jpg,a blue square,extra\n")
     assert _gen(tiny_teacher_dir, bad, tmp_path / "o") == 2
-    assert "line 3 is malformed" in _one_line_error(capsys)
+    assert "line 3 is malformed" in one_line_error(capsys)
     _write([ShapesWorld().sample(0)[0]] * 2, tmp_path / "two")
     assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(_prompts_txt(tmp_path, 3)),
                  "--metrics", "is"]) == 2
-    assert "has 2 of the 3 images" in _one_line_error(capsys)
+    assert "has 2 of the 3 images" in one_line_error(capsys)
     np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.zeros((64, 64)))
     assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(_prompts_txt(tmp_path, 2)),
                  "--metrics", "fid", "--fid-ref", str(tmp_path / "wrong.npz"), "--inception-weights", "/nope.pth"]) == 2
-    assert "/nope.pth do not exist" in _one_line_error(capsys)
+    assert "/nope.pth do not exist" in one_line_error(capsys)
 
 
 def test_offline_metric_weights_fail_fast(tmp_path, capsys, monkeypatch, metric_home):
@@ -149,13 +144,13 @@ def test_offline_metric_weights_fail_fast(tmp_path, capsys, monkeypatch, metric_
         code = main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(prompts), "--metrics", metric,
                      "--fid-ref", str(tmp_path / "two")])
         assert code == 2 and time.time() - t0 < 20
-        assert needle in _one_line_error(capsys)
+        assert needle in one_line_error(capsys)
     # statistics of the wrong size for the feature network
     monkeypatch.setenv("TORCH_HOME", str(metric_home))
     np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.zeros((64, 64)))
     assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(prompts), "--metrics", "fid",
                  "--fid-ref", str(tmp_path / "wrong.npz"), "--size", "64"]) == 2
-    assert "expected (2048,)" in _one_line_error(capsys)
+    assert "expected (2048,)" in one_line_error(capsys)
 
 
 def test_training_progress_csv_and_plot(tiny_teacher_dir, tmp_path):
