@@ -117,3 +117,18 @@ def test_random_components_latency_path():
     assert rec["name"] == "tiny"
     assert set(rec["latency_s"]) == {"fp32", "bf16"} and rec["latency_s"]["fp32"]["unet"] > 0
     assert rec["unet_gmacs"] > 0 and rec["vae_decoder_params"] == sum(p.numel() for p in c.vae.decoder.parameters())
+
+
+def test_cli_help_needs_neither_torch_nor_diffusers():
+    """Every subcommand's parser is built without the heavy libraries, so `bksdm --help` answers at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bksdm.cli import build_parser, main\n"
+            "build_parser()\n"
+            "try: main(['dreambooth', '--help'])\n"
+            "except SystemExit: pass\n"
+            "heavy = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

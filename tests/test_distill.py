@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -106,14 +107,16 @@ def test_corrupt_image_is_skipped_and_counted(tiny_teacher_dir, tmp_path):
 def test_two_process_run_logs_every_term(tiny_teacher_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bksdm.cli", "distill", "--teacher", str(tiny_teacher_dir),
+    # torchrun, as on a multi-CPU host (`accelerate launch --cpu` starts one process, whatever --num_processes says)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bksdm.cli", "distill",
+           "--teacher", str(tiny_teacher_dir),
            "--data", "mini-world:32", "--out", str(out), "--max-steps", "2", "--grad-accum", "1", *FAST]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = _losses(out)
     assert len(rows) == 2 and all(float(r[k]) > 0 for r in rows for k in ("loss", "task", "out_kd", "feat_kd"))
     assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())["processes"] == 2
 
 
 def test_hooks_see_through_compile_wrapper(tiny_teacher_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import time
 
 import numpy as np
@@ -45,6 +46,29 @@ def test_images_do_not_depend_on_batch_size(tiny_teacher_dir, prompts_csv, tmp_p
     first = np.asarray(Image.open(tmp_path / "b1" / "images" / names[0]), dtype=np.int16)
     second = np.asarray(Image.open(tmp_path / "b1" / "images" / names[1]), dtype=np.int16)
     assert np.abs(first - second).max() > 10  # different prompts and seeds give different images
+
+
+def test_two_processes_share_the_prompts_and_draw_the_same_images(tiny_teacher_dir, prompts_csv, tmp_path):
+    """Sharded generation (torchrun, 2 CPU processes) writes every image once, equal to a 1-process run."""
+    import os
+    import subprocess
+    import sys
+
+    assert _gen(tiny_teacher_dir, prompts_csv, tmp_path / "one", "--batch-size", "2") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bksdm.cli", "generate", "--model",
+           str(tiny_teacher_dir), "--prompts", str(prompts_csv), "--out", str(tmp_path / "two"), "--steps", "3",
+           "--save-size", "16", "--dtype", "fp32", "--batch-size", "2"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert sorted(c["generated"] for c in counts) == [2, 3]  # each process drew its own share
+    one = sorted((tmp_path / "one" / "images").iterdir())
+    two = sorted((tmp_path / "two" / "images").iterdir())
+    assert [p.name for p in two] == [p.name for p in one] and len(one) == 5
+    for a, b in zip(one, two):
+        diff = np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16))
+        assert diff.max() <= 1, a.name
 
 
 def test_killed_generation_resumes_only_missing(tiny_teacher_dir, prompts_csv, tmp_path, capsys):

@@ -71,6 +71,19 @@ def test_shipped_teacher_loads_and_checks_its_checksum(tmp_path):
         teacher_path(broken)
 
 
+def test_teacher_recipe_trains_a_checksummed_v_prediction_pipeline(tmp_path):
+    from bksdm.mini.metrics import heldout_mse
+    from bksdm.mini.teacher import load_teacher, train_teacher
+
+    result = train_teacher(tmp_path / "t", steps=3, batch=4, log_every=1, save_every=0)
+    assert result["final_loss"] is not None and result["final_loss"] == result["final_loss"]  # not NaN
+    pipe = load_teacher(tmp_path / "t")  # verifies the checksums it wrote
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert json.loads((tmp_path / "t" / "training.json").read_text())["prediction"] == "v_prediction"
+    own = heldout_mse(pipe.unet, pipe.unet, pipe.tokenizer, pipe.text_encoder, pipe.vae, dict(pipe.scheduler.config), 8)
+    assert own["teacher_mse"] == 0 and own["heldout_mse"] > 0
+
+
 def test_ablation_summary_and_ordering():
     from bksdm.recipes.mini import VARIANTS, ablation_markdown, ordering_holds, summarise
 

@@ -288,7 +288,7 @@ def _ablate(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- dreambooth
 @command("dreambooth", "personalise a pipeline on one subject (DreamBooth, prior preservation, full or LoRA)")
 def _dreambooth_args(p: argparse.ArgumentParser) -> None:
-    from bksdm.recipes.dreambooth import DreamBoothConfig
+    from bksdm.dreambooth.config import DreamBoothConfig
 
     _add_config_flags(p, DreamBoothConfig)
 
@@ -352,12 +352,12 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    _quiet_libraries()
     args, rest = parser.parse_known_args(argv)
     if rest:  # key=value overrides may sit between flags, which argparse positionals cannot express
         if args.command != "distill" or any("=" not in r or r.startswith("-") for r in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
+    _quiet_libraries()  # after parsing: `--help` and usage errors need neither torch nor diffusers
     try:
         return _COMMANDS[args.command][2](args) or 0
     except UserError as exc:

@@ -95,13 +95,13 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from bksdm.models import load_components, pipeline_folder
+    from bksdm.models import default_device, load_components, pipeline_folder
     from bksdm.profile import DTYPES
 
     items = read_prompts(prompts)[:limit]
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-    state = PartialState()
+    state = PartialState(cpu=(device or default_device()) == "cpu")
     device = device or str(state.device)
     torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
     folder = pipeline_folder(model)

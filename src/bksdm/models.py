@@ -33,7 +33,11 @@ GENERATION_PARTS = ("unet", "vae", "tokenizer", "text_encoder", "scheduler")
 
 
 def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
+    """``cuda`` when a GPU is visible, else ``cpu``.
+
+    Recipes pass ``cpu=True`` to accelerate when this is ``cpu``: only then does it join the processes of a
+    ``torchrun`` launch into one multi-CPU (gloo) group; otherwise each process silently runs alone.
+    """
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

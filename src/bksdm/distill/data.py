@@ -147,22 +147,30 @@ def open_source(spec: str | Any) -> Any:
     return ImageFolderSource(path)
 
 
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize (bilinear) so the shorter side is ``size``; the aspect ratio is kept."""
+    w, h = image.size
+    scale = size / min(w, h)
+    if scale == 1:
+        return image
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB image -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
 def augment(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
     """Paper augmentation: resize the short side to ``resolution``, center crop, optional horizontal flip.
 
     Returns (3, resolution, resolution) float in [-1, 1].
     """
-    w, h = image.size
-    scale = resolution / min(w, h)
-    if scale != 1:
-        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+    image = resize_short_side(image, resolution)
     w, h = image.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
+    return pixels(image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image)
 
 
 class Order:

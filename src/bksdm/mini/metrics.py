@@ -5,7 +5,8 @@
 * mini-FID — Frechet distance between classifier features (128-d) of the images and of real world images drawn
   for the same prompts (from the same scenes' captions, the world's own jitter);
 * held-out MSE / MSE to teacher — on a fixed set of (image, timestep, noise) triples from world indices never used
-  in training: the student's epsilon error, and its distance to the teacher's prediction.
+  in training: the model's error on its training target (epsilon or v), and its distance to the teacher's
+  prediction.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def mini_scores(paths: list[Path], prompts: list[str], fid: bool = True, fidelit
 @torch.no_grad()
 def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_config: dict, count: int = 256,
                 batch: int = 64) -> dict[str, float]:
-    """Epsilon MSE and MSE to the teacher on ``count`` fixed held-out (image, timestep, noise) triples."""
+    """MSE to the training target (epsilon or v, as ``scheduler_config`` says) and MSE to the teacher's prediction
+    on ``count`` fixed held-out (image, timestep, noise) triples."""
     from diffusers import DDPMScheduler
 
     from bksdm.mini.teacher import to_tensor
@@ -86,8 +88,9 @@ def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_conf
                         truncation=True, return_tensors="pt").input_ids
         emb = text_encoder(ids)[0]
         x = sched.add_noise(lat, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
         pred = unet(x, t, emb).sample.float()
-        err.append(((pred - noise) ** 2).mean(dim=(1, 2, 3)))
+        err.append(((pred - target) ** 2).mean(dim=(1, 2, 3)))
         if teacher_unet is not None:
             dist.append(((pred - teacher_unet(x, t, emb).sample.float()) ** 2).mean(dim=(1, 2, 3)))
     out = {"heldout_mse": float(torch.cat(err).mean())}

@@ -101,15 +101,31 @@ SCHEDULER_CONFIG: dict[str, Any] = {  # SD-v1's training schedule
 }
 
 
+def text_encoder(vocab_size: int, max_length: int, width: int = 64, layers: int = 2, embed_std: float = 1.0):
+    """A randomly initialised CLIP text encoder whose word and position embeddings start at ``embed_std``.
+
+    Unit scale, like the hidden states they feed, rather than CLIP's 0.02: the shipped teacher's text encoder was
+    initialised this way (an early, epsilon-trained teacher had collapsed its text features to a near-constant
+    sequence; the cure was v-prediction, see ``bksdm.mini.teacher``, not this init).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = CLIPTextModel(CLIPTextConfig(**text_encoder_config(vocab_size, max_length, width, layers)))
+    with torch.no_grad():
+        emb = text.embeddings
+        emb.token_embedding.weight.normal_(0.0, embed_std)
+        emb.position_embedding.weight.normal_(0.0, embed_std)
+    return text
+
+
 def build_pipeline(words: list[str], max_length: int = 24, image_size: int = 32, seed: int = 0,
                    unet: dict[str, Any] | None = None, text_width: int = 64, text_layers: int = 2, vae_shift: float = 0.0):
     """A randomly initialised tiny ``StableDiffusionPipeline`` (PNDM scheduler, no safety checker)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
-    text = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer), max_length, text_width, text_layers)))
+    text = text_encoder(len(tokenizer), max_length, text_width, text_layers)
     vae = SpaceToDepthVAE(sample_size=image_size, shift=vae_shift)
     ucfg = unet or unet_config(cross_attention_dim=text_width, sample_size=image_size // 2)
     return StableDiffusionPipeline(

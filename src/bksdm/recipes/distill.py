@@ -44,7 +44,7 @@ class DistillRecipe:
 
         from bksdm.compress import derivation_for
         from bksdm.hub import read_unet_config
-        from bksdm.models import FrozenTeacher, load_text_side, pipeline_folder, prediction_type
+        from bksdm.models import FrozenTeacher, default_device, load_text_side, pipeline_folder, prediction_type
 
         cfg = self.cfg
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -52,7 +52,8 @@ class DistillRecipe:
         self.out = Path(cfg.out)
         log_with = None if cfg.report_to == "none" else cfg.report_to
         fresh_accelerator_state()
-        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+        self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision,
+                               gradient_accumulation_steps=cfg.grad_accum,
                                log_with=log_with, project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                                        logging_dir=str(self.out / "logs")))
         self.teacher_dir = pipeline_folder(cfg.teacher, "teacher")
@@ -251,7 +252,7 @@ class DistillRecipe:
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
-            state = {"step": self.step, "skipped": self.skipped}
+            state = {"step": self.step, "skipped": self.skipped, "processes": self.acc.num_processes}
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
             unwrap(self.acc.unwrap_model(self.student)).save_pretrained(tmp / "unet", safe_serialization=True)

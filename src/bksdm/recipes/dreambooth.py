@@ -12,7 +12,6 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,60 +20,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bksdm.config import Config
-from bksdm.errors import UserError
+from bksdm.dreambooth.config import DreamBoothConfig
 from bksdm.models import default_device, fresh_accelerator_state
-
-
-@dataclass
-class DreamBoothConfig(Config):
-    model: str = ""  # pipeline folder or hub id to personalise (a teacher or one of our students)
-    instance_dir: str = ""  # the subject's photos
-    instance_prompt: str = ""  # e.g. "a sks dog"
-    class_prompt: str = ""  # e.g. "a dog"; needed for prior preservation
-    with_prior: bool = True  # paper: prior preservation on, weight 1
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 200  # paper: 200 class images
-    class_model: str = ""  # model that generates class images (default: the original teacher, else --model)
-    class_dir: str = ""  # where class images live (default OUT/class_images); missing ones are generated
-    class_steps: int = 25  # denoising steps for class images
-    resolution: int = 512  # short side resized, then a random crop
-    out: str = "dreambooth-out"
-    max_steps: int = 800  # paper: 800 iterations
-    batch_size: int = 1  # paper: 1
-    lr: float = 0.0  # 0: paper default, 1e-6 full fine-tuning, 1e-4 LoRA
-    lora: bool = False  # LoRA adapters (peft) instead of full fine-tuning
-    lora_rank: int = 16
-    train_text_encoder: bool = True  # paper: the text encoder is fine-tuned jointly
-    gradient_checkpointing: bool = True
-    mixed_precision: str = "fp16"  # no | fp16 (GPU) | bf16
-    seed: int = 1234
-
-    def validate(self) -> "DreamBoothConfig":
-        if not self.model:
-            raise UserError("no model: pass --model (a pipeline folder or hub id)")
-        if not self.instance_prompt:
-            raise UserError("no instance prompt: pass --instance-prompt, e.g. 'a sks dog'")
-        if self.with_prior and not self.class_prompt:
-            raise UserError("prior preservation needs --class-prompt (e.g. 'a dog'), or pass --with-prior false")
-        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
-            self.mixed_precision = "no"  # fp16 is a GPU default; on a CPU run in fp32 (or ask for bf16)
-        return self
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr or (1e-4 if self.lora else 1e-6)
 
 
 def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
     """Resize the short side to ``size``, random crop: (3, size, size) in [-1, 1]."""
-    w, h = image.size
-    s = size / min(w, h)
-    image = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+    from bksdm.distill.data import pixels, resize_short_side
+
+    image = resize_short_side(image, size)
     w, h = image.size
     x, y = rng.randint(0, w - size), rng.randint(0, h - size)
-    arr = np.asarray(image.crop((x, y, x + size, y + size)), dtype=np.float32)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return pixels(image.crop((x, y, x + size, y + size)))
 
 
 def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
@@ -119,7 +76,7 @@ class DreamBooth:
         cfg = self.cfg
         self.instances = load_subject_images(cfg.instance_dir)
         fresh_accelerator_state()
-        self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision)
         self.folder = pipeline_folder(cfg.model)
         self.classes = class_images(cfg, str(self.acc.device)) if cfg.with_prior else []
         self.unet = load_component(self.folder, "unet")
