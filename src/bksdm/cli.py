@@ -342,12 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """diffusers/transformers warn on every dtype cast and unexpected component type; users see our messages."""
+    """diffusers/transformers warn on every dtype cast and unexpected component type, and transformers draws a
+    "Loading weights" bar per model; users see our messages and our progress bars."""
     import diffusers
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

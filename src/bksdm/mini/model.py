@@ -101,16 +101,19 @@ SCHEDULER_CONFIG: dict[str, Any] = {  # SD-v1's training schedule
 }
 
 
-def text_encoder(vocab_size: int, max_length: int, width: int = 64, layers: int = 2, embed_std: float = 1.0):
-    """A randomly initialised CLIP text encoder whose word and position embeddings start at ``embed_std``.
+def text_encoder(vocab_size: int, max_length: int, width: int = 64, layers: int = 2, embed_std: float | None = None):
+    """A randomly initialised CLIP text encoder; with ``embed_std`` its word and position embeddings start at that
+    scale instead of CLIP's 0.02.
 
-    Unit scale, like the hidden states they feed, rather than CLIP's 0.02: the shipped teacher's text encoder was
-    initialised this way (an early, epsilon-trained teacher had collapsed its text features to a near-constant
-    sequence; the cure was v-prediction, see ``bksdm.mini.teacher``, not this init).
+    The shipped teacher's text encoder started at unit scale, like the hidden states the embeddings feed (an early,
+    epsilon-trained teacher had collapsed its text features to a near-constant sequence; the cure was
+    v-prediction, see ``bksdm.mini.teacher``, not this init).
     """
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text = CLIPTextModel(CLIPTextConfig(**text_encoder_config(vocab_size, max_length, width, layers)))
+    if embed_std is None:
+        return text
     with torch.no_grad():
         emb = text.embeddings
         emb.token_embedding.weight.normal_(0.0, embed_std)
@@ -119,13 +122,14 @@ def text_encoder(vocab_size: int, max_length: int, width: int = 64, layers: int 
 
 
 def build_pipeline(words: list[str], max_length: int = 24, image_size: int = 32, seed: int = 0,
-                   unet: dict[str, Any] | None = None, text_width: int = 64, text_layers: int = 2, vae_shift: float = 0.0):
+                   unet: dict[str, Any] | None = None, text_width: int = 64, text_layers: int = 2, vae_shift: float = 0.0,
+                   text_embed_std: float | None = None):
     """A randomly initialised tiny ``StableDiffusionPipeline`` (PNDM scheduler, no safety checker)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
-    text = text_encoder(len(tokenizer), max_length, text_width, text_layers)
+    text = text_encoder(len(tokenizer), max_length, text_width, text_layers, text_embed_std)
     vae = SpaceToDepthVAE(sample_size=image_size, shift=vae_shift)
     ucfg = unet or unet_config(cross_attention_dim=text_width, sample_size=image_size // 2)
     return StableDiffusionPipeline(

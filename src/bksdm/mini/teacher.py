@@ -1,9 +1,11 @@
 """The shipped mini teacher: the recipe that trains it and the checksummed loader.
 
-Training: the text encoder and the SD-v1-layout U-Net learn together from scratch on the shapes world
-(epsilon prediction, SD-v1's noise schedule, 10% empty captions so classifier-free guidance works, EMA).
+Training: the text encoder and the SD-v1-layout U-Net learn together on the shapes world (SD-v1's noise schedule
+with SD-v2's v-prediction target, 10% empty captions so classifier-free guidance works, EMA).
 
-    python -m bksdm.mini.teacher --out teacher --steps 6000      # writes a pipeline folder (fp16 safetensors)
+    python -m bksdm.mini.teacher --out teacher --steps 8000      # writes a pipeline folder (fp16 safetensors)
+
+The shipped weights' stages and commands are in ``assets/teacher/training.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ ASSET = Path(__file__).parent / "assets" / "teacher"
 CHECKSUMS = "checksums.json"
 TEACHER_UNET = dict(channels=(32, 64, 64, 64), cross_attention_dim=64, groups=8, heads=4)
 TEXT_LAYERS = 4
+TEXT_EMBED_STD = 1.0  # the shipped text encoder's initial embedding scale (see bksdm.mini.model.text_encoder)
 VAE_SHIFT = 0.75  # about the mean pixel value of world pictures in [-1, 1]: centres the latents
 
 
@@ -45,7 +48,7 @@ def world_batch(world: ShapesWorld, start: int, batch: int, gen: torch.Generator
     return to_tensor(images), texts
 
 
-def train_teacher(out: Path, steps: int = 6000, batch: int = 32, lr: float = 5e-4, seed: int = 0,
+def train_teacher(out: Path, steps: int = 8000, batch: int = 32, lr: float = 5e-4, seed: int = 0,
                   log_every: int = 100, bf16: bool = True, save_every: int = 500, init: Path | None = None,
                   ema_decay: float = 0.999, start_index: int = 0, prediction: str = "v_prediction",
                   fresh_text: int = 0) -> dict:
@@ -69,10 +72,11 @@ def train_teacher(out: Path, steps: int = 6000, batch: int = 32, lr: float = 5e-
         pipe.vae = SpaceToDepthVAE(**{**vae_cfg, "shift": VAE_SHIFT})
         if fresh_text:
             cfg = pipe.text_encoder.config
-            pipe.text_encoder = text_encoder(cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size, fresh_text)
+            pipe.text_encoder = text_encoder(cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size, fresh_text,
+                                             TEXT_EMBED_STD)
     else:
         pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET), text_layers=TEXT_LAYERS,
-                              vae_shift=VAE_SHIFT)
+                              vae_shift=VAE_SHIFT, text_embed_std=TEXT_EMBED_STD)
     pipe.scheduler.register_to_config(prediction_type=prediction)
     unet, text, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -173,8 +177,8 @@ def load_teacher(path: Path | None = None, dtype: torch.dtype = torch.float32):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="train the mini-world teacher")
-    p.add_argument("--out", type=Path, default=ASSET)
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--out", type=Path, required=True, help="output pipeline folder (never the shipped asset by default)")
+    p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
