@@ -115,7 +115,7 @@ def train_teacher(out: Path, steps: int = 8000, batch: int = 32, lr: float = 5e-
             _save_ema(pipe, ema, out / f"step-{step + 1}", {"steps": step + 1, "history": history})
     _save_ema(pipe, ema, out, {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "bf16_autocast": bf16,
                              "prediction": prediction, "seconds": round(time.time() - t0, 1), "history": history})
-    return {"seconds": time.time() - t0, "final_loss": history[-1]["loss"] if history else None}
+    return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-log_every:])) if losses else None}
 
 
 def _save_ema(pipe, ema: dict[str, torch.Tensor], out: Path, info: dict) -> None:
@@ -191,6 +191,9 @@ def main(argv=None) -> None:
     p.add_argument("--start-index", type=int, default=0,
                    help="first world index (continuations: new pictures; avoid 10**6 + 10**5 (evaluation prompts) and 5 * 10**6 + (held-out))")
     a = p.parse_args(argv)
+    from bksdm.cli import _quiet_libraries
+
+    _quiet_libraries()  # diffusers warns on every fp16 save of a checkpoint
     torch.set_num_threads(a.threads)
     print(train_teacher(a.out, a.steps, a.batch, a.lr, a.seed, bf16=not a.fp32, init=a.init, ema_decay=a.ema_decay,
                         start_index=a.start_index, prediction=a.prediction, fresh_text=a.fresh_text))
