@@ -341,17 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """diffusers/transformers warn on every dtype cast and unexpected component type, and transformers draws a
-    "Loading weights" bar per model; users see our messages and our progress bars."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -359,7 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "distill" or any("=" not in r or r.startswith("-") for r in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
-    _quiet_libraries()  # after parsing: `--help` and usage errors need neither torch nor diffusers
+    from bksdm.models import quiet_libraries  # after parsing: `--help` and usage errors need no torch
+
+    quiet_libraries()
     try:
         return _COMMANDS[args.command][2](args) or 0
     except UserError as exc:

@@ -65,10 +65,10 @@ def load_text_side(teacher: str | Path, device: str | torch.device = "cpu", dtyp
     return vae, tokenizer, text_encoder
 
 
-def prediction_type(folder: Path) -> str:
-    """'epsilon' or 'v_prediction', from the pipeline's scheduler config."""
-    cfg = folder / "scheduler" / "scheduler_config.json"
-    return json.loads(cfg.read_text()).get("prediction_type", "epsilon") if cfg.is_file() else "epsilon"
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the U-Net learns to predict for ``(latents, noise, t)``: the noise, or the velocity when the
+    scheduler's config says ``v_prediction`` (SD-v2, the mini teacher). Same shape as ``latents``."""
+    return noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
 
 
 class FrozenTeacher(torch.nn.Module):
@@ -95,3 +95,14 @@ def fresh_accelerator_state() -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers warn on every dtype cast and unexpected component type, and transformers draws a
+    "Loading weights" bar per model; users see our messages and our progress bars."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -74,6 +74,7 @@ def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_conf
     from diffusers import DDPMScheduler
 
     from bksdm.mini.teacher import to_tensor
+    from bksdm.models import training_target
 
     sched = DDPMScheduler.from_config(scheduler_config)
     world, gen = ShapesWorld(seed=0), torch.Generator().manual_seed(HELDOUT_START)
@@ -88,9 +89,8 @@ def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_conf
                         truncation=True, return_tensors="pt").input_ids
         emb = text_encoder(ids)[0]
         x = sched.add_noise(lat, noise, t)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
         pred = unet(x, t, emb).sample.float()
-        err.append(((pred - target) ** 2).mean(dim=(1, 2, 3)))
+        err.append(((pred - training_target(sched, lat, noise, t)) ** 2).mean(dim=(1, 2, 3)))
         if teacher_unet is not None:
             dist.append(((pred - teacher_unet(x, t, emb).sample.float()) ** 2).mean(dim=(1, 2, 3)))
     out = {"heldout_mse": float(torch.cat(err).mean())}

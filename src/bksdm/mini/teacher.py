@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bksdm.distill.data import pixels
 from bksdm.errors import UserError
 from bksdm.mini.model import SpaceToDepthVAE, build_pipeline, text_encoder, unet_config
 from bksdm.mini.world import WORDS, ShapesWorld
+from bksdm.models import quiet_libraries, training_target
 
 ASSET = Path(__file__).parent / "assets" / "teacher"
 CHECKSUMS = "checksums.json"
@@ -33,8 +35,7 @@ VAE_SHIFT = 0.75  # about the mean pixel value of world pictures in [-1, 1]: cen
 
 def to_tensor(images) -> torch.Tensor:
     """PIL images -> (B, 3, H, W) float in [-1, 1]."""
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return torch.stack([pixels(im) for im in images])
 
 
 def world_batch(world: ShapesWorld, start: int, batch: int, gen: torch.Generator, drop: float = 0.1):
@@ -93,7 +94,7 @@ def train_teacher(out: Path, steps: int = 8000, batch: int = 32, lr: float = 5e-
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
-        target = noise if prediction == "epsilon" else noise_sched.get_velocity(latents, noise, t)
+        target = training_target(noise_sched, latents, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = unet(noisy, t, text(ids)[0]).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target)
@@ -191,9 +192,7 @@ def main(argv=None) -> None:
     p.add_argument("--start-index", type=int, default=0,
                    help="first world index (continuations: new pictures; avoid 10**6 + 10**5 (evaluation prompts) and 5 * 10**6 + (held-out))")
     a = p.parse_args(argv)
-    from bksdm.cli import _quiet_libraries
-
-    _quiet_libraries()  # diffusers warns on every fp16 save of a checkpoint
+    quiet_libraries()  # diffusers warns on every fp16 save of a checkpoint
     torch.set_num_threads(a.threads)
     print(train_teacher(a.out, a.steps, a.batch, a.lr, a.seed, bf16=not a.fp32, init=a.init, ema_decay=a.ema_decay,
                         start_index=a.start_index, prediction=a.prediction, fresh_text=a.fresh_text))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from bksdm.distill.config import DistillConfig
 from bksdm.distill.hooks import FeatureHooks, unwrap
 from bksdm.errors import UserError
-from bksdm.models import fresh_accelerator_state
+from bksdm.models import fresh_accelerator_state, training_target
 
 TERMS = ("loss", "task", "out_kd", "feat_kd")
 
@@ -44,7 +44,7 @@ class DistillRecipe:
 
         from bksdm.compress import derivation_for
         from bksdm.hub import read_unet_config
-        from bksdm.models import FrozenTeacher, default_device, load_text_side, pipeline_folder, prediction_type
+        from bksdm.models import FrozenTeacher, default_device, load_text_side, pipeline_folder
 
         cfg = self.cfg
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -73,7 +73,6 @@ class DistillRecipe:
         if not getattr(self.source, "is_cache", False):
             self.vae, self.tokenizer, self.text_encoder = load_text_side(self.teacher_dir, self.acc.device, self.weight_dtype)
         self.noise_scheduler = DDPMScheduler.from_pretrained(self.teacher_dir, subfolder="scheduler")
-        self.prediction = prediction_type(self.teacher_dir)
 
         fused = cfg.fused_adam and self.acc.device.type in ("cpu", "cuda")
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -164,7 +163,7 @@ class DistillRecipe:
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         t = t.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        target = training_target(self.noise_scheduler, latents, noise, t)
         t_pred = self.teacher(noisy.to(self.weight_dtype), t, emb.to(self.weight_dtype)).sample.float()
         t_feats = [f.float() for f in self.t_hooks.pop()]
         s_pred = self.student(noisy, t, emb).sample.float()

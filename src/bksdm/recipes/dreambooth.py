@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bksdm.dreambooth.config import DreamBoothConfig
-from bksdm.models import default_device, fresh_accelerator_state
+from bksdm.models import default_device, fresh_accelerator_state, training_target
 
 
 def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
@@ -71,7 +71,7 @@ class DreamBooth:
         from diffusers import DDPMScheduler
 
         from bksdm.dreambooth.dataset import load_subject_images
-        from bksdm.models import load_component, pipeline_folder, prediction_type
+        from bksdm.models import load_component, pipeline_folder
 
         cfg = self.cfg
         self.instances = load_subject_images(cfg.instance_dir)
@@ -84,7 +84,6 @@ class DreamBooth:
         self.tokenizer = load_component(self.folder, "tokenizer")
         self.vae = load_component(self.folder, "vae").to(self.acc.device).eval().requires_grad_(False)
         self.noise = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler")
-        self.prediction = prediction_type(self.folder)
         self.unet.float()
         self.text_encoder.float()
         if cfg.lora:
@@ -132,7 +131,7 @@ class DreamBooth:
                              return_tensors="pt").input_ids.to(dev)
         emb = self.text_encoder(ids)[0]
         pred = self.unet(self.noise.add_noise(latents, noise, t), t, emb).sample.float()
-        target = noise if self.prediction == "epsilon" else self.noise.get_velocity(latents, noise, t)
+        target = training_target(self.noise, latents, noise, t)
         b = self.cfg.batch_size
         instance = F.mse_loss(pred[:b], target[:b])
         terms = {"instance": instance}
