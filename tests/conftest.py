@@ -8,6 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BKSDM_THREADS", "1")  # main() in-process: one thread, no start-up load measurement
 torch.set_num_threads(1)
 
 WORDS = "a small large red green blue circle square triangle at the top bottom left right and".split()
@@ -52,18 +53,11 @@ def metric_home(tmp_path_factory):
     """A TORCH_HOME holding random-weight Inception files of the real architectures (pytorch-fid's FID Inception;
     torch-fidelity's Inception reads the same keys), and a tiny open_clip config with a random checkpoint."""
     import open_clip
-    from pytorch_fid.inception import (FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2,
-                                       _inception_v3)
 
-    from bksdm.evaluate.weights import FID_INCEPTION, ISC_INCEPTION
+    from bksdm.evaluate.weights import FID_INCEPTION, ISC_INCEPTION, random_inception
 
     home = tmp_path_factory.mktemp("torch_home")
-    torch.manual_seed(0)
-    m = _inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    m.Mixed_5b, m.Mixed_5c, m.Mixed_5d = FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64)
-    m.Mixed_6b, m.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
-    m.Mixed_6d, m.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
-    m.Mixed_7b, m.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
+    m = random_inception(0)
     ck = home / "hub" / "checkpoints"
     ck.mkdir(parents=True)
     torch.save(m.state_dict(), ck / FID_INCEPTION)

@@ -197,9 +197,9 @@ def test_webdataset_shards_stream_into_distill(tiny_teacher_dir, tmp_path):
 def test_random_init_ignores_the_teacher_weights(tiny_teacher_dir, tmp_path):
     """init=random (the ablation's N1) must not start from the teacher's weights, also for a student folder."""
     assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", "bk-small", "--out", str(tmp_path / "s")]) == 0
-    for student in ("bk-small", str(tmp_path / "s")):
-        warm = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "w", student=student)).setup()
-        cold = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "c", student=student, init="random")).setup()
+    for k, student in enumerate(("bk-small", str(tmp_path / "s"))):  # a run folder per run
+        warm = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / f"w{k}", student=student)).setup()
+        cold = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / f"c{k}", student=student, init="random")).setup()
         t = dict(warm.teacher.unet.named_parameters())
         w, c = dict(warm.student.named_parameters()), dict(cold.student.named_parameters())
         key = "up_blocks.1.resnets.1.conv1.weight"  # from teacher up_blocks.1.resnets.2

@@ -4,6 +4,7 @@ metrics equal to directly computed cosines on random-weight networks of the real
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,3 +129,95 @@ def test_bad_input(tiny_teacher_dir, subject_dir, tmp_path, capsys):
     (subject_dir / "broken.jpg").write_bytes(b"\x00\x01 not an image")
     assert _ft(tiny_teacher_dir, subject_dir, tmp_path / "o") == 2
     assert "broken.jpg cannot be read" in one_line_error(capsys)
+
+
+def test_data_order_walks_shuffled_epochs_like_the_official_script():
+    """Each epoch is a permutation of range(max(instances, classes)): 200 class images are each used 4 times in
+    800 steps, and each of 4 instance photos 200 times."""
+    import random
+    from collections import Counter
+
+    from bksdm.recipes.dreambooth import epoch_order
+
+    order = epoch_order(4, 200, random.Random(0))
+    pairs = [next(order) for _ in range(800)]
+    assert set(Counter(c for _, c in pairs).values()) == {4} and len({c for _, c in pairs}) == 200
+    assert set(Counter(i for i, _ in pairs).values()) == {200}
+    assert [c for _, c in pairs[:200]] != list(range(200))  # shuffled, not walked in order
+
+
+@pytest.mark.parametrize("preset,unet_alpha,unet_targets,text_alpha,text_targets", [
+    ("bk-sdm", 27, {"to_q", "to_v"}, 17, {"q_proj", "v_proj"}),
+    ("diffusers", 16, {"to_k", "to_q", "to_v", "to_out.0"}, 16, {"q_proj", "k_proj", "v_proj", "out_proj"}),
+])
+def test_lora_presets_are_read_back_from_the_saved_file(tiny_teacher_dir, subject_dir, tmp_path, preset, unet_alpha,
+                                                        unet_targets, text_alpha, text_targets):
+    from safetensors import safe_open
+
+    from bksdm.recipes.dreambooth import personalised_pipeline
+
+    out = tmp_path / preset
+    assert _ft(tiny_teacher_dir, subject_dir, out, "--lora", "true", "--lora-preset", preset, "--max-steps", "1") == 0
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    module = re.compile(r"\.(to_out\.0|[a-z_]+)\.lora[._]")  # the adapted layer's own name
+    targets = {m: {module.search(k).group(1) for k in shapes if k.startswith(m + ".")} for m in ("unet", "text_encoder")}
+    assert targets == {"unet": unet_targets, "text_encoder": text_targets}
+    ranks = {shape[0] if ".down." in k else shape[1] for k, shape in shapes.items()}
+    assert ranks == {16}  # rank 16 in every down (r, in) and up (out, r) matrix
+    assert meta["unet.lora_alpha"] == unet_alpha and set(meta["unet.target_modules"]) == unet_targets
+    assert meta["text_encoder.lora_alpha"] == text_alpha and set(meta["text_encoder.target_modules"]) == text_targets
+    assert meta["unet.r"] == meta["text_encoder.r"] == 16
+    pipe = personalised_pipeline(str(tiny_teacher_dir), out, lora=True)  # diffusers applies the saved alphas
+    assert {c.lora_alpha for c in pipe.unet.peft_config.values()} == {unet_alpha}
+
+
+def test_seed_alone_decides_the_lora_initialisation(tiny_teacher_dir, subject_dir, tmp_path):
+    """Same seed, different random state before the run: the same adapters (the benchmark's subjects no longer
+    depend on the subjects before them)."""
+    from bksdm.dreambooth.config import DreamBoothConfig
+    from bksdm.recipes.dreambooth import DreamBooth
+
+    starts = []
+    for k in range(2):
+        torch.rand(100 + 37 * k)  # what ran before differs
+        cfg = DreamBoothConfig(model=str(tiny_teacher_dir), instance_dir=str(subject_dir), instance_prompt="a sks triangle",
+                               with_prior=False, lora=True, resolution=32, out=str(tmp_path / f"o{k}"),
+                               mixed_precision="no", gradient_checkpointing=False)
+        run = DreamBooth(cfg).setup()
+        starts.append({n: p.detach().clone() for m in (run.unet, run.text_encoder) for n, p in m.named_parameters() if "lora" in n})
+    assert starts[0] and starts[0].keys() == starts[1].keys()
+    assert all(torch.equal(starts[0][n], starts[1][n]) for n in starts[0])
+
+
+def test_single_models_and_pipelines_resolve_with_their_own_file_patterns(dino_dir, tiny_teacher_dir, tmp_path,
+                                                                          monkeypatch):
+    """The download patterns select what each repository layout holds (huggingface_hub's own filter, the one
+    snapshot_download applies), and both load from a cache laid out as huggingface_hub lays it out."""
+    import shutil
+
+    import huggingface_hub.constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    from bksdm.dreambooth.metrics import dino_model
+    from bksdm.hub import MODEL_FILES, PIPELINE_FILES, resolve_model
+    from bksdm.models import load_component
+
+    dino_repo = ["config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json", "README.md"]
+    assert list(filter_repo_objects(dino_repo, allow_patterns=PIPELINE_FILES)) == []  # the old single pattern set
+    assert {"config.json", "model.safetensors"} <= set(filter_repo_objects(dino_repo, allow_patterns=MODEL_FILES))
+    pipe_repo = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "unet/diffusion_pytorch_model.bin", "tokenizer/vocab.json", "tokenizer/merges.txt"]
+    assert set(filter_repo_objects(pipe_repo, allow_patterns=PIPELINE_FILES)) == set(pipe_repo) - {"unet/diffusion_pytorch_model.bin"}
+
+    cache = tmp_path / "hub"
+    for repo, src in [("facebook/dino-vits16", dino_dir), ("someone/tiny-sd", tiny_teacher_dir)]:
+        entry = cache / ("models--" + repo.replace("/", "--"))
+        shutil.copytree(src, entry / "snapshots" / "0123abcd")
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert dino_model("facebook/dino-vits16").config.hidden_size == 384
+    assert load_component(resolve_model("someone/tiny-sd"), "unet").config.cross_attention_dim == 16

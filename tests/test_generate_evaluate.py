@@ -30,7 +30,7 @@ def prompts_csv(tmp_path):
 
 def _gen(teacher, prompts, out, *extra):
     return main(["generate", "--model", str(teacher), "--prompts", str(prompts), "--out", str(out), "--steps", "3",
-                 "--save-size", "16", "--dtype", "fp32", *extra])
+                 "--save-size", "16", "--dtype", "fp32", "--lossless", *extra])  # PNG: pixels compared exactly
 
 
 def test_images_do_not_depend_on_batch_size(tiny_teacher_dir, prompts_csv, tmp_path):
@@ -58,7 +58,7 @@ def test_two_processes_share_the_prompts_and_draw_the_same_images(tiny_teacher_d
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bksdm.cli", "generate", "--model",
            str(tiny_teacher_dir), "--prompts", str(prompts_csv), "--out", str(tmp_path / "two"), "--steps", "3",
-           "--save-size", "16", "--dtype", "fp32", "--batch-size", "2"]
+           "--save-size", "16", "--dtype", "fp32", "--batch-size", "2", "--lossless"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     counts = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
@@ -105,10 +105,11 @@ def test_fid_is_zero_on_itself_and_grows_with_shift(metric_home, tmp_path, monke
     fids = []
     for k, factor in enumerate([1.0, 0.8, 0.5]):
         _write([ImageEnhance.Brightness(im).enhance(factor) for im in real], tmp_path / f"s{k}")
-        fids.append(evaluate(tmp_path / f"s{k}", prompts, ["fid"], str(tmp_path / "real"), size=64)["fid"])
+        fids.append(evaluate(tmp_path / f"s{k}", prompts, ["fid"], str(tmp_path / "real"), size=64, lossless=True)["fid"])
     assert abs(fids[0]) < 1e-3 and fids[0] < fids[1] < fids[2]
     # the .npz route gives the FID of the folder route
-    assert main(["fid-stats", "--images", str(tmp_path / "real"), "--out", str(tmp_path / "real.npz"), "--size", "64"]) == 0
+    assert main(["fid-stats", "--images", str(tmp_path / "real"), "--out", str(tmp_path / "real.npz"), "--size", "64",
+                 "--lossless"]) == 0
     via_npz = evaluate(tmp_path / "s2", prompts, ["fid"], str(tmp_path / "real.npz"), size=64)["fid"]
     assert via_npz == pytest.approx(fids[2], rel=1e-6)
 
@@ -177,16 +178,24 @@ def test_offline_metric_weights_fail_fast(tmp_path, capsys, monkeypatch, metric_
     assert "expected (2048,)" in one_line_error(capsys)
 
 
-def test_training_progress_csv_and_plot(tiny_teacher_dir, tmp_path):
+def test_training_progress_csv_and_plot(tiny_teacher_dir, tmp_path, metric_home):
+    """Every checkpoint generated and scored; every metric (CLIP included) on the 256 px copies."""
     from bksdm.recipes.distill import DistillRecipe
+    from bksdm.recipes.evaluate import evaluate
     from tests.test_distill import _cfg
 
     run = tmp_path / "run"
     DistillRecipe(_cfg(tiny_teacher_dir, run, max_steps=2, checkpoint_every=1, checkpoints_total_limit=5)).setup().train()
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(ShapesWorld().prompts(6)))
+    clip = ["--clip-model", "bksdm-tiny-clip", "--clip-pretrained", str(metric_home / "tiny-clip.pt")]
     assert main(["evaluate-progress", "--run", str(run), "--prompts", str(prompts), "--metrics", "fidelity", "mini-fid",
-                 "--steps", "2", "--batch-size", "3"]) == 0
+                 "clip", "--steps", "2", "--batch-size", "3", *clip]) == 0
     rows = list(csv.DictReader(open(run / "progress" / "progress.csv")))
-    assert [int(r["step"]) for r in rows] == [1, 2] and {"fidelity", "mini_fid"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows] == [1, 2] and {"fidelity", "mini_fid", "clip"} <= set(rows[0])
     assert (run / "progress" / "progress.png").stat().st_size > 1000
+    gen = run / "progress" / "images" / "step-2"
+    kw = {"clip_name": "bksdm-tiny-clip", "clip_pretrained": str(metric_home / "tiny-clip.pt")}
+    on_256 = evaluate(gen / "images_256", prompts, ["clip"], **kw)["clip"]
+    on_full = evaluate(gen / "images", prompts, ["clip"], **kw)["clip"]
+    assert float(rows[1]["clip"]) == pytest.approx(on_256, abs=1e-6) and on_256 != on_full

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -124,13 +125,14 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip", action="store_true", help="cache only the unflipped view (for random_flip false)")
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="storage precision")
     p.add_argument("--batch-size", type=int, default=16, help="images encoded at once")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
 
 
 @_cache_args.run
 def _cache(a: argparse.Namespace) -> int:
     from bksdm.distill.cache import build_cache
 
-    rec = build_cache(a.teacher, a.data, a.out, a.resolution, not a.no_flip, a.dtype, a.batch_size)
+    rec = build_cache(a.teacher, a.data, a.out, a.resolution, not a.no_flip, a.dtype, a.batch_size, overwrite=a.overwrite)
     print(f"cached {rec['cached']} of {rec['items']} items ({len(rec['skipped'])} unreadable skipped) into {a.out}")
     return 0
 
@@ -151,6 +153,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp16 on GPU, bf16 on CPUs with bf16)")
     p.add_argument("--device", default=None, help="default: this process's accelerate device")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--lossless", action="store_true", help="save PNG (NAME.png) instead of the official route "
+                   "(JPEG quality 75 under the prompt file's names, the 256 px copy resized from that JPEG)")
 
 
 @_generate_args.run
@@ -158,7 +162,7 @@ def _generate(a: argparse.Namespace) -> int:
     from bksdm.generate import generate
 
     res = generate(a.model, a.prompts, a.out, a.steps, a.guidance, a.scheduler, a.resolution, a.batch_size, a.seed,
-                   a.save_size or None, a.dtype, a.device, a.limit)
+                   a.save_size or None, a.dtype, a.device, a.limit, a.lossless)
     print(json.dumps(res))
     return 0
 
@@ -171,6 +175,8 @@ def _metric_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-pretrained", default="laion2b_s34b_b88k", help="open_clip tag or a local checkpoint file")
     p.add_argument("--size", type=int, default=256, help="images are squashed to this size for FID/IS (paper: 256)")
     p.add_argument("--device", default=None, help="metric network device (default: cuda when available)")
+    p.add_argument("--lossless", action="store_true", help="squash real images in memory (bicubic) instead of the "
+                   "official route (PIL's default resize, then JPEG quality 75, as the official val2014_im256 files)")
 
 
 @command("evaluate", "FID, IS and CLIP score of generated images (MS-COCO protocol), or mini-world metrics")
@@ -189,7 +195,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     from bksdm.recipes.evaluate import evaluate, markdown_row
 
     res = evaluate(a.images, a.prompts, a.metrics, a.fid_ref, a.size, a.inception_weights, a.isc_weights,
-                   a.clip_model, a.clip_pretrained, a.device)
+                   a.clip_model, a.clip_pretrained, a.device, lossless=a.lossless)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
@@ -211,7 +217,8 @@ def _fid_stats(a: argparse.Namespace) -> int:
     from bksdm.models import default_device
 
     device = a.device or default_device()
-    mu, sigma = M.folder_stats(a.images, fid_inception(a.inception_weights, device), a.size or None, device=device)
+    mu, sigma = M.folder_stats(a.images, fid_inception(a.inception_weights, device), a.size or None, device=device,
+                               lossless=a.lossless)
     M.save_stats(a.out, mu, sigma)
     print(f"wrote {a.out}: mu {mu.shape}, sigma {sigma.shape}")
     return 0
@@ -235,8 +242,9 @@ def _progress(a: argparse.Namespace) -> int:
     from bksdm.recipes.evaluate import progress
 
     rows = progress(a.run, a.prompts, a.metrics, a.out, gen_kwargs={"steps": a.steps, "guidance": a.guidance,
-                    "batch_size": a.batch_size}, fid_ref=a.fid_ref, size=a.size, inception_weights=a.inception_weights,
-                    isc_weights=a.isc_weights, clip_name=a.clip_model, clip_pretrained=a.clip_pretrained, device=a.device)
+                    "batch_size": a.batch_size, "lossless": a.lossless}, fid_ref=a.fid_ref, size=a.size,
+                    inception_weights=a.inception_weights, isc_weights=a.isc_weights, clip_name=a.clip_model,
+                    clip_pretrained=a.clip_pretrained, device=a.device, lossless=a.lossless)
     for r in rows:
         print(json.dumps(r))
     return 0
@@ -310,7 +318,11 @@ def _dbbench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="google/dreambooth dataset folder (one folder per subject)")
     p.add_argument("--out", required=True, help="output folder; rerunning skips finished subjects and images")
     p.add_argument("--subjects", nargs="*", default=None, help="only these subjects")
-    p.add_argument("--lora", action="store_true", help="LoRA (rank 16, lr 1e-4) instead of full fine-tuning")
+    p.add_argument("--lora", action="store_true", help="LoRA (lr 1e-4, --lora-preset) instead of full fine-tuning")
+    p.add_argument("--lora-preset", default="bk-sdm", help="bk-sdm (official: to_q/to_v alpha 27, text q/v alpha 17, "
+                   "rank 16) or diffusers (every projection, alpha = rank 16)")
+    p.add_argument("--identifier", default=None, help="rare token naming the subject (official: sks11df; paper: sks)")
+    p.add_argument("--scheduler", default=None, help="sampler of the evaluation images (default dpm, 25 steps, official)")
     p.add_argument("--max-steps", type=int, default=800, help="fine-tuning steps per subject (paper: 800)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--num-class-images", type=int, default=200)
@@ -328,13 +340,37 @@ def _dbbench(a: argparse.Namespace) -> int:
 
     res = bench(a.model, a.dataset, a.out, a.subjects, a.lora, a.images_per_prompt, a.steps, dino=a.dino_model,
                 clip_name=a.clip_model, clip_pretrained=a.clip_pretrained, max_steps=a.max_steps,
-                resolution=a.resolution, num_class_images=a.num_class_images)
+                resolution=a.resolution, num_class_images=a.num_class_images, lora_preset=a.lora_preset,
+                **{k: v for k, v in (("identifier", a.identifier), ("scheduler", a.scheduler)) if v})
     print(markdown_table(res["subjects"] + [{"subject": "mean", **res["mean"]}]))
     return 0
 
 
+OUTPUT_FILES = {"evaluate", "fid-stats"}
+"""Commands whose ``--out`` is a file; every other ``--out`` is a folder."""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every parsed value against the one bounds table (:data:`bksdm.config.BOUNDS`), and ``--out`` against the
+    file system: a one-line error before any model is loaded or any result computed."""
+    from bksdm.config import check_value
+    from bksdm.errors import check_output
+
+    for key, value in vars(args).items():
+        check_value(key, value)
+    if getattr(args, "out", None):
+        check_output(args.out, "file" if args.command in OUTPUT_FILES else "folder")
+
+
+def _threads_set_by_caller() -> bool:
+    """True when the caller already fixed torch's threads (OMP_NUM_THREADS, as torchrun and tests set it)."""
+    return "OMP_NUM_THREADS" in os.environ
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bksdm", description="BK-SDM: block-removed, distilled Stable Diffusion")
+    parser.add_argument("--threads", default=None, help="CPU threads for torch: a number, or auto (default; also "
+                        "BKSDM_THREADS): the cores other processes leave free, so a busy machine causes no slowdown cliff")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add_arguments, _) in _COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_, description=help_))
@@ -348,10 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "distill" or any("=" not in r or r.startswith("-") for r in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
-    from bksdm.models import quiet_libraries  # after parsing: `--help` and usage errors need no torch
-
-    quiet_libraries()
     try:
+        check_args(args)  # bounds, choices and output paths: before torch loads and before any work
+        from bksdm.models import quiet_libraries  # after parsing: `--help` and usage errors need no torch
+        from bksdm.threads import set_threads
+
+        quiet_libraries()
+        if not (args.threads is None and os.environ.get("BKSDM_THREADS") is None and _threads_set_by_caller()):
+            set_threads(args.threads)
         return _COMMANDS[args.command][2](args) or 0
     except UserError as exc:
         print(f"bksdm {args.command}: error: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ from typing import Any
 
 from bksdm.arch import derive, init_student_from_teacher, load_spec
 from bksdm.arch.derive import Derivation
-from bksdm.errors import UserError
+from bksdm.errors import UserError, check_output
 from bksdm.hub import read_unet_config, resolve_model
 
 RECORD = "bksdm.json"
@@ -22,7 +22,8 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     and ``bksdm.json`` (spec, module and key maps, layer pairs, parameter counts). Returns that record.
     """
     import torch
-    from diffusers import UNet2DConditionModel
+
+    from bksdm.models import load_unet
 
     src = resolve_model(teacher, "teacher")
     spec = load_spec(student)
@@ -30,11 +31,11 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     derivation = derive(teacher_cfg, spec)  # fails on a bad spec before any weights are read
     if not (src / "model_index.json").is_file():
         raise UserError(f"{src} is a bare U-Net; compress needs a whole pipeline folder (with model_index.json)")
-    out = Path(out)
+    out = check_output(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output folder {out} is not empty; choose another or pass --overwrite")
 
-    teacher_unet = UNet2DConditionModel.from_pretrained(unet_dir)
+    teacher_unet = load_unet(unet_dir)
     student_unet = init_student_from_teacher(teacher_unet, derivation)
     _copy_pipeline(src, out)
     student_unet.save_pretrained(out / "unet", safe_serialization=True)

@@ -13,6 +13,51 @@ from bksdm.errors import UserError
 
 C = TypeVar("C", bound="Config")
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+SCHEDULER_NAMES = ("pndm", "ddim", "euler", "dpm")
+
+BOUNDS: dict[str, dict[str, Any]] = {
+    # counts: at least one (steps, batches, runs, images, prompts, checkpoints)
+    **{k: {"min": 1} for k in ("steps", "gen_steps", "batch_size", "runs", "limit", "images", "max_steps", "grad_accum",
+                               "checkpoint_every", "checkpoints_total_limit", "log_every", "images_per_prompt",
+                               "num_class_images", "class_steps", "sample_steps", "lora_rank")},
+    **{k: {"min": 0} for k in ("save_size", "size", "num_workers", "sample_every")},
+    "resolution": {"min": 8, "multiple": 8},  # the VAE's 8x downsampling
+    **{k: {"above": 0} for k in ("lr", "max_grad_norm", "adam_eps")},
+    "ema_decay": {"above": 0, "max": 1},
+    **{k: {"min": 0} for k in ("lambda_sd", "lambda_out", "lambda_feat", "prior_loss_weight", "guidance", "weight_decay")},
+    "dtype": {"choices": PRECISIONS}, "dtypes": {"choices": PRECISIONS},
+    "scheduler": {"choices": SCHEDULER_NAMES},
+    "mixed_precision": {"choices": ("no", "fp16", "bf16")},
+    "init": {"choices": ("teacher", "random")},
+    "report_to": {"choices": ("tensorboard", "wandb", "none")},
+    "lora_preset": {"choices": ("bk-sdm", "diffusers")},
+}
+"""The allowed range or choices of every numeric and named setting, by name: one table for flags, YAML keys and
+``key=value`` overrides of every command."""
+
+
+def check_value(key: str, value: Any, source: str = "flag") -> None:
+    """A :class:`UserError` naming ``key``, ``value`` and the allowed range or choices when ``value`` is outside.
+    ``None`` (not given) and unknown keys pass; lists are checked item by item."""
+    rule = BOUNDS.get(key)
+    if rule is None or value is None:
+        return
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        flag = f"--{key.replace('_', '-')}" if source == "flag" else f"{source}: {key}"
+        if "choices" in rule and v not in rule["choices"]:
+            raise UserError(f"{flag} {v!r} is not one of {', '.join(rule['choices'])}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if "min" in rule and v < rule["min"]:
+            raise UserError(f"{flag} {v} is too small: it must be at least {rule['min']}")
+        if "max" in rule and v > rule["max"]:
+            raise UserError(f"{flag} {v} is too large: it must be at most {rule['max']}")
+        if "above" in rule and not v > rule["above"]:
+            raise UserError(f"{flag} {v} must be greater than {rule['above']}")
+        if "multiple" in rule and v % rule["multiple"]:
+            raise UserError(f"{flag} {v} must be a multiple of {rule['multiple']} (e.g. {v - v % rule['multiple'] or rule['multiple']})")
+
 
 class Config:
     """Mixin for recipe dataclasses: ``fields``, ``update`` (typed, strict) and ``to_dict``."""
@@ -27,7 +72,9 @@ class Config:
             key = key.replace("-", "_")
             if key not in known:
                 raise UserError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
-            setattr(self, key, _coerce(key, value, getattr(self, key), source))
+            value = _coerce(key, value, getattr(self, key), source)
+            check_value(key, value, source)
+            setattr(self, key, value)
         return self
 
     def to_dict(self) -> dict[str, Any]:

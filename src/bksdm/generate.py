@@ -3,7 +3,12 @@
 Every prompt gets its own seed, ``crc32(name) + seed``, and its own initial latent drawn from a generator of
 that seed; the official code seeded one generator per run, so an image depended on the batch size (FID 16.98 at
 batch 1 vs 17.16 at batch 4). Here an image depends only on its prompt, name and the seed: not on the batch size,
-the order or the sharding across processes. Existing images are skipped, so a killed run resumes.
+the order or the sharding across processes. Existing images are skipped, so a killed run resumes; an existing
+file that does not decode completely (zero bytes, truncated) is drawn again.
+
+Files follow the official BK-SDM route by default: each image is saved under the prompt file's name (``.jpg``,
+JPEG at PIL's default quality 75), and its ``save_size`` copy is that file read back, resized with PIL's default
+filter and saved as JPEG again (``im256``). ``lossless=True`` saves both as PNG (``NAME.png``) instead.
 """
 
 from __future__ import annotations
@@ -16,37 +21,77 @@ from typing import Any
 import torch
 from PIL import Image
 
-from bksdm.errors import UserError
+from bksdm.errors import UserError, reading
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
               "dpm": "DPMSolverMultistepScheduler"}
 
 
 def read_prompts(path: str | Path) -> list[tuple[str, str]]:
-    """(image name, prompt) pairs from an MS-COCO-style csv (``file_name`` and ``caption`` or ``text``) or a
-    plain text file (one prompt a line, named ``00000.png``, ...)."""
+    """(image name, prompt) pairs from an MS-COCO-style csv (``file_name`` and ``caption`` or ``text``; names as
+    given) or a plain text file (one prompt a line, named ``00000.jpg``, ...). Two prompts whose names differ only
+    in the extension would write one file: an error naming both lines."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompt file {p} does not exist")
-    if p.suffix.lower() != ".csv":
-        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise UserError(f"prompt file {p} holds no prompts")
-        return [(f"{i:05d}.png", ln) for i, ln in enumerate(lines)]
-    with open(p, newline="") as f:
+    try:
+        if p.suffix.lower() != ".csv":
+            lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            out = [(f"{i:05d}.jpg", ln, i + 1) for i, ln in enumerate(lines)]
+        else:
+            out = _read_prompt_csv(p)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"prompt file {p} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+    if not out:
+        raise UserError(f"prompt file {p} holds no prompts")
+    seen: dict[str, int] = {}
+    for name, _, line in out:
+        if (first := seen.setdefault(Path(name).stem, line)) != line:
+            raise UserError(f"{p}: lines {first} and {line} both name image {Path(name).stem!r}; names must be unique")
+    return [(name, prompt) for name, prompt, _ in out]
+
+
+def _read_prompt_csv(p: Path) -> list[tuple[str, str, int]]:
+    out = []
+    with open(p, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         text_col = "caption" if "caption" in cols else "text" if "text" in cols else None
         if "file_name" not in cols or text_col is None:
             raise UserError(f"{p}: a prompt csv needs columns file_name and caption (or text); it has {cols}")
-        out = []
-        for n, row in enumerate(reader, start=2):
-            if not row.get("file_name") or row.get(text_col) is None or None in row:
-                raise UserError(f"{p} line {n} is malformed (expected file_name,{text_col})")
-            out.append((Path(row["file_name"]).with_suffix(".png").name, row[text_col]))
-    if not out:
-        raise UserError(f"prompt file {p} holds no prompts")
+        try:
+            for row in reader:
+                if not row.get("file_name") or row.get(text_col) is None or None in row:
+                    raise UserError(f"{p} line {reader.line_num} is malformed (expected file_name,{text_col})")
+                out.append((Path(row["file_name"]).name, row[text_col], reader.line_num))
+        except csv.Error as exc:
+            raise UserError(f"{p} line {reader.line_num}: {exc}") from None
     return out
+
+
+def image_name(name: str, lossless: bool) -> str:
+    """The file an image of prompt-file name ``name`` is saved as: the name as given when it is a JPEG name (the
+    official route), else its stem with ``.jpg``; ``NAME.png`` when ``lossless``."""
+    if lossless:
+        return Path(name).stem + ".png"
+    return name if Path(name).suffix.lower() in (".jpg", ".jpeg") else Path(name).stem + ".jpg"
+
+
+def image_complete(path: Path) -> bool:
+    """Whether ``path`` is an image a resumed run may keep: it opens, a PNG passes its CRC check, a JPEG ends
+    with its end-of-image marker (a truncated or zero-byte file fails). Reads the header and the tail only."""
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            if fmt == "PNG":
+                im.verify()
+        if fmt == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(-2, 2)
+                return f.read(2) == b"\xff\xd9"
+        return True
+    except Exception:
+        return False
 
 
 def prompt_seed(name: str, seed: int) -> int:
@@ -89,16 +134,17 @@ def default_dtype(device: str) -> torch.dtype:
 def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, guidance: float = 7.5,
              scheduler: str = "pndm", resolution: int | None = None, batch_size: int = 4, seed: int = 0,
              save_size: int | None = 256, dtype: str | None = None, device: str | None = None,
-             limit: int | None = None) -> dict[str, Any]:
+             limit: int | None = None, lossless: bool = False) -> dict[str, Any]:
     """Generate every missing image of ``prompts`` into ``out/images`` (and a ``save_size`` copy in
-    ``out/images_{save_size}``), sharded over the accelerate processes. Returns counts."""
+    ``out/images_{save_size}``), sharded over the accelerate processes. Returns counts (``redrawn``: existing
+    files that were incomplete and were generated again)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from bksdm.models import default_device, load_components, pipeline_folder
     from bksdm.profile import DTYPES
 
-    items = read_prompts(prompts)[:limit]
+    items = [(image_name(n, lossless), p) for n, p in read_prompts(prompts)[:limit]]
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     state = PartialState(cpu=(device or default_device()) == "cpu")
@@ -107,7 +153,8 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     folder = pipeline_folder(model)
     import diffusers
 
-    sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(folder, subfolder="scheduler")
+    with reading(folder / "scheduler", "scheduler of"):
+        sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(folder, subfolder="scheduler")
     parts = load_components(folder, ("unet", "vae", "tokenizer", "text_encoder"))
     out = Path(out)
     big = out / "images"
@@ -116,7 +163,8 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
         if d:
             d.mkdir(parents=True, exist_ok=True)
     mine = [it for i, it in enumerate(items) if i % state.num_processes == state.process_index]
-    todo = [(n, p) for n, p in mine if not (big / n).exists() or (small and not (small / n).exists())]
+    todo = [(n, p) for n, p in mine if not image_complete(big / n) or (small and not image_complete(small / n))]
+    redrawn = sum((big / n).exists() for n, _ in todo)
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not state.is_local_main_process)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
@@ -125,14 +173,17 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
                                  resolution, torch_dtype, device)
         for (name, _), im in zip(chunk, images):
             _save(im, big / name)
-            if small:
-                _save(im.resize((save_size, save_size), Image.BICUBIC), small / name)
+            if small:  # from the saved file, as the official im256 copies (a JPEG read back, then resized)
+                with Image.open(big / name) as saved:
+                    _save(saved.resize((save_size, save_size), Image.BICUBIC), small / name)
         bar.update(len(chunk))
     bar.close()
-    return {"prompts": len(items), "this_process": len(mine), "generated": len(todo), "skipped": len(mine) - len(todo)}
+    return {"prompts": len(items), "this_process": len(mine), "generated": len(todo), "skipped": len(mine) - len(todo),
+            "redrawn": redrawn}
 
 
 def _save(image: Image.Image, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
+    """Save by the name's extension (JPEG: PIL's defaults, quality 75) through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
     image.save(tmp)
-    tmp.replace(path)  # a killed run never leaves a half-written image that would be skipped on resume
+    tmp.replace(path)  # a killed run never leaves a half-written image under the final name

@@ -8,13 +8,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bksdm.errors import UserError
+from bksdm.errors import UserError, reading
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+PIPELINE_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
+"""What a diffusers pipeline repository needs: the index and each component's config, vocabulary and weights."""
+MODEL_FILES = ("*.json", "*.txt", "*.safetensors")
+"""What a single-model repository (``facebook/dino-vits16``) needs: config and weights at its root."""
 
-def resolve_model(name: str, what: str = "model") -> Path:
-    """The local folder of ``name``: a folder path as is, or a hub id's snapshot (cache first, then download).
+
+def resolve_model(name: str, what: str = "model", files: tuple[str, ...] = PIPELINE_FILES) -> Path:
+    """The local folder of ``name``: a folder path as is, or a hub id's snapshot (cache first, then download of
+    the ``files`` patterns: :data:`PIPELINE_FILES` or :data:`MODEL_FILES`).
 
     Raises :class:`UserError` (never a long retry loop) when neither is available.
     """
@@ -25,7 +31,7 @@ def resolve_model(name: str, what: str = "model") -> Path:
         raise UserError(f"{what} folder {name} does not exist; pass a diffusers folder or a Hugging Face hub id")
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    patterns = list(files)
     try:
         return Path(snapshot_download(name, local_files_only=True, allow_patterns=patterns))
     except Exception:
@@ -46,7 +52,8 @@ def read_unet_config(folder: Path) -> tuple[dict[str, Any], Path]:
     for cand in (folder / "unet", folder):
         cfg = cand / "config.json"
         if cfg.is_file():
-            data = json.loads(cfg.read_text())
+            with reading(cfg, "U-Net config", "restore it from the model's source"):
+                data = json.loads(cfg.read_text())
             if data.get("_class_name") in (None, "UNet2DConditionModel") or "down_block_types" in data:
                 return data, cand
     raise UserError(f"{folder} holds no U-Net config (expected unet/config.json of a diffusers pipeline folder)")

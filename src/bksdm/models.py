@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from bksdm.errors import UserError
+from bksdm.errors import UserError, reading
 from bksdm.hub import resolve_model
 
 
@@ -17,14 +17,24 @@ def pipeline_folder(name: str, what: str = "model") -> Path:
     path = resolve_model(name, what)
     if not (path / "model_index.json").is_file():
         raise UserError(f"{name} is not a diffusers pipeline folder (no model_index.json)")
+    model_index(path)  # a corrupt index fails here, naming the file
     return path
+
+
+def model_index(folder: Path) -> dict[str, Any]:
+    """The parsed ``model_index.json`` of a pipeline folder (an error naming it when it is not valid JSON)."""
+    path = folder / "model_index.json"
+    with reading(path, "pipeline index", "restore the folder from its source (or run bksdm compress again)"):
+        index = json.loads(path.read_text())
+        if not isinstance(index, dict):
+            raise ValueError("not a JSON object")
+    return index
 
 
 def import_own_components(folder: Path) -> None:
     """Import bksdm modules that a pipeline's model_index.json names (the mini world's VAE), so that
     ``DiffusionPipeline.from_pretrained`` can load them; other libraries are never imported on a file's say-so."""
-    index = json.loads((folder / "model_index.json").read_text())
-    for value in index.values():
+    for value in model_index(folder).values():
         if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("bksdm."):
             importlib.import_module(value[0])
 
@@ -47,13 +57,23 @@ def load_components(folder: Path, names: tuple[str, ...] = GENERATION_PARTS) -> 
 
 
 def load_component(folder: Path, name: str, **kwargs: Any):
-    """Component ``name`` (unet, vae, text_encoder, tokenizer, scheduler, ...) of a pipeline folder."""
-    index = json.loads((folder / "model_index.json").read_text())
-    if name not in index or index[name][0] is None:
+    """Component ``name`` (unet, vae, text_encoder, tokenizer, scheduler, ...) of a pipeline folder; a missing,
+    truncated or mismatched file (weights that do not fit the config) is a one-line error naming it."""
+    index = model_index(folder)
+    if name not in index or not isinstance(index[name], list) or index[name][0] is None:
         raise UserError(f"{folder} has no {name} component")
     library, cls_name = index[name]
-    cls = getattr(importlib.import_module(library), cls_name)
-    return cls.from_pretrained(folder / name, **kwargs)
+    with reading(folder / name, f"{name} of", "restore the folder from its source (or run bksdm compress again)"):
+        cls = getattr(importlib.import_module(library), cls_name)
+        return cls.from_pretrained(folder / name, **kwargs)
+
+
+def load_unet(unet_dir: Path):
+    """A ``UNet2DConditionModel`` from a pipeline's ``unet/`` or a bare U-Net folder (one-line error if corrupt)."""
+    from diffusers import UNet2DConditionModel
+
+    with reading(unet_dir, "U-Net", "restore the folder from its source (or run bksdm compress again)"):
+        return UNet2DConditionModel.from_pretrained(unet_dir)
 
 
 def load_text_side(teacher: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -241,14 +241,12 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def _pipeline_components(folder: str) -> Components:
-    from diffusers import DiffusionPipeline
-
-    from bksdm.models import import_own_components, pipeline_folder
+    from bksdm.models import import_own_components, load_components, pipeline_folder
 
     path = pipeline_folder(folder)
     import_own_components(path)
-    pipe = DiffusionPipeline.from_pretrained(path, safety_checker=None)
-    return Components(str(folder), pipe.unet.float(), pipe.text_encoder.float(), pipe.vae.float())
+    c = load_components(path, ("unet", "text_encoder", "vae"))  # a corrupt file is a one-line error naming it
+    return Components(str(folder), c["unet"].float(), c["text_encoder"].float(), c["vae"].float())
 
 
 def profile_models(

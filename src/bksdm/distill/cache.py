@@ -17,26 +17,32 @@ import torch
 from tqdm.auto import tqdm
 
 from bksdm.distill.data import BadSample, augment, open_source
-from bksdm.errors import UserError
+from bksdm.errors import UserError, reading
 
 SHARD = 1024
 
 
 @torch.no_grad()
 def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip: bool = True, dtype: str = "fp16",
-                batch: int = 16, device: str | None = None) -> dict[str, Any]:
-    """Encode every item of ``data`` once; returns the index record. Unreadable items are skipped and counted."""
+                batch: int = 16, device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Encode every item of ``data`` once; returns the index record. Unreadable items are skipped and counted.
+    An existing cache in ``out`` is refused unless ``overwrite`` (then its shards and index are replaced)."""
     from safetensors.torch import save_file
 
     from bksdm.models import default_device, load_text_side
     from bksdm.profile import DTYPES
 
+    out = Path(out)
+    old = sorted(out.glob("shard-*.safetensors")) + ([out / "index.json"] if (out / "index.json").exists() else [])
+    if old and not overwrite:
+        raise UserError(f"{out} already holds a cache ({len(old)} files); pass --overwrite to rebuild it or choose another --out")
     source = open_source(data)
     if getattr(source, "streamed", False):
         raise UserError("cache needs a map-style dataset (an image folder or mini-world), not streamed webdataset shards")
     device = device or default_device()
     vae, tokenizer, text_encoder = load_text_side(teacher, device)
-    out = Path(out)
+    for f in old:  # only now, when the teacher has loaded: a failed start keeps the old cache
+        f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     n, skipped, shard, buf = len(source), [], 0, {"mean": [], "std": [], "emb": [], "index": []}
     flips = (False, True) if flip else (False,)
@@ -92,13 +98,16 @@ class CacheSource:
         self.folder = Path(folder)
         if not (self.folder / "index.json").is_file():
             raise UserError(f"{folder} is not a bksdm cache (no index.json); build one with `bksdm cache`")
-        self.info = json.loads((self.folder / "index.json").read_text())
+        with reading(self.folder / "index.json", "cache index", "rebuild the cache with `bksdm cache --overwrite`"):
+            self.info = json.loads((self.folder / "index.json").read_text())
+            shards, self.info["items"], self.info["resolution"] = int(self.info["shards"]), int(self.info["items"]), int(self.info["resolution"])
         self._where: dict[int, tuple[int, int]] = {}
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
         from safetensors import safe_open
 
-        for s in range(self.info["shards"]):
-            with safe_open(str(self.folder / f"shard-{s:05d}.safetensors"), "pt") as f:
+        for s in range(shards):
+            shard = self.folder / f"shard-{s:05d}.safetensors"
+            with reading(shard, "cache shard", "rebuild the cache with `bksdm cache --overwrite`"), safe_open(str(shard), "pt") as f:
                 for row, i in enumerate(f.get_tensor("index").tolist()):
                     self._where[i] = (s, row)
         self._missing = sorted(set(range(self.info["items"])) - set(self._where))

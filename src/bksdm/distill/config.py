@@ -45,6 +45,7 @@ class DistillConfig(Config):
     checkpoint_every: int = 5_000
     checkpoints_total_limit: int = 2  # keep the last N checkpoints
     resume: str = ""  # "latest" or a checkpoint folder
+    overwrite: bool = False  # replace an earlier run in `out` (without it, a used run folder is refused)
     log_every: int = 1  # loss terms to CSV and TensorBoard every N steps
     sample_every: int = 0  # teacher-vs-student image grid every N steps (0: only at the end, if sample_prompts)
     sample_prompts: list[str] = field(default_factory=list)

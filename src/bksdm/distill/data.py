@@ -45,25 +45,29 @@ class ImageFolderSource:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        # undecodable bytes become surrogates instead of an exception, so one bad caption costs one row
+        open_text = dict(encoding="utf-8", errors="surrogateescape")
         rows: list[tuple[str, str]] = []
         if (self.folder / "metadata.csv").is_file():
-            with open(self.folder / "metadata.csv", newline="") as f:
+            with open(self.folder / "metadata.csv", newline="", **open_text) as f, _no_field_limit():
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or not {"file_name", "text"} <= set(reader.fieldnames):
                     raise UserError(f"{self.folder}/metadata.csv needs columns file_name and text (has {reader.fieldnames})")
-                rows = [(r["file_name"], r["text"] or "") for r in reader]
+                rows = [(r["file_name"] or "", r["text"] or "") for r in reader]
         elif (self.folder / "metadata.jsonl").is_file():
-            for n, line in enumerate(open(self.folder / "metadata.jsonl"), 1):
+            for n, line in enumerate(open(self.folder / "metadata.jsonl", **open_text), 1):
                 if line.strip():
                     try:
                         r = json.loads(line)
                         rows.append((r["file_name"], r.get("text") or ""))
-                    except (json.JSONDecodeError, KeyError):
+                    except (json.JSONDecodeError, KeyError, TypeError):
                         raise UserError(f"{self.folder}/metadata.jsonl line {n} is not a JSON object with file_name and text") from None
         else:
             raise UserError(f"{self.folder} has no metadata.csv or metadata.jsonl (columns file_name, text)")
         if not rows:
             raise UserError(f"dataset {self.folder} is empty (its metadata lists no images)")
+        if all(_bad_row(*r) == "not UTF-8" for r in rows):
+            raise UserError(f"{self.folder}'s metadata is not UTF-8 text; re-save it as UTF-8")
         self.rows = rows
 
     def __len__(self) -> int:
@@ -71,11 +75,36 @@ class ImageFolderSource:
 
     def get(self, index: int) -> tuple[Image.Image, str]:
         name, text = self.rows[index]
+        if why := _bad_row(name, text):
+            raise BadSample(f"row {index}: {why}")
         try:
             with Image.open(self.folder / name) as im:
                 return im.convert("RGB"), text
         except Exception as exc:
             raise BadSample(f"{name}: {type(exc).__name__}") from None
+
+
+CSV_FIELD_LIMIT = 131_072
+"""The csv module's default field limit: a longer caption is not a caption (a broken quote swallowed lines)."""
+
+
+def _bad_row(name: str, text: str) -> str | None:
+    """Why a metadata row cannot be used (undecodable bytes, an over-long caption), or None."""
+    if any("\udc80" <= ch <= "\udcff" for ch in name + text):
+        return "not UTF-8"
+    if len(text) > CSV_FIELD_LIMIT:
+        return f"caption of {len(text):,} characters (limit {CSV_FIELD_LIMIT:,})"
+    return None
+
+
+class _no_field_limit:
+    """Read over-long fields instead of failing the whole file on them (they are skipped per row)."""
+
+    def __enter__(self):
+        self.old = csv.field_size_limit(2**31 - 1)
+
+    def __exit__(self, *exc):
+        csv.field_size_limit(self.old)
 
 
 class MiniWorldSource:
@@ -131,8 +160,10 @@ def open_source(spec: str | Any) -> Any:
     if not isinstance(spec, str):
         return spec
     if spec.startswith("mini-world"):
-        count = int(spec.split(":", 1)[1]) if ":" in spec else 100_000
-        return MiniWorldSource(count)
+        count = spec.split(":", 1)[1] if ":" in spec else "100000"
+        if not count.isdigit() or int(count) < 1:
+            raise UserError(f"data {spec!r}: the count after mini-world: must be a whole number of at least 1")
+        return MiniWorldSource(int(count))
     path = Path(spec)
     if spec.endswith(".tar") or "{" in spec:
         import braceexpand

@@ -8,6 +8,28 @@ from bksdm.config import Config
 from bksdm.errors import UserError
 
 
+LORA_PRESETS: dict[str, dict[str, dict]] = {
+    # the official BK-SDM LoRA run (scripts/finetune_lora.sh, after peft's DreamBooth example): peft's default init
+    "bk-sdm": {"unet": {"lora_alpha": 27, "target_modules": ["to_q", "to_v"], "init_lora_weights": True},
+               "text_encoder": {"lora_alpha": 17, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": True}},
+    # diffusers' train_dreambooth_lora.py: alpha = rank, Gaussian init, every attention projection
+    "diffusers": {"unet": {"lora_alpha": None, "target_modules": ["to_k", "to_q", "to_v", "to_out.0"],
+                           "init_lora_weights": "gaussian"},
+                  "text_encoder": {"lora_alpha": None, "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"],
+                                   "init_lora_weights": "gaussian"}},
+}
+"""LoRA settings per preset and model; ``lora_alpha: None`` means alpha = rank."""
+
+
+def lora_config(preset: str, model: str, rank: int):
+    """The peft ``LoraConfig`` of ``preset`` for ``model`` (``unet`` or ``text_encoder``)."""
+    from peft import LoraConfig
+
+    kw = dict(LORA_PRESETS[preset][model])
+    kw["lora_alpha"] = kw["lora_alpha"] or rank
+    return LoraConfig(r=rank, **kw)
+
+
 @dataclass
 class DreamBoothConfig(Config):
     model: str = ""  # pipeline folder or hub id to personalise (a teacher or one of our students)
@@ -19,14 +41,15 @@ class DreamBoothConfig(Config):
     num_class_images: int = 200  # paper: 200 class images
     class_model: str = ""  # model that generates class images (default: the original teacher, else --model)
     class_dir: str = ""  # where class images live (default OUT/class_images); missing ones are generated
-    class_steps: int = 25  # denoising steps for class images
+    class_steps: int = 50  # denoising steps for class images (official run: the pipeline default, PNDM 50)
     resolution: int = 512  # short side resized, then a random crop
     out: str = "dreambooth-out"
     max_steps: int = 800  # paper: 800 iterations
     batch_size: int = 1  # paper: 1
     lr: float = 0.0  # 0: paper default, 1e-6 full fine-tuning, 1e-4 LoRA
     lora: bool = False  # LoRA adapters (peft) instead of full fine-tuning
-    lora_rank: int = 16
+    lora_preset: str = "bk-sdm"  # bk-sdm: finetune_lora.sh (to_q/to_v alpha 27, q_proj/v_proj alpha 17); diffusers
+    lora_rank: int = 16  # rank of every adapter (both presets: 16)
     train_text_encoder: bool = True  # paper: the text encoder is fine-tuned jointly
     gradient_checkpointing: bool = True
     mixed_precision: str = "fp16"  # no | fp16 (GPU) | bf16
@@ -37,6 +60,8 @@ class DreamBoothConfig(Config):
             raise UserError("no model: pass --model (a pipeline folder or hub id)")
         if not self.instance_prompt:
             raise UserError("no instance prompt: pass --instance-prompt, e.g. 'a sks dog'")
+        if self.lora_preset not in LORA_PRESETS:
+            raise UserError(f"lora_preset={self.lora_preset!r}; choose from {', '.join(LORA_PRESETS)}")
         if self.with_prior and not self.class_prompt:
             raise UserError("prior preservation needs --class-prompt (e.g. 'a dog'), or pass --with-prior false")
         import torch  # here, not at module level: the CLI builds its parser from this class without torch

@@ -1,7 +1,7 @@
 """The public DreamBooth benchmark (google/dreambooth): subjects, classes, the 25 evaluation prompts per kind.
 
-Layout: ``DATASET/<subject>/*.jpg`` (one folder per subject, 4-6 photos each). The identifier is the rare token
-``sks``; a subject is "live" (animals: the prompts dress them up) or an object (the prompts change its material).
+Layout: ``DATASET/<subject>/*.jpg`` (one folder per subject, 4-6 photos each). The identifier is ``sks11df``, as
+in the official BK-SDM scripts (the DreamBooth paper's ``sks`` is one option away); a subject is "live" (animals: the prompts dress them up) or an object (the prompts change its material).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 
 from bksdm.errors import UserError
 
-IDENTIFIER = "sks"
+IDENTIFIER = "sks11df"  # BK-SDM scripts/finetune_*.sh and generate_after_*_ft.sh
 SUBJECT_CLASSES: dict[str, str] = {
     "backpack": "backpack", "backpack_dog": "backpack", "bear_plushie": "stuffed animal", "berry_bowl": "bowl",
     "can": "can", "candle": "candle", "cat": "cat", "cat2": "cat", "clock": "clock", "colorful_sneaker": "sneaker",

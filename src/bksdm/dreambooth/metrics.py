@@ -23,10 +23,10 @@ def dino_model(name_or_path: str = DINO_DEFAULT, device: str = "cpu"):
     """A transformers ``ViTModel`` (DINO ViT-S/16 by default) from a hub id or a local folder."""
     from transformers import ViTModel
 
-    from bksdm.hub import resolve_model
+    from bksdm.hub import MODEL_FILES, resolve_model
 
     try:
-        path = resolve_model(name_or_path, "DINO model")
+        path = resolve_model(name_or_path, "DINO model", MODEL_FILES)
     except UserError as exc:
         raise UserError(f"{exc} (or pass --dino-model FOLDER)") from None
     return ViTModel.from_pretrained(path, add_pooling_layer=False).to(device).eval()

@@ -1,14 +1,20 @@
 """FID, IS and CLIP score on folders of images, through the reference libraries.
 
 * FID — pytorch-fid: 2048-d pool features of its FID Inception, Frechet distance to statistics saved as a
-  pytorch-fid ``.npz`` (``mu``, ``sigma``). Images are first squashed to ``size`` x ``size`` (bicubic), the
-  paper's 256 px protocol, for both real statistics and generated images.
+  pytorch-fid ``.npz`` (``mu``, ``sigma``). Images are squashed to ``size`` x ``size`` (the paper's 256 px).
+  Real-image statistics follow the official route by default (:func:`official_resize`: PIL's default resize,
+  then a JPEG quality-75 round trip, as the official ``val2014_im256`` files were made); the features are those of
+  ``python -m pytorch_fid`` bit for bit (same tensor layout, so the same CPU kernels).
 * IS — torch-fidelity: its Inception's ``logits_unbiased`` and its ``isc_features_to_metric`` (10 splits).
+* Both are fed in the reference tools' own order (sorted paths), not the prompt file's: IS shuffles and splits by
+  position, and the order of FID's sums moves its last digits.
 * CLIP score — open_clip: mean raw cosine similarity of image and prompt embeddings (no x100, no clamp).
 """
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -31,13 +37,39 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def _load(paths: Iterable[Path], size: int | None) -> Iterable[Image.Image]:
+def load_images(paths: Iterable[Path], size: int | None = None) -> Iterable[Image.Image]:
+    """RGB images, squashed to ``size`` x ``size`` (bicubic, PIL's default filter) when not that size already."""
     for p in paths:
         im = Image.open(p).convert("RGB")
         yield im.resize((size, size), Image.BICUBIC) if size and im.size != (size, size) else im
 
 
+def official_resize(image: Image.Image, size: int) -> Image.Image:
+    """The official 256 px copy of an image: ``image.resize((size, size))`` with PIL's default filter, saved as
+    JPEG at PIL's default quality (75) and read back, as BK-SDM's ``change_img_size`` writes ``im256/*.jpg``."""
+    if image.mode not in ("RGB", "L", "CMYK"):  # JPEG cannot hold alpha or a palette
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.resize((size, size)).save(buf, format="JPEG")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def official_images(paths: Iterable[Path], size: int) -> Iterable[Image.Image]:
+    """:func:`official_resize` of every file (the route of the official real-image statistics)."""
+    for p in paths:
+        with Image.open(p) as im:
+            yield official_resize(im, size)
+
+
+def reference_order(paths: Iterable[Path]) -> list[Path]:
+    """The order in which torch-fidelity and pytorch-fid read a folder (sorted paths). IS shuffles and splits by
+    position; FID's sums and the batches' composition change its last digits."""
+    return sorted(paths, key=lambda p: os.path.realpath(p))
+
+
 def _uint8_batches(images: Iterable[Image.Image], batch: int) -> Iterable[torch.Tensor]:
+    """(B, 3, H, W) uint8 views (channels-last memory, as torch-fidelity's ``pil_to_tensor`` gives them)."""
     buf: list[np.ndarray] = []
     for im in images:
         buf.append(np.asarray(im, dtype=np.uint8))
@@ -53,7 +85,9 @@ def inception_features(images: Iterable[Image.Image], model, batch: int = 50, de
     """(N, 2048) pytorch-fid pool features of PIL images."""
     feats = []
     for x in _uint8_batches(images, batch):
-        out = model(x.to(device).float() / 255.0)[0]  # pytorch-fid expects [0, 1] and resizes to 299 itself
+        # contiguous, as torchvision's ToTensor in pytorch-fid's loader: a channels-last input picks other CPU
+        # convolution kernels and moves FID in the 7th digit
+        out = model(x.contiguous().to(device).float() / 255.0)[0]  # [0, 1]; pytorch-fid resizes to 299 itself
         feats.append(out.squeeze(-1).squeeze(-1).cpu().numpy())
     return np.concatenate(feats).astype(np.float64)
 
@@ -86,9 +120,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
-def folder_stats(folder: str | Path, model, size: int | None = 256, batch: int = 50, device: str = "cpu"):
-    """pytorch-fid statistics of every image in ``folder`` squashed to ``size`` (the paper: val2014 at 256)."""
-    return stats(inception_features(_load(list_images(folder), size), model, batch, device))
+def folder_stats(folder: str | Path, model, size: int | None = 256, batch: int = 50, device: str = "cpu",
+                 lossless: bool = False):
+    """pytorch-fid statistics of every image in ``folder`` at ``size`` (the paper: val2014 at 256).
+
+    Default: the official route (:func:`official_resize`); ``lossless``: a bicubic resize in memory, no JPEG."""
+    files = list_images(folder)
+    images = load_images(files, size) if lossless or not size else official_images(files, size)
+    return stats(inception_features(images, model, batch, device))
 
 
 @torch.no_grad()

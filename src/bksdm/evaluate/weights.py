@@ -91,3 +91,29 @@ def clip_model(name: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b88k", de
                         f"({type(exc).__name__}; offline={offline()}); download the checkpoint once and pass "
                         f"--clip-pretrained FILE") from None
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def random_inception(seed: int = 0) -> torch.nn.Module:
+    """pytorch-fid's FID Inception architecture (1008 classes) with random weights, for offline checks of the metric
+    code paths; torch-fidelity's IS Inception reads the same state dict keys.
+
+    Freshly initialised, its batch-norm statistics (mean 0, variance 1) shrink every feature to nearly the same
+    value (FID ~1e-15, IS exactly 1); so the statistics are taken from 16 noise images, which makes features and
+    class probabilities differ between images as a trained network's do, and the classifier is scaled down so that
+    torch-fidelity's softmax is not one-hot (IS would be NaN)."""
+    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2, _inception_v3
+
+    torch.manual_seed(seed)
+    m = _inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    m.Mixed_5b, m.Mixed_5c, m.Mixed_5d = FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64)
+    m.Mixed_6b, m.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
+    m.Mixed_6d, m.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
+    m.Mixed_7b, m.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
+    for bn in m.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.reset_running_stats()
+            bn.momentum = None  # a plain average over the calibration batch
+    with torch.no_grad():
+        m.train()(torch.rand(16, 3, 299, 299, generator=torch.Generator().manual_seed(seed)) * 2 - 1)
+        m.fc.weight.mul_(0.1)
+    return m.eval()

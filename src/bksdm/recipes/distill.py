@@ -21,12 +21,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bksdm.distill.checkpoints import checkpoints
 from bksdm.distill.config import DistillConfig
 from bksdm.distill.hooks import FeatureHooks, unwrap
-from bksdm.errors import UserError
+from bksdm.errors import UserError, check_output, reading
 from bksdm.models import fresh_accelerator_state, training_target
 
 TERMS = ("loss", "task", "out_kd", "feat_kd")
+MAX_EMPTY_MICRO_BATCHES = 50
+"""Consecutive micro-batches of only unreadable items after which a run stops (instead of reading forever)."""
+RUN_OUTPUTS = ("checkpoints", "final", "logs", "samples", "config.json")
+"""What a run writes into its folder: present means the folder holds a run."""
 
 
 class DistillRecipe:
@@ -34,22 +39,24 @@ class DistillRecipe:
         self.cfg = cfg.validate()
         self.source_override = source
         self.step = 0
+        self.micro = 0  # micro-batches consumed (with fully unreadable ones, more than step x grad_accum)
         self.skipped = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "DistillRecipe":
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler
 
         from bksdm.compress import derivation_for
         from bksdm.hub import read_unet_config
-        from bksdm.models import FrozenTeacher, default_device, load_text_side, pipeline_folder
+        from bksdm.models import FrozenTeacher, default_device, load_text_side, load_unet, pipeline_folder
 
         cfg = self.cfg
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed-precision bf16 or no")
-        self.out = Path(cfg.out)
+        self.out = check_output(cfg.out)
+        self._claim_run_folder()
         log_with = None if cfg.report_to == "none" else cfg.report_to
         fresh_accelerator_state()
         self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision,
@@ -61,7 +68,7 @@ class DistillRecipe:
         self.derivation = derivation_for(teacher_cfg, cfg.student)
         self.source = self._open_data()
 
-        teacher_unet = UNet2DConditionModel.from_pretrained(unet_dir)
+        teacher_unet = load_unet(unet_dir)
         student = self._student(teacher_unet)
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -72,7 +79,8 @@ class DistillRecipe:
         self.s_hooks = FeatureHooks(student, [s for _, s in pairs], "student")
         if not getattr(self.source, "is_cache", False):
             self.vae, self.tokenizer, self.text_encoder = load_text_side(self.teacher_dir, self.acc.device, self.weight_dtype)
-        self.noise_scheduler = DDPMScheduler.from_pretrained(self.teacher_dir, subfolder="scheduler")
+        with reading(self.teacher_dir / "scheduler", "scheduler of"):
+            self.noise_scheduler = DDPMScheduler.from_pretrained(self.teacher_dir, subfolder="scheduler")
 
         fused = cfg.fused_adam and self.acc.device.type in ("cpu", "cuda")
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -94,6 +102,21 @@ class DistillRecipe:
             self.acc.init_trackers("distill", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, list)})
         return self
 
+    def _claim_run_folder(self) -> None:
+        """Refuse to mix two runs in one folder: an earlier run is continued (``resume``), replaced
+        (``overwrite``: its outputs are removed first) or left alone (an error, before any work)."""
+        cfg = self.cfg
+        used = [n for n in RUN_OUTPUTS if (self.out / n).exists()]
+        if not used or cfg.resume:
+            return
+        if not cfg.overwrite:
+            raise UserError(f"{self.out} already holds a run ({', '.join(used)}); pass --resume latest to continue it, "
+                            f"--overwrite to replace it, or choose another --out")
+        if int(os.environ.get("RANK", "0")) == 0:  # before accelerate exists: the launcher's rank
+            for n in used:
+                target = self.out / n
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+
     def _open_data(self):
         from bksdm.distill.cache import CacheSource
         from bksdm.distill.data import open_source
@@ -112,12 +135,13 @@ class DistillRecipe:
         from diffusers import UNet2DConditionModel
 
         from bksdm.arch import init_student_from_teacher
+        from bksdm.models import load_unet
 
         cfg, der = self.cfg, self.derivation
         folder = Path(cfg.student)
         student = None
         if folder.is_dir():
-            student = UNet2DConditionModel.from_pretrained(folder / "unet")
+            student = load_unet(folder / "unet")
             for key, want in der.student_config.items():
                 have = student.config.get(key)
                 if isinstance(want, (list, tuple)):
@@ -183,19 +207,23 @@ class DistillRecipe:
         cfg, acc = self.cfg, self.acc
         if self.step >= cfg.max_steps:
             return self.finish({})
-        start_micro = self.step * cfg.grad_accum
         batches = micro_batches(self.source, cfg.seed, cfg.random_flip, cfg.resolution, cfg.batch_size,
-                                acc.process_index, acc.num_processes, start_micro, cfg.num_workers)
+                                acc.process_index, acc.num_processes, self.micro, cfg.num_workers)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="distill", unit="step")
         sums = {k: 0.0 for k in TERMS}
-        micro, t0, seen, last = start_micro, time.perf_counter(), 0, {}
+        t0, seen, last, empty = time.perf_counter(), 0, {}, 0
         self.student.train()
         for batch in batches:
             self.skipped += batch["skipped"]
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro * acc.num_processes + acc.process_index)
-            micro += 1
-            if "pixels" not in batch and "mean" not in batch:
-                continue  # every item of this micro-batch was unreadable
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.micro * acc.num_processes + acc.process_index)
+            self.micro += 1
+            if "pixels" not in batch and "mean" not in batch:  # every item of this micro-batch was unreadable
+                empty += 1
+                if empty >= MAX_EMPTY_MICRO_BATCHES:
+                    raise UserError(f"the last {empty} micro-batches ({empty * cfg.batch_size} items) of {cfg.data or cfg.cache} "
+                                    f"were all unreadable ({self.skipped} skipped in all); check the data")
+                continue
+            empty = 0
             with acc.accumulate(self.student):
                 terms = self.loss_step(batch, gen)
                 acc.backward(terms["loss"])
@@ -251,37 +279,54 @@ class DistillRecipe:
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
-            state = {"step": self.step, "skipped": self.skipped, "processes": self.acc.num_processes}
+            state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "processes": self.acc.num_processes}
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
             unwrap(self.acc.unwrap_model(self.student)).save_pretrained(tmp / "unet", safe_serialization=True)
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            done = sorted((p for p in ckdir.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
+            done = checkpoints(ckdir)
             for old in done[: max(0, len(done) - self.cfg.checkpoints_total_limit)]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return final
 
     def _resume(self, which: str) -> None:
-        ckdir = self.out / "checkpoints"
-        if which == "latest":
-            done = sorted(ckdir.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if ckdir.is_dir() else []
-            if not done:
-                self.acc.print(f"no checkpoint in {ckdir}; starting from step 0")
-                return
-            path = done[-1]
-        else:
+        """Continue from ``which`` (a checkpoint folder) or the newest complete checkpoint (``latest``); an
+        unreadable newest one is reported and the one before it is used."""
+        if which != "latest":
             path = Path(which)
             if not (path / "trainer_state.json").is_file():
                 raise UserError(f"{which} is not a checkpoint folder (no trainer_state.json)")
-        self.acc.load_state(str(path))
-        state = json.loads((path / "trainer_state.json").read_text())
-        self.step, self.skipped = state["step"], state["skipped"]
-        if self.ema is not None and (path / "ema.pt").is_file():
-            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
-            self.ema.to(self.acc.device)
+            return self._load_checkpoint(path)
+        done = checkpoints(self.out / "checkpoints")
+        if not done:
+            self.acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+            return
+        for k, path in enumerate(reversed(done)):
+            try:
+                return self._load_checkpoint(path)
+            except UserError as exc:
+                if k == len(done) - 1:
+                    raise UserError(f"no checkpoint in {self.out / 'checkpoints'} can be read; the newest: {exc}") from None
+                self.acc.print(f"checkpoint {path.name} cannot be read ({exc}); resuming from {done[-2 - k].name}")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        with reading(path / "trainer_state.json", "checkpoint state"):
+            state = json.loads((path / "trainer_state.json").read_text())
+            step, skipped = int(state["step"]), int(state["skipped"])
+        if state.get("processes", 1) != self.acc.num_processes:
+            raise UserError(f"{path} was written by {state['processes']} processes and this run has "
+                            f"{self.acc.num_processes}; the data split depends on it: resume with "
+                            f"{state['processes']} processes")
+        with reading(path, "checkpoint"):
+            self.acc.load_state(str(path))
+            if self.ema is not None and (path / "ema.pt").is_file():
+                self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+                self.ema.to(self.acc.device)
+        self.step, self.skipped = step, skipped
+        self.micro = int(state.get("micro", step * self.cfg.grad_accum))  # older checkpoints: no skipped batches
         self.acc.print(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ outputs

@@ -13,14 +13,16 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bksdm.dreambooth.config import DreamBoothConfig
+from bksdm.dreambooth.config import DreamBoothConfig, lora_config
+from bksdm.dreambooth.dataset import IDENTIFIER
+from bksdm.errors import UserError
 from bksdm.models import default_device, fresh_accelerator_state, training_target
 
 
@@ -60,6 +62,19 @@ def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in have[: cfg.num_class_images]]
 
 
+def epoch_order(instances: int, classes: int, rng: random.Random) -> Iterator[tuple[int, int]]:
+    """(instance, class image) index pairs as diffusers' DreamBooth dataset yields them under a shuffling loader:
+    an epoch is a fresh permutation of ``range(max(instances, classes))``, item ``k`` being instance
+    ``k % instances`` and class image ``k % classes`` (so 200 class images are each used 4 times in 800 steps at
+    batch 1). ``classes`` 0: no prior preservation (class index 0 is then unused)."""
+    length = max(instances, classes)
+    while True:
+        perm = list(range(length))
+        rng.shuffle(perm)
+        for k in perm:
+            yield k % instances, k % max(classes, 1)
+
+
 class DreamBooth:
     """One subject's fine-tuning run."""
 
@@ -68,6 +83,7 @@ class DreamBooth:
 
     def setup(self) -> "DreamBooth":
         from accelerate import Accelerator
+        from accelerate.utils import set_seed
         from diffusers import DDPMScheduler
 
         from bksdm.dreambooth.dataset import load_subject_images
@@ -86,18 +102,15 @@ class DreamBooth:
         self.noise = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler")
         self.unet.float()
         self.text_encoder.float()
+        set_seed(cfg.seed)  # the adapters' random init depends on the seed only, not on what ran before
         if cfg.lora:
-            from peft import LoraConfig
-
             self.unet.requires_grad_(False)
             self.text_encoder.requires_grad_(False)
-            self.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                             target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            self.unet.add_adapter(lora_config(cfg.lora_preset, "unet", cfg.lora_rank))
             if cfg.train_text_encoder:  # peft directly: transformers' add_adapter wants a newer peft than PyPI has
                 from peft import inject_adapter_in_model
 
-                inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                                   target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), self.text_encoder)
+                inject_adapter_in_model(lora_config(cfg.lora_preset, "text_encoder", cfg.lora_rank), self.text_encoder)
         else:
             self.text_encoder.requires_grad_(cfg.train_text_encoder)
         if cfg.gradient_checkpointing:
@@ -110,12 +123,13 @@ class DreamBooth:
         self.params = params
         return self
 
-    def _batch(self, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
+    def _batch(self, order: Iterator[tuple[int, int]], rng: random.Random) -> tuple[torch.Tensor, list[str]]:
         cfg = self.cfg
-        pix = [_crop(rng.choice(self.instances), cfg.resolution, rng) for _ in range(cfg.batch_size)]
+        pairs = [next(order) for _ in range(cfg.batch_size)]
+        pix = [_crop(self.instances[i], cfg.resolution, rng) for i, _ in pairs]
         texts = [cfg.instance_prompt] * cfg.batch_size
         if cfg.with_prior:
-            pix += [_crop(rng.choice(self.classes), cfg.resolution, rng) for _ in range(cfg.batch_size)]
+            pix += [_crop(self.classes[c], cfg.resolution, rng) for _, c in pairs]
             texts += [cfg.class_prompt] * cfg.batch_size
         return torch.stack(pix), texts
 
@@ -153,8 +167,9 @@ class DreamBooth:
         self.text_encoder.train()
         history = []
         t0 = time.perf_counter()
+        order = epoch_order(len(self.instances), len(self.classes), rng)
         for step in tqdm(range(cfg.max_steps), desc="dreambooth", unit="step", disable=not self.acc.is_main_process):
-            pixels, texts = self._batch(rng)
+            pixels, texts = self._batch(order, rng)
             with self.acc.autocast():
                 terms = self.loss_step(pixels, texts, gen)
             self.acc.backward(terms["loss"])
@@ -185,8 +200,11 @@ class DreamBooth:
             from peft.utils import get_peft_model_state_dict
 
             te = convert_state_dict_to_diffusers(get_peft_model_state_dict(text)) if self.cfg.train_text_encoder else None
+            # the adapter configs travel in the file: without them a loader assumes alpha = rank (wrong for bk-sdm)
+            meta = {m: lora_config(self.cfg.lora_preset, m, self.cfg.lora_rank).to_dict() for m in ("unet", "text_encoder")}
             StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(unet)), text_encoder_lora_layers=te)
+                get_peft_model_state_dict(unet)), text_encoder_lora_layers=te, unet_lora_adapter_metadata=meta["unet"],
+                text_encoder_lora_adapter_metadata=meta["text_encoder"] if te else None)
         else:
             _copy_pipeline(self.folder, out / "pipeline")
             shutil.rmtree(out / "pipeline" / "text_encoder", ignore_errors=True)
@@ -219,13 +237,18 @@ def personalised_pipeline(model: str, out: str | Path, lora: bool):
 def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[str] | None = None, lora: bool = False,
           images_per_prompt: int = 4, steps: int = 25, guidance: float = 7.5, dino: str | None = None,
           clip_name: str = "ViT-B-32", clip_pretrained: str = "openai", device: str | None = None,
-          **overrides: Any) -> dict[str, Any]:
-    """Fine-tune, generate (4 images x 25 prompts) and score every subject; finished work is skipped on rerun."""
-    from bksdm.dreambooth import metrics as DM
-    from bksdm.dreambooth.dataset import IDENTIFIER, load_subject_images, prompts, subjects
-    from bksdm.evaluate.weights import clip_model
-    from bksdm.generate import initial_latents, prompt_seed
+          identifier: str = IDENTIFIER, scheduler: str = "dpm", **overrides: Any) -> dict[str, Any]:
+    """Fine-tune, generate (4 images x 25 prompts) and score every subject; finished work is skipped on rerun.
 
+    Defaults follow the official BK-SDM runs: identifier ``sks11df`` in training and evaluation prompts, images
+    drawn with DPM-Solver (multistep) at 25 steps, LoRA with the ``bk-sdm`` preset."""
+    from bksdm.dreambooth import metrics as DM
+    from bksdm.dreambooth.dataset import load_subject_images, prompts, subjects
+    from bksdm.evaluate.weights import clip_model
+    from bksdm.generate import SCHEDULERS, initial_latents, prompt_seed
+
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     device = device or default_device()
     todo = subjects(dataset, subjects_only)
     dino_net = DM.dino_model(dino or DM.DINO_DEFAULT, device)  # fail on missing metric weights before any training
@@ -236,16 +259,19 @@ def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[
         sub = out / name
         real = load_subject_images(Path(dataset) / name)
         if not (sub / "finetune.json").is_file():
-            cfg = DreamBoothConfig(model=model, instance_dir=str(Path(dataset) / name), instance_prompt=f"a {IDENTIFIER} {cls}",
+            cfg = DreamBoothConfig(model=model, instance_dir=str(Path(dataset) / name), instance_prompt=f"a {identifier} {cls}",
                                    class_prompt=f"a {cls}", out=str(sub), lora=lora,
                                    class_dir=str(out / "class_images" / cls.replace(" ", "_"))).update(overrides, "bench")
             finetune(cfg)
         ft = json.loads((sub / "finetune.json").read_text())
         pipe = personalised_pipeline(model, sub, lora).to(device)
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
         gen_dir = sub / "images"
         gen_dir.mkdir(exist_ok=True)
         paths, used = [], []
-        for k, prompt in enumerate(prompts(cls, live)):
+        for k, prompt in enumerate(prompts(cls, live, identifier)):
             for j in range(images_per_prompt):
                 path = gen_dir / f"p{k:02d}_{j}.png"
                 if not path.exists():
@@ -254,7 +280,7 @@ def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[
                     pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=lat.to(device, pipe.unet.dtype)).images[0].save(path)
                 paths.append(path)
                 used.append(prompt)
-        scores = DM.subject_scores(DM.load_images(paths), used, real, dino_net, clip, IDENTIFIER, device)
+        scores = DM.subject_scores(DM.load_images(paths), used, real, dino_net, clip, identifier, device)
         row = {"subject": name, **scores, "ft_seconds": ft["seconds"], "ft_peak_gb": ft["memory"]["peak_gb"],
                "memory_kind": ft["memory"]["kind"]}
         (sub / "metrics.json").write_text(json.dumps(row, indent=1))

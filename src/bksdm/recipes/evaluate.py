@@ -14,24 +14,30 @@ ALL_METRICS = ("fid", "is", "clip", "fidelity", "mini-fid")
 
 
 def matched_images(images: str | Path, prompts: str | Path) -> tuple[list[Path], list[str]]:
-    """The image of every prompt (by name), in prompt-file order; an error if any is missing."""
+    """The image of every prompt, in prompt-file order: the file named as the prompt file says (an official
+    ``im256/COCO_...jpg`` folder as it is), else the one file with that stem (``.png`` of a lossless run).
+    An error if any is missing."""
     from bksdm.generate import read_prompts
 
     items = read_prompts(prompts)
     folder = Path(images)
-    have = {p.name for p in M.list_images(folder)}
-    missing = [n for n, _ in items if n not in have]
-    if missing:
+    files = M.list_images(folder)
+    names = {p.name for p in files}
+    by_stem = {p.stem: p.name for p in files}
+    found = [n if n in names else by_stem.get(Path(n).stem) for n, _ in items]
+    if None in found:
+        missing = [n for (n, _), f in zip(items, found) if f is None]
         raise UserError(f"image folder {folder} has {len(items) - len(missing)} of the {len(items)} images the prompt "
                         f"file names (first missing: {missing[0]}); generate them first")
-    return [folder / n for n, _ in items], [p for _, p in items]
+    return [folder / f for f in found], [p for _, p in items]
 
 
 def evaluate(images: str | Path, prompts: str | Path, metrics: list[str], fid_ref: str | None = None,
              size: int | None = 256, inception_weights: str | None = None, isc_weights: str | None = None,
              clip_name: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", device: str | None = None,
-             batch: int = 50) -> dict[str, Any]:
-    """Scores of the images named by ``prompts`` in ``images``; ``fid_ref`` is a pytorch-fid .npz or a folder."""
+             batch: int = 50, lossless: bool = False) -> dict[str, Any]:
+    """Scores of the images named by ``prompts`` in ``images``; ``fid_ref`` is a pytorch-fid .npz or a folder of
+    real images (squashed the official way, or in memory without JPEG when ``lossless``)."""
     from bksdm.evaluate import weights as W
     from bksdm.models import default_device
 
@@ -45,15 +51,16 @@ def evaluate(images: str | Path, prompts: str | Path, metrics: list[str], fid_re
         if not fid_ref:
             raise UserError("fid needs --fid-ref: a pytorch-fid .npz (mu, sigma) or a folder of real images")
         model = W.fid_inception(inception_weights, device)
-        mu, sigma = M.stats(M.inception_features(M._load(paths, size), model, batch, device))
+        mu, sigma = M.stats(M.inception_features(M.load_images(M.reference_order(paths), size), model, batch, device))
         ref = Path(fid_ref)
-        mu2, sigma2 = M.folder_stats(ref, model, size, batch, device) if ref.is_dir() else M.load_stats(ref, mu.shape[0])
+        mu2, sigma2 = M.folder_stats(ref, model, size, batch, device, lossless) if ref.is_dir() else M.load_stats(ref, mu.shape[0])
         res["fid"] = M.frechet_distance(mu, sigma, mu2, sigma2)
     if "is" in metrics:
-        res.update(M.inception_score(M._load(paths, size), W.isc_inception(isc_weights, device), batch, device=device))
+        res.update(M.inception_score(M.load_images(M.reference_order(paths), size), W.isc_inception(isc_weights, device),
+                                     batch, device=device))
     if "clip" in metrics:
         model, preprocess, tok = W.clip_model(clip_name, clip_pretrained, device)
-        res["clip"] = float(M.clip_similarities([im for im in M._load(paths, None)], texts, model, preprocess, tok,
+        res["clip"] = float(M.clip_similarities(list(M.load_images(paths)), texts, model, preprocess, tok,
                                                 device=device).mean())
     if "fidelity" in metrics or "mini-fid" in metrics:
         from bksdm.mini.metrics import mini_scores
@@ -82,13 +89,15 @@ def progress(run: str | Path, prompts: str | Path, metrics: list[str], out: str 
     from bksdm.models import pipeline_folder
 
     teacher_dir = pipeline_folder(teacher, "teacher")
-    ckpts = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    from bksdm.distill.checkpoints import checkpoints
+
+    ckpts = checkpoints(run / "checkpoints")
     if not ckpts:
         raise UserError(f"{run}/checkpoints holds no step-N checkpoints")
     out = Path(out or run / "progress")
     rows = []
     for ck in ckpts:
-        step = int(ck.name.split("-")[1])
+        step = int(ck.name[5:])
         pipe_dir = out / "pipelines" / ck.name
         if not (pipe_dir / "model_index.json").is_file():
             _copy_pipeline(teacher_dir, pipe_dir)
@@ -96,8 +105,11 @@ def progress(run: str | Path, prompts: str | Path, metrics: list[str], out: str 
 
             shutil.copytree(ck / "unet", pipe_dir / "unet", dirs_exist_ok=True)
         gen_dir = out / "images" / ck.name
-        generate(str(pipe_dir), prompts, gen_dir, **(gen_kwargs or {}))
-        res = evaluate(gen_dir / "images", prompts, metrics, **eval_kwargs)
+        gen_kwargs = {"save_size": 256, **(gen_kwargs or {})}
+        generate(str(pipe_dir), prompts, gen_dir, **gen_kwargs)
+        # every metric on the 256 px copies, as the protocol scores them (CLIP included)
+        scored = gen_dir / f"images_{gen_kwargs['save_size']}" if gen_kwargs["save_size"] else gen_dir / "images"
+        res = evaluate(scored, prompts, metrics, **eval_kwargs)
         rows.append({"step": step, **res})
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "progress.csv", "w", newline="") as f:

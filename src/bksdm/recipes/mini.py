@@ -51,7 +51,7 @@ def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int =
     from bksdm.generate import generate
     from bksdm.recipes.evaluate import evaluate
 
-    generate(str(folder), prompts, out, steps=steps, batch_size=batch, save_size=None)
+    generate(str(folder), prompts, out, steps=steps, batch_size=batch, save_size=None, lossless=True)  # 32 px: no JPEG
     return evaluate(out / "images", prompts, ["fidelity", "mini-fid"])
 
 
