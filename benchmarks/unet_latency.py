@@ -14,7 +14,7 @@ import torch
 
 from bksdm.arch import BUILTIN_SPECS, derive
 from bksdm.arch.families import family_component_config
-from bksdm.profile import DTYPES, _materialise, device_name, median_latency
+from bksdm.profile import DTYPES, materialise, device_name, median_latency
 
 
 def main(argv=None) -> None:
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     for name, cfg in cfgs.items():
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(cfg)
-        unet = _materialise(unet, torch.Generator().manual_seed(0)).eval()
+        unet = materialise(unet, torch.Generator().manual_seed(0)).eval()
         for d in dtypes:
             unet.to(a.device, dtype=DTYPES[d])
             x = torch.randn(a.batch, 4, size, size, device=a.device, dtype=DTYPES[d])

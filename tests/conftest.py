@@ -49,9 +49,22 @@ def tiny_teacher_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def flat_metric_home(tmp_path_factory):
+    """A TORCH_HOME with fresh random Inception weights: near-constant features, so FID of a dozen images stays
+    well-conditioned (for FID's ordering checks; no IS check can fail on it)."""
+    from bksdm.evaluate.weights import FID_INCEPTION, random_inception
+
+    home = tmp_path_factory.mktemp("flat_torch_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(random_inception(0, calibrate=False).state_dict(), home / "hub" / "checkpoints" / FID_INCEPTION)
+    return home
+
+
+@pytest.fixture(scope="session")
 def metric_home(tmp_path_factory):
     """A TORCH_HOME holding random-weight Inception files of the real architectures (pytorch-fid's FID Inception;
-    torch-fidelity's Inception reads the same keys), and a tiny open_clip config with a random checkpoint."""
+    torch-fidelity's Inception reads the same keys) whose features differ between images, and a tiny open_clip
+    config with a random checkpoint."""
     import open_clip
 
     from bksdm.evaluate.weights import FID_INCEPTION, ISC_INCEPTION, random_inception
@@ -69,3 +82,18 @@ def metric_home(tmp_path_factory):
     clip = open_clip.create_model("bksdm-tiny-clip")
     torch.save(clip.state_dict(), home / "tiny-clip.pt")
     return home
+
+
+# Flags and config of a few-second distillation of the tiny teacher (shared by the distill and fault tests).
+FAST = ["--resolution", "32", "--batch-size", "4", "--mixed-precision", "no", "--num-workers", "0",
+        "random_flip=false", "report_to=none", "gradient_checkpointing=false"]
+
+
+def distill_cfg(teacher, out, **kw):
+    """A tiny DistillConfig for the tiny teacher (mini-world data at 32 px, fp32, no workers), ``kw`` on top."""
+    from bksdm.distill.config import DistillConfig
+
+    base = dict(teacher=str(teacher), student="bk-small", data="mini-world:16", out=str(out), resolution=32,
+                batch_size=4, grad_accum=1, max_steps=4, mixed_precision="no", num_workers=0, random_flip=False,
+                report_to="none", gradient_checkpointing=False, checkpoint_every=100)
+    return DistillConfig().update(base | kw, "test")

@@ -13,20 +13,9 @@ import torch
 import yaml
 
 from bksdm.cli import main
-from tests.conftest import one_line_error
+from tests.conftest import FAST, distill_cfg, one_line_error
 from bksdm.distill.config import DistillConfig, load_config
 from bksdm.recipes.distill import DistillRecipe
-
-FAST = ["--resolution", "32", "--batch-size", "4", "--mixed-precision", "no", "--num-workers", "0",
-        "random_flip=false", "report_to=none", "gradient_checkpointing=false"]
-
-
-def _cfg(teacher, out, **kw):
-    base = dict(teacher=str(teacher), student="bk-small", data="mini-world:16", out=str(out), resolution=32,
-                batch_size=4, grad_accum=1, max_steps=4, mixed_precision="no", num_workers=0, random_flip=False,
-                report_to="none", gradient_checkpointing=False, checkpoint_every=100)
-    return DistillConfig().update(base | kw, "test")
-
 
 def _losses(out: Path) -> list[dict]:
     return list(csv.DictReader(open(out / "logs" / "losses.csv")))
@@ -39,7 +28,7 @@ def test_shipped_yaml_equals_defaults():
 
 
 def test_overfits_a_fixed_batch(tiny_teacher_dir, tmp_path):
-    cfg = _cfg(tiny_teacher_dir, tmp_path / "run", data="mini-world:4", lr=2e-3, max_steps=150, ema=False)
+    cfg = distill_cfg(tiny_teacher_dir, tmp_path / "run", data="mini-world:4", lr=2e-3, max_steps=150, ema=False)
     recipe = DistillRecipe(cfg).setup()
     from bksdm.distill.loader import micro_batches
 
@@ -53,11 +42,11 @@ def test_overfits_a_fixed_batch(tiny_teacher_dir, tmp_path):
 
 
 def test_killed_and_resumed_equals_uninterrupted(tiny_teacher_dir, tmp_path):
-    full = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "a", grad_accum=2, checkpoint_every=2)).setup()
+    full = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "a", grad_accum=2, checkpoint_every=2)).setup()
     full.train()
-    part = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "b", grad_accum=2, checkpoint_every=2, max_steps=2)).setup()
+    part = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "b", grad_accum=2, checkpoint_every=2, max_steps=2)).setup()
     part.train()  # "killed" after step 2: a fresh process resumes from the checkpoint
-    resumed = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "b", grad_accum=2, checkpoint_every=2, resume="latest")).setup()
+    resumed = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "b", grad_accum=2, checkpoint_every=2, resume="latest")).setup()
     assert resumed.step == 2
     resumed.train()
     a, b = full.final_unet().state_dict(), resumed.final_unet().state_dict()
@@ -70,8 +59,8 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_teacher_dir, tmp_path):
 def test_cached_equals_uncached(tiny_teacher_dir, tmp_path):
     assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", "mini-world:8", "--out", str(tmp_path / "c"),
                  "--resolution", "32", "--dtype", "fp32"]) == 0
-    plain = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "u", data="mini-world:8", random_flip=True)).setup()
-    cached = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "k", cache=str(tmp_path / "c"), random_flip=True)).setup()
+    plain = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "u", data="mini-world:8", random_flip=True)).setup()
+    cached = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "k", cache=str(tmp_path / "c"), random_flip=True)).setup()
     assert not hasattr(cached, "vae") and not hasattr(cached, "text_encoder")
     from bksdm.distill.loader import micro_batches
 
@@ -135,7 +124,7 @@ def test_hooks_see_through_compile_wrapper(tiny_teacher_dir):
 def test_final_pipeline_loads(tiny_teacher_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    r = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / "f", max_steps=1, sample_prompts=["a red circle at the top left"],
+    r = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "f", max_steps=1, sample_prompts=["a red circle at the top left"],
                            sample_steps=2)).setup()
     r.train()
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "f" / "final")
@@ -198,8 +187,8 @@ def test_random_init_ignores_the_teacher_weights(tiny_teacher_dir, tmp_path):
     """init=random (the ablation's N1) must not start from the teacher's weights, also for a student folder."""
     assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", "bk-small", "--out", str(tmp_path / "s")]) == 0
     for k, student in enumerate(("bk-small", str(tmp_path / "s"))):  # a run folder per run
-        warm = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / f"w{k}", student=student)).setup()
-        cold = DistillRecipe(_cfg(tiny_teacher_dir, tmp_path / f"c{k}", student=student, init="random")).setup()
+        warm = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / f"w{k}", student=student)).setup()
+        cold = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / f"c{k}", student=student, init="random")).setup()
         t = dict(warm.teacher.unet.named_parameters())
         w, c = dict(warm.student.named_parameters()), dict(cold.student.named_parameters())
         key = "up_blocks.1.resnets.1.conv1.weight"  # from teacher up_blocks.1.resnets.2

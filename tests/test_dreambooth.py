@@ -39,7 +39,7 @@ def dino_dir(tmp_path_factory):
 def _ft(teacher, subject, out, *extra):
     return main(["dreambooth", "--model", str(teacher), "--instance-dir", str(subject), "--instance-prompt",
                  "a sks triangle", "--class-prompt", "a triangle", "--num-class-images", "2", "--class-steps", "2",
-                 "--resolution", "32", "--max-steps", "3", "--out", str(out), "--gradient-checkpointing", "false", *extra])
+                 "--resolution", "32", "--max-steps", "3", "--out", str(out), "--no-gradient-checkpointing", *extra])
 
 
 def test_full_finetune_with_prior(tiny_teacher_dir, subject_dir, tmp_path):
@@ -64,7 +64,7 @@ def test_lora_finetune_loads_into_diffusers(tiny_teacher_dir, subject_dir, tmp_p
     from bksdm.recipes.dreambooth import personalised_pipeline
 
     out = tmp_path / "lora"
-    assert _ft(tiny_teacher_dir, subject_dir, out, "--lora", "true", "--lora-rank", "4") == 0
+    assert _ft(tiny_teacher_dir, subject_dir, out, "--lora", "--lora-rank", "4") == 0
     assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "pipeline").exists()
     pipe = personalised_pipeline(str(tiny_teacher_dir), out, lora=True)
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
@@ -84,7 +84,7 @@ def test_metrics_equal_direct_cosines(dino_dir, metric_home):
     clip = clip_model("bksdm-tiny-clip", str(metric_home / "tiny-clip.pt"))
     got = DM.subject_scores(gen, prompts, real, dino, clip)
     with torch.no_grad():
-        x = DM._dino_inputs(gen + real, 224)
+        x = DM.dino_inputs(gen + real, 224)
         cls = dino(pixel_values=x).last_hidden_state[:, 0]
         want_dino = torch.stack([torch.nn.functional.cosine_similarity(cls[i], cls[3 + j], dim=0)
                                  for i in range(3) for j in range(2)]).mean()
@@ -157,7 +157,7 @@ def test_lora_presets_are_read_back_from_the_saved_file(tiny_teacher_dir, subjec
     from bksdm.recipes.dreambooth import personalised_pipeline
 
     out = tmp_path / preset
-    assert _ft(tiny_teacher_dir, subject_dir, out, "--lora", "true", "--lora-preset", preset, "--max-steps", "1") == 0
+    assert _ft(tiny_teacher_dir, subject_dir, out, "--lora", "--lora-preset", preset, "--max-steps", "1") == 0
     with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}

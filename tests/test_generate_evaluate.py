@@ -94,8 +94,8 @@ def _prompts_txt(tmp_path, n):
     return path
 
 
-def test_fid_is_zero_on_itself_and_grows_with_shift(metric_home, tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(metric_home))
+def test_fid_is_zero_on_itself_and_grows_with_shift(flat_metric_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(flat_metric_home))
     from bksdm.recipes.evaluate import evaluate
 
     world = ShapesWorld(seed=1)
@@ -182,10 +182,10 @@ def test_training_progress_csv_and_plot(tiny_teacher_dir, tmp_path, metric_home)
     """Every checkpoint generated and scored; every metric (CLIP included) on the 256 px copies."""
     from bksdm.recipes.distill import DistillRecipe
     from bksdm.recipes.evaluate import evaluate
-    from tests.test_distill import _cfg
+    from tests.conftest import distill_cfg
 
     run = tmp_path / "run"
-    DistillRecipe(_cfg(tiny_teacher_dir, run, max_steps=2, checkpoint_every=1, checkpoints_total_limit=5)).setup().train()
+    DistillRecipe(distill_cfg(tiny_teacher_dir, run, max_steps=2, checkpoint_every=1, checkpoints_total_limit=5)).setup().train()
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(ShapesWorld().prompts(6)))
     clip = ["--clip-model", "bksdm-tiny-clip", "--clip-pretrained", str(metric_home / "tiny-clip.pt")]

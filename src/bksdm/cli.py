@@ -86,12 +86,19 @@ def _profile(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- distill
 def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
-    """One flag per config field (--max-steps, --batch-size, ...): the dataclass is the single source."""
+    """One flag per config field (--max-steps, --batch-size, ...; booleans as --x / --no-x): the dataclass is the
+    single source of names, defaults and help (each field's comment)."""
+    docs = cls.field_docs()
     for name in cls.fields():
         default = getattr(cls(), name)
+        flag = "--" + name.replace("_", "-")
+        help_ = f"{docs.get(name, '')} (default: {default!r})".strip()
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_)
+            continue
         kind = "list" if isinstance(default, list) else type(default).__name__
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, nargs="+" if kind == "list" else None,
-                       metavar=kind.upper(), help=f"default: {default!r}")
+        p.add_argument(flag, dest=name, default=None, nargs="+" if kind == "list" else None, metavar=kind.upper(),
+                       help=help_)
 
 
 @command("distill", "retrain a compressed student by knowledge distillation from its teacher (paper recipe)")
@@ -183,7 +190,8 @@ def _metric_weight_args(p: argparse.ArgumentParser) -> None:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of generated images named as in the prompt file")
     p.add_argument("--prompts", required=True, help="the prompt file used to generate them")
-    p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"], help="fid is clip fidelity mini-fid")
+    p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"], help="any of: fid is clip fidelity mini_fid "
+                   "(bksdm.evaluate.registry; mini-fid is accepted too)")
     p.add_argument("--fid-ref", help="pytorch-fid statistics (.npz with mu, sigma) or a folder of real images")
     p.add_argument("--name", default="model", help="row name in the Markdown table")
     p.add_argument("--out", help="write the results as JSON here")
@@ -213,12 +221,12 @@ def _fid_stats_args(p: argparse.ArgumentParser) -> None:
 @_fid_stats_args.run
 def _fid_stats(a: argparse.Namespace) -> int:
     from bksdm.evaluate import metrics as M
-    from bksdm.evaluate.weights import fid_inception
+    from bksdm.evaluate.registry import EvalInputs, real_statistics
     from bksdm.models import default_device
 
-    device = a.device or default_device()
-    mu, sigma = M.folder_stats(a.images, fid_inception(a.inception_weights, device), a.size or None, device=device,
-                               lossless=a.lossless)
+    inputs = EvalInputs([], [], size=a.size or None, lossless=a.lossless, inception_weights=a.inception_weights,
+                        device=a.device or default_device())
+    mu, sigma = real_statistics(a.images, inputs)
     M.save_stats(a.out, mu, sigma)
     print(f"wrote {a.out}: mu {mu.shape}, sigma {sigma.shape}")
     return 0
@@ -386,8 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *rest]
     try:
         check_args(args)  # bounds, choices and output paths: before torch loads and before any work
-        from bksdm.models import quiet_libraries  # after parsing: `--help` and usage errors need no torch
-        from bksdm.threads import set_threads
+        from bksdm.runtime import quiet_libraries, set_threads  # after parsing: `--help` needs no torch
 
         quiet_libraries()
         if not (args.threads is None and os.environ.get("BKSDM_THREADS") is None and _threads_set_by_caller()):

@@ -66,6 +66,19 @@ class Config:
     def fields(cls) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(cls)}
 
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's trailing ``# comment`` in the class source: the one text behind ``--help`` and the YAML."""
+        import inspect
+        import re
+
+        docs = {}
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+            if m and m.group(1) in cls.fields():
+                docs[m.group(1)] = m.group(2).strip()
+        return docs
+
     def update(self: C, values: dict[str, Any], source: str) -> C:
         known = self.fields()
         for key, value in values.items():

@@ -14,6 +14,7 @@ filter and saved as JPEG again (``im256``). ``lossless=True`` saves both as PNG 
 from __future__ import annotations
 
 import csv
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     todo = [(n, p) for n, p in mine if not image_complete(big / n) or (small and not image_complete(small / n))]
     redrawn = sum((big / n).exists() for n, _ in todo)
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not state.is_local_main_process)
+    t0 = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         images = generate_images(parts["unet"], parts["vae"], parts["tokenizer"], parts["text_encoder"], sched,
@@ -179,7 +181,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
         bar.update(len(chunk))
     bar.close()
     return {"prompts": len(items), "this_process": len(mine), "generated": len(todo), "skipped": len(mine) - len(todo),
-            "redrawn": redrawn}
+            "redrawn": redrawn, "seconds": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads()}
 
 
 def _save(image: Image.Image, path: Path) -> None:

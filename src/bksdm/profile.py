@@ -185,7 +185,7 @@ def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
         return cls(module.config)  # transformers models take their config object
 
 
-def _materialise(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+def materialise(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
     """Give a meta-device module real CPU storage filled with small random values.
 
     Latency does not depend on weight values; this is ~10x faster than the models' own initialisers
@@ -210,9 +210,9 @@ def random_components(name: str, unet_config: dict, text_config: dict, vae_confi
         vae = AutoencoderKL.from_config(vae_config)
     if not meta:
         gen = torch.Generator().manual_seed(0)
-        unet, vae = _materialise(unet, gen), _materialise(vae, gen)
+        unet, vae = materialise(unet, gen), materialise(vae, gen)
         # position_ids is an integer buffer: rebuild the text model's buffers properly
-        text = _materialise(text, gen)
+        text = materialise(text, gen)
         for key, buf in text.named_buffers():  # integer buffers (position ids) must hold their real values
             if key.endswith("position_ids"):
                 buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))

@@ -32,7 +32,7 @@ def dino_model(name_or_path: str = DINO_DEFAULT, device: str = "cpu"):
     return ViTModel.from_pretrained(path, add_pooling_layer=False).to(device).eval()
 
 
-def _dino_inputs(images: list[Image.Image], size: int) -> torch.Tensor:
+def dino_inputs(images: list[Image.Image], size: int) -> torch.Tensor:
     """Resize the short side to 256/224 * size (bicubic), center-crop ``size``, ImageNet-normalise."""
     from torchvision.transforms import v2 as T
 
@@ -44,7 +44,7 @@ def _dino_inputs(images: list[Image.Image], size: int) -> torch.Tensor:
 @torch.no_grad()
 def dino_embeddings(images: list[Image.Image], model, device: str = "cpu") -> torch.Tensor:
     """(N, D) L2-normalised CLS tokens."""
-    x = _dino_inputs(images, model.config.image_size).to(device)
+    x = dino_inputs(images, model.config.image_size).to(device)
     return F.normalize(model(pixel_values=x).last_hidden_state[:, 0].float(), dim=-1).cpu()
 
 

@@ -117,7 +117,11 @@ def load_stats(path: str | Path, dim: int | None = None) -> tuple[np.ndarray, np
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    try:
+        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    except ValueError as exc:  # pytorch-fid's "Imaginary component": covariances too singular for sqrtm
+        raise UserError(f"FID is undefined for these images ({exc}): use more images (the protocol uses 30,000; "
+                        f"fewer than the 2,048 feature dimensions make the covariance singular)") from None
 
 
 def folder_stats(folder: str | Path, model, size: int | None = 256, batch: int = 50, device: str = "cpu",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bksdm.errors import UserError
+from bksdm.errors import UserError, reading
 
 FID_INCEPTION = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID Inception
 ISC_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception (IS)
@@ -49,17 +49,20 @@ def fid_inception(weights: str | None = None, device: str = "cpu"):
 
     path = require(FID_INCEPTION, weights, "--inception-weights", "FID (pytorch-fid Inception)") if (weights or offline()) else None
     if path is None or path == hub_checkpoint(FID_INCEPTION):
-        model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-    else:  # pytorch-fid only reads its hub cache: expose the given file there under a temporary hub dir
-        old = torch.hub.get_dir()
+        with reading(path or hub_checkpoint(FID_INCEPTION), "FID Inception weights", "download the file again"):
+            model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+    else:  # pytorch-fid only reads its hub cache: expose the given file there under a temporary TORCH_HOME
+        # (not torch.hub.set_dir: once set, it would pin the hub dir for the rest of the process)
+        old = os.environ.get("TORCH_HOME")
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "checkpoints").mkdir()
-            (Path(tmp) / "checkpoints" / FID_INCEPTION).symlink_to(path.resolve())
-            torch.hub.set_dir(tmp)
+            (Path(tmp) / "hub" / "checkpoints").mkdir(parents=True)
+            (Path(tmp) / "hub" / "checkpoints" / FID_INCEPTION).symlink_to(path.resolve())
+            os.environ["TORCH_HOME"] = tmp
             try:
-                model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+                with reading(path, "FID Inception weights", "download the file again"):
+                    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
             finally:
-                torch.hub.set_dir(old)
+                os.environ.pop("TORCH_HOME") if old is None else os.environ.__setitem__("TORCH_HOME", old)
     return model.to(device).eval()
 
 
@@ -68,8 +71,9 @@ def isc_inception(weights: str | None = None, device: str = "cpu"):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = require(ISC_INCEPTION, weights, "--isc-weights", "IS (torch-fidelity Inception)") if (weights or offline()) else None
-    model = FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"],
-                                        feature_extractor_weights_path=str(path) if path else None)
+    with reading(path or "(torch-fidelity's download)", "IS Inception weights", "download the file again"):
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"],
+                                            feature_extractor_weights_path=str(path) if path else None)
     return model.to(device).eval()
 
 
@@ -93,14 +97,15 @@ def clip_model(name: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b88k", de
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
-def random_inception(seed: int = 0) -> torch.nn.Module:
+def random_inception(seed: int = 0, calibrate: bool = True) -> torch.nn.Module:
     """pytorch-fid's FID Inception architecture (1008 classes) with random weights, for offline checks of the metric
     code paths; torch-fidelity's IS Inception reads the same state dict keys.
 
     Freshly initialised, its batch-norm statistics (mean 0, variance 1) shrink every feature to nearly the same
     value (FID ~1e-15, IS exactly 1); so the statistics are taken from 16 noise images, which makes features and
     class probabilities differ between images as a trained network's do, and the classifier is scaled down so that
-    torch-fidelity's softmax is not one-hot (IS would be NaN)."""
+    torch-fidelity's softmax is not one-hot (IS would be NaN). ``calibrate=False`` keeps the fresh network, whose
+    near-constant features keep FID of a dozen images well-conditioned."""
     from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2, _inception_v3
 
     torch.manual_seed(seed)
@@ -109,6 +114,8 @@ def random_inception(seed: int = 0) -> torch.nn.Module:
     m.Mixed_6b, m.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
     m.Mixed_6d, m.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
     m.Mixed_7b, m.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
+    if not calibrate:
+        return m.eval()
     for bn in m.modules():
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.reset_running_stats()

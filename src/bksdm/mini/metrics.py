@@ -74,7 +74,7 @@ def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_conf
     from diffusers import DDPMScheduler
 
     from bksdm.mini.teacher import to_tensor
-    from bksdm.models import training_target
+    from bksdm.training import training_target
 
     sched = DDPMScheduler.from_config(scheduler_config)
     world, gen = ShapesWorld(seed=0), torch.Generator().manual_seed(HELDOUT_START)

@@ -23,7 +23,8 @@ from bksdm.distill.data import pixels
 from bksdm.errors import UserError
 from bksdm.mini.model import SpaceToDepthVAE, build_pipeline, text_encoder, unet_config
 from bksdm.mini.world import WORDS, ShapesWorld
-from bksdm.models import quiet_libraries, training_target
+from bksdm.runtime import quiet_libraries
+from bksdm.training import training_target
 
 ASSET = Path(__file__).parent / "assets" / "teacher"
 CHECKSUMS = "checksums.json"

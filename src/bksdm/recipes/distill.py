@@ -25,7 +25,7 @@ from bksdm.distill.checkpoints import checkpoints
 from bksdm.distill.config import DistillConfig
 from bksdm.distill.hooks import FeatureHooks, unwrap
 from bksdm.errors import UserError, check_output, reading
-from bksdm.models import fresh_accelerator_state, training_target
+from bksdm.training import FrozenTeacher, fresh_accelerator_state, training_target
 
 TERMS = ("loss", "task", "out_kd", "feat_kd")
 MAX_EMPTY_MICRO_BATCHES = 50
@@ -48,9 +48,9 @@ class DistillRecipe:
         from accelerate.utils import ProjectConfiguration
         from diffusers import DDPMScheduler
 
-        from bksdm.compress import derivation_for
+        from bksdm.pipelines import derivation_for
         from bksdm.hub import read_unet_config
-        from bksdm.models import FrozenTeacher, default_device, load_text_side, load_unet, pipeline_folder
+        from bksdm.models import default_device, load_text_side, load_unet, pipeline_folder
 
         cfg = self.cfg
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -209,7 +209,7 @@ class DistillRecipe:
             return self.finish({})
         batches = micro_batches(self.source, cfg.seed, cfg.random_flip, cfg.resolution, cfg.batch_size,
                                 acc.process_index, acc.num_processes, self.micro, cfg.num_workers)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="distill", unit="step")
+        bar = None  # drawn at the first step: a run that cannot read its data ends with one line, not a bar
         sums = {k: 0.0 for k in TERMS}
         t0, seen, last, empty = time.perf_counter(), 0, {}, 0
         self.student.train()
@@ -243,6 +243,8 @@ class DistillRecipe:
             last = {**sums, "lr": cfg.lr, "samples_per_s": rate, "skipped": self.skipped}
             if self.step % cfg.log_every == 0:
                 self._log(last)
+            bar = bar or tqdm(total=cfg.max_steps, initial=self.step - 1, disable=not acc.is_main_process, desc="distill",
+                              unit="step")
             bar.set_postfix({k: f"{sums[k]:.4f}" for k in TERMS} | {"samples/s": f"{rate:.2f}"})
             bar.update(1)
             sums = {k: 0.0 for k in TERMS}
@@ -252,7 +254,8 @@ class DistillRecipe:
                 self.sample_grid()
             if self.step >= cfg.max_steps:
                 break
-        bar.close()
+        if bar is not None:
+            bar.close()
         return self.finish(last)
 
     def _log(self, values: dict[str, float]) -> None:
@@ -341,16 +344,16 @@ class DistillRecipe:
 
     def finish(self, last: dict[str, float]) -> dict[str, float]:
         """Write ``out/final``: the teacher's other components with the student U-Net, loadable by diffusers."""
-        from bksdm.compress import RECORD, _copy_pipeline
+        from bksdm.pipelines import copy_pipeline, write_record
 
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             final = self.out / "final"
-            _copy_pipeline(self.teacher_dir, final)
+            copy_pipeline(self.teacher_dir, final)
             self.final_unet().save_pretrained(final / "unet", safe_serialization=True)
             record = {"teacher": self.cfg.teacher, **self.derivation.record(), "distill": {"steps": self.step}}
             record.pop("key_map")
-            (final / RECORD).write_text(json.dumps(record, indent=1))
+            write_record(final, record)
             if self.cfg.sample_prompts:
                 self.sample_grid()
         self.acc.end_training()

@@ -23,7 +23,8 @@ from PIL import Image
 from bksdm.dreambooth.config import DreamBoothConfig, lora_config
 from bksdm.dreambooth.dataset import IDENTIFIER
 from bksdm.errors import UserError
-from bksdm.models import default_device, fresh_accelerator_state, training_target
+from bksdm.models import default_device
+from bksdm.training import fresh_accelerator_state, training_target
 
 
 def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
@@ -38,7 +39,7 @@ def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
 
 def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
     """The prior-preservation images: those in class_dir plus any missing ones, generated now (resumable)."""
-    from bksdm.compress import load_record
+    from bksdm.pipelines import load_record
     from bksdm.generate import generate_images
     from bksdm.models import load_components, pipeline_folder
 
@@ -188,7 +189,7 @@ class DreamBooth:
 
     def save(self, result: dict[str, Any]) -> None:
         """Full: a complete pipeline folder. LoRA: ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``."""
-        from bksdm.compress import _copy_pipeline
+        from bksdm.pipelines import copy_pipeline
         from bksdm.distill.hooks import unwrap
 
         out = Path(self.cfg.out)
@@ -206,7 +207,7 @@ class DreamBooth:
                 get_peft_model_state_dict(unet)), text_encoder_lora_layers=te, unet_lora_adapter_metadata=meta["unet"],
                 text_encoder_lora_adapter_metadata=meta["text_encoder"] if te else None)
         else:
-            _copy_pipeline(self.folder, out / "pipeline")
+            copy_pipeline(self.folder, out / "pipeline")
             shutil.rmtree(out / "pipeline" / "text_encoder", ignore_errors=True)
             unet.save_pretrained(out / "pipeline" / "unet", safe_serialization=True)
             text.save_pretrained(out / "pipeline" / "text_encoder", safe_serialization=True)

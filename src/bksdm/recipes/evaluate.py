@@ -9,8 +9,7 @@ from typing import Any
 
 from bksdm.errors import UserError
 from bksdm.evaluate import metrics as M
-
-ALL_METRICS = ("fid", "is", "clip", "fidelity", "mini-fid")
+from bksdm.evaluate import registry as R
 
 
 def matched_images(images: str | Path, prompts: str | Path) -> tuple[list[Path], list[str]]:
@@ -36,41 +35,23 @@ def evaluate(images: str | Path, prompts: str | Path, metrics: list[str], fid_re
              size: int | None = 256, inception_weights: str | None = None, isc_weights: str | None = None,
              clip_name: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", device: str | None = None,
              batch: int = 50, lossless: bool = False) -> dict[str, Any]:
-    """Scores of the images named by ``prompts`` in ``images``; ``fid_ref`` is a pytorch-fid .npz or a folder of
-    real images (squashed the official way, or in memory without JPEG when ``lossless``)."""
-    from bksdm.evaluate import weights as W
+    """Scores of the images named by ``prompts`` in ``images`` for each metric of the registry named in
+    ``metrics``; ``fid_ref`` is a pytorch-fid .npz or a folder of real images (squashed the official way, or in
+    memory without JPEG when ``lossless``)."""
     from bksdm.models import default_device
 
-    device = device or default_device()
-
-    if bad := [m for m in metrics if m not in ALL_METRICS]:
-        raise UserError(f"unknown metric {bad[0]!r}; choose from {', '.join(ALL_METRICS)}")
+    chosen = R.resolve(metrics)  # an unknown name fails before any image is read
     paths, texts = matched_images(images, prompts)
+    inputs = R.EvalInputs(paths, texts, size, fid_ref, lossless, inception_weights, isc_weights, clip_name,
+                          clip_pretrained, device or default_device(), batch)
     res: dict[str, Any] = {"images": len(paths)}
-    if "fid" in metrics:
-        if not fid_ref:
-            raise UserError("fid needs --fid-ref: a pytorch-fid .npz (mu, sigma) or a folder of real images")
-        model = W.fid_inception(inception_weights, device)
-        mu, sigma = M.stats(M.inception_features(M.load_images(M.reference_order(paths), size), model, batch, device))
-        ref = Path(fid_ref)
-        mu2, sigma2 = M.folder_stats(ref, model, size, batch, device, lossless) if ref.is_dir() else M.load_stats(ref, mu.shape[0])
-        res["fid"] = M.frechet_distance(mu, sigma, mu2, sigma2)
-    if "is" in metrics:
-        res.update(M.inception_score(M.load_images(M.reference_order(paths), size), W.isc_inception(isc_weights, device),
-                                     batch, device=device))
-    if "clip" in metrics:
-        model, preprocess, tok = W.clip_model(clip_name, clip_pretrained, device)
-        res["clip"] = float(M.clip_similarities(list(M.load_images(paths)), texts, model, preprocess, tok,
-                                                device=device).mean())
-    if "fidelity" in metrics or "mini-fid" in metrics:
-        from bksdm.mini.metrics import mini_scores
-
-        res.update(mini_scores(paths, texts, fid="mini-fid" in metrics, fidelity_="fidelity" in metrics))
+    for metric in chosen:
+        res.update(metric.compute(inputs))
     return res
 
 
 def markdown_row(name: str, res: dict[str, Any]) -> str:
-    cols = [k for k in ("fid", "is", "clip", "fidelity", "mini_fid") if k in res]
+    cols = [m.keys[0] for m in R.METRICS.values() if m.keys[0] in res]
     head = "| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
     return head + "\n| " + name + " | " + " | ".join(f"{res[c]:.4f}" for c in cols) + " |"
 
@@ -78,7 +59,7 @@ def markdown_row(name: str, res: dict[str, Any]) -> str:
 def progress(run: str | Path, prompts: str | Path, metrics: list[str], out: str | Path | None = None,
              gen_kwargs: dict[str, Any] | None = None, **eval_kwargs: Any) -> list[dict[str, Any]]:
     """Generate and score with every checkpoint of a distillation run (appendix Figure 3): CSV and PNG plot."""
-    from bksdm.compress import _copy_pipeline
+    from bksdm.pipelines import copy_pipeline
     from bksdm.generate import generate
 
     run = Path(run)
@@ -100,7 +81,7 @@ def progress(run: str | Path, prompts: str | Path, metrics: list[str], out: str 
         step = int(ck.name[5:])
         pipe_dir = out / "pipelines" / ck.name
         if not (pipe_dir / "model_index.json").is_file():
-            _copy_pipeline(teacher_dir, pipe_dir)
+            copy_pipeline(teacher_dir, pipe_dir)
             import shutil
 
             shutil.copytree(ck / "unet", pipe_dir / "unet", dirs_exist_ok=True)

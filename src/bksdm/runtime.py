@@ -1,4 +1,6 @@
-"""How many CPU threads torch uses: all free cores, never more.
+"""Process settings applied once per command: how many CPU threads torch uses, and quiet libraries.
+
+Threads: all free cores, never more.
 
 torch's OpenMP threads spin while they wait for each other. On a 2-core machine with one other busy process, two
 threads ran the mini world's distillation 13x slower than alone (3.3 vs 42.4 samples/s) while one thread kept
@@ -55,3 +57,14 @@ def set_threads(requested: str | int | None = None) -> int:
     n = choose_threads(requested)
     torch.set_num_threads(n)
     return n
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers warn on every dtype cast and unexpected component type, and transformers draws a
+    "Loading weights" bar per model; users see our messages and our progress bars."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

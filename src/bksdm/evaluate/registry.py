@@ -1,0 +1,128 @@
+"""Every image metric by name: what it computes, the result keys it writes, and one function per metric.
+
+``bksdm evaluate --metrics NAME ...`` looks names up here; adding a metric is one :func:`register` call (the CLI's
+choices, the evaluation loop and the Markdown columns follow). Result keys are the constants below: callers never
+spell them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bksdm.errors import UserError
+
+FID, IS, IS_STD, CLIP, FIDELITY, MINI_FID = "fid", "is", "is_std", "clip", "fidelity", "mini_fid"
+
+
+@dataclass
+class EvalInputs:
+    """What a metric may read: the images (prompt-file order) and their prompts, and the evaluation options."""
+
+    paths: list[Path]
+    texts: list[str]
+    size: int | None = 256  # images squashed to size x size for FID and IS (the paper: 256)
+    fid_ref: str | None = None  # pytorch-fid .npz or a folder of real images
+    lossless: bool = False  # a reference folder squashed in memory instead of the official JPEG route
+    inception_weights: str | None = None
+    isc_weights: str | None = None
+    clip_name: str = "ViT-g-14"
+    clip_pretrained: str = "laion2b_s34b_b88k"
+    device: str = "cpu"
+    batch: int = 50
+    cache: dict[str, Any] = field(default_factory=dict)  # networks shared between metrics of one call
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    keys: tuple[str, ...]  # result keys it writes; the first is its headline column
+    compute: Callable[[EvalInputs], dict[str, float]]
+    help: str
+
+
+METRICS: dict[str, Metric] = {}
+ALIASES = {"mini-fid": MINI_FID}  # the first version's spelling
+
+
+def register(name: str, keys: tuple[str, ...], help: str):
+    def wrap(fn: Callable[[EvalInputs], dict[str, float]]):
+        METRICS[name] = Metric(name, keys, fn, help)
+        return fn
+
+    return wrap
+
+
+def resolve(names: list[str]) -> list[Metric]:
+    """The metrics of ``names`` (aliases allowed), or a one-line error naming the unknown one and the choices."""
+    out = []
+    for n in names:
+        metric = METRICS.get(ALIASES.get(n, n))
+        if metric is None:
+            raise UserError(f"unknown metric {n!r}; choose from {', '.join(METRICS)}")
+        out.append(metric)
+    return out
+
+
+def real_statistics(folder: str | Path, inputs: EvalInputs):
+    """pytorch-fid (mu, sigma) of a folder of real images (official 256 px route unless ``lossless``): the one
+    assembly of FID's reference side, used by ``evaluate`` and ``fid-stats``."""
+    from bksdm.evaluate import metrics as M
+
+    return M.folder_stats(folder, _fid_net(inputs), inputs.size, inputs.batch, inputs.device, inputs.lossless)
+
+
+def _fid_net(inputs: EvalInputs):
+    from bksdm.evaluate.weights import fid_inception
+
+    if "fid" not in inputs.cache:
+        inputs.cache["fid"] = fid_inception(inputs.inception_weights, inputs.device)
+    return inputs.cache["fid"]
+
+
+@register("fid", (FID,), "FID (pytorch-fid) against --fid-ref")
+def _fid(x: EvalInputs) -> dict[str, float]:
+    from bksdm.evaluate import metrics as M
+
+    if not x.fid_ref:
+        raise UserError("fid needs --fid-ref: a pytorch-fid .npz (mu, sigma) or a folder of real images")
+    net = _fid_net(x)
+    mu, sigma = M.stats(M.inception_features(M.load_images(M.reference_order(x.paths), x.size), net, x.batch, x.device))
+    ref = Path(x.fid_ref)
+    mu2, sigma2 = real_statistics(ref, x) if ref.is_dir() else M.load_stats(ref, mu.shape[0])
+    return {FID: M.frechet_distance(mu, sigma, mu2, sigma2)}
+
+
+@register("is", (IS, IS_STD), "Inception Score (torch-fidelity, 10 splits)")
+def _is(x: EvalInputs) -> dict[str, float]:
+    from bksdm.evaluate import metrics as M
+    from bksdm.evaluate.weights import isc_inception
+
+    res = M.inception_score(M.load_images(M.reference_order(x.paths), x.size), isc_inception(x.isc_weights, x.device),
+                            x.batch, device=x.device)
+    return {IS: res["is"], IS_STD: res["is_std"]}
+
+
+@register("clip", (CLIP,), "CLIP score (open_clip, mean raw cosine)")
+def _clip(x: EvalInputs) -> dict[str, float]:
+    from bksdm.evaluate import metrics as M
+    from bksdm.evaluate.weights import clip_model
+
+    model, preprocess, tok = clip_model(x.clip_name, x.clip_pretrained, x.device)
+    sims = M.clip_similarities(list(M.load_images(x.paths)), x.texts, model, preprocess, tok, device=x.device)
+    return {CLIP: float(sims.mean())}
+
+
+@register("fidelity", (FIDELITY,), "mini world: share of images showing exactly the prompted scene")
+def _fidelity(x: EvalInputs) -> dict[str, float]:
+    from bksdm.mini.metrics import mini_scores
+
+    return {FIDELITY: mini_scores(x.paths, x.texts, fid=False, fidelity_=True)["fidelity"]}
+
+
+@register("mini_fid", (MINI_FID,), "mini world: Frechet distance in the attribute classifier's features")
+def _mini_fid(x: EvalInputs) -> dict[str, float]:
+    from bksdm.mini.metrics import mini_scores
+
+    return {MINI_FID: mini_scores(x.paths, x.texts, fid=True, fidelity_=False)["mini_fid"]}

@@ -1,0 +1,53 @@
+"""Pipeline folders: copying a teacher's components around a new U-Net, and the ``bksdm.json`` record that says how
+a student was made (spec, module and key maps, layer pairs, parameter counts, training).
+
+Every command that writes a pipeline (compress, distill's ``final``, DreamBooth, evaluate-progress) goes through
+:func:`copy_pipeline` and :func:`write_record`; every reader of a student's origin through :func:`load_record`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bksdm.arch import derive, load_spec
+from bksdm.arch.derive import Derivation
+from bksdm.errors import UserError, reading
+
+RECORD = "bksdm.json"
+
+
+def copy_pipeline(src: Path, out: Path, skip: tuple[str, ...] = ("unet",)) -> None:
+    """Copy ``model_index.json`` and every component folder of ``src`` except those in ``skip`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "model_index.json", out / "model_index.json")
+    for child in src.iterdir():
+        if child.is_dir() and child.name not in skip and not child.name.startswith("."):
+            shutil.copytree(child, out / child.name, dirs_exist_ok=True)
+
+
+def load_record(folder: str | Path) -> dict[str, Any] | None:
+    """The ``bksdm.json`` of a pipeline folder, or None when it has none (a teacher, a foreign pipeline)."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    with reading(path, "student record", "run bksdm compress again to rewrite it"):
+        return json.loads(path.read_text())
+
+
+def write_record(folder: str | Path, record: dict[str, Any]) -> None:
+    (Path(folder) / RECORD).write_text(json.dumps(record, indent=1))
+
+
+def derivation_for(teacher_cfg: dict[str, Any], student: str) -> Derivation:
+    """The derivation of a student given as a spec name/file or as a folder written by ``bksdm compress``."""
+    record = load_record(student) if Path(student).is_dir() else None
+    if record is not None:
+        from bksdm.arch.spec import BlockSpec
+
+        return derive(teacher_cfg, BlockSpec.from_dict(record["spec"], source=str(Path(student) / RECORD)))
+    if Path(student).is_dir():
+        raise UserError(f"{student} has no {RECORD}; pass a folder written by `bksdm compress`, a spec name or a spec file")
+    return derive(teacher_cfg, load_spec(student))

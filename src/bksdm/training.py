@@ -1,0 +1,38 @@
+"""What every trainer shares (distill, DreamBooth, the mini teacher): the objective's target, the frozen teacher
+wrapper, and a fresh accelerate precision state per recipe."""
+
+from __future__ import annotations
+
+import torch
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the U-Net learns to predict for ``(latents, noise, t)``: the noise, or the velocity when the
+    scheduler's config says ``v_prediction`` (SD-v2, the mini teacher). Same shape as ``latents``."""
+    return noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+
+
+class FrozenTeacher(torch.nn.Module):
+    """Wraps the teacher so it stays frozen and in eval mode even when ``train()`` is called on a parent."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+
+def fresh_accelerator_state() -> None:
+    """Forget the mixed-precision choice of an earlier recipe in this process (accelerate keeps one per process).
+
+    Recipes called in-process one after another (``main(argv)`` twice, the demo after a test) may ask for different
+    precisions. The process-level state (ranks, device) is kept, so this is safe under ``accelerate launch``.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
