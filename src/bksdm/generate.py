@@ -108,12 +108,14 @@ def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tens
 def generate_images(unet, vae, tokenizer, text_encoder, scheduler, prompts: list[str], seeds: list[int],
                     steps: int = 25, guidance: float = 7.5, resolution: int | None = None,
                     dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[Image.Image]:
-    """Generate one image per (prompt, seed) with a ``StableDiffusionPipeline`` assembled from components."""
-    from diffusers import StableDiffusionPipeline
+    """Generate one image per (prompt, seed) with the family's diffusers pipeline assembled from components."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    from bksdm.arch.families import family_of
+
+    pipeline_class = getattr(diffusers, family_of(unet.config).pipeline_class)
+    pipe = pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device, dtype)
     factor = pipe.vae_scale_factor

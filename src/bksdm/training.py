@@ -6,6 +6,16 @@ from __future__ import annotations
 import torch
 
 
+def noisy_inputs(scheduler, latents: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training example of the denoising objective: ``(noisy latents, timesteps (B,), target)``.
+
+    ``latents`` (B, C, h, w); the noise and then the timesteps are drawn from the CPU generator ``gen`` in that
+    order, which resumed runs and the reference checks rely on. The target is :func:`training_target`'s."""
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+    return scheduler.add_noise(latents, noise, t), t, training_target(scheduler, latents, noise, t)
+
+
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the U-Net learns to predict for ``(latents, noise, t)``: the noise, or the velocity when the
     scheduler's config says ``v_prediction`` (SD-v2, the mini teacher). Same shape as ``latents``."""

@@ -1,6 +1,12 @@
-"""Teacher families: the standard U-Net, text-encoder and VAE configs of SD-v1.x and SD-v2.x.
+"""Teacher families: how a family conditions its U-Net, and the standard configs of SD-v1.x and SD-v2.x.
 
-These are the configs shipped in the official diffusers checkpoints (CompVis/stable-diffusion-v1-4,
+:class:`Family` is the seam every recipe calls instead of assuming SD-v1's ``unet(x, t, emb)``: which text
+components a pipeline has, how a prompt becomes the U-Net's conditioning keyword arguments, what a cache stores,
+which diffusers pipeline class loads the result. :func:`family_of` picks it from a U-Net config. Adding a family
+(SDXL: two text encoders, pooled embeddings and size conditioning) is a new :class:`Family` subclass, its
+entry in :data:`FAMILY_OBJECTS`, its configs and specs (``docs/architecture.md``).
+
+The configs are those shipped in the official diffusers checkpoints (CompVis/stable-diffusion-v1-4,
 stabilityai/stable-diffusion-2-1-base, stabilityai/stable-diffusion-2-1). They let us build every
 architecture with random weights, so parameter counts, MACs and latency need no download.
 """
@@ -8,7 +14,8 @@ architecture with random weights, so parameter counts, MACs and latency need no 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from bksdm.errors import UserError
 
@@ -129,3 +136,42 @@ def detect_family(unet_config: dict[str, Any]) -> str | None:
     if cross == 1024:
         return "sd-v2" if size == 96 else "sd-v2-base"
     return None
+
+
+@dataclass(frozen=True)
+class Family:
+    """SD-v1.x / v2.x (and the mini world, which has their layout): one CLIP tokenizer and text encoder whose last
+    hidden state is the U-Net's only conditioning (``encoder_hidden_states``, (B, 77, D))."""
+
+    name: str = "sd"
+    pipeline_class: str = "StableDiffusionPipeline"
+    text_components: tuple[str, ...] = ("tokenizer", "text_encoder")
+    cache_keys: tuple[str, ...] = ("emb",)  # what `bksdm cache` stores per item besides the latent distribution
+
+    def encode_prompt(self, parts: Mapping[str, Any], texts: list[str], device: Any) -> dict[str, Any]:
+        """U-Net conditioning keyword arguments for ``texts``: ``{"encoder_hidden_states": (B, L, D)}``.
+        ``parts`` holds the loaded :attr:`text_components` by name."""
+        tok = parts["tokenizer"]
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        return {"encoder_hidden_states": parts["text_encoder"](ids)[0]}
+
+    def to_cache(self, cond: Mapping[str, Any]) -> dict[str, Any]:
+        """The tensors of a conditioning dict that a cache stores, under :attr:`cache_keys`."""
+        return {"emb": cond["encoder_hidden_states"]}
+
+    def from_cache(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """The conditioning dict of a cached item or batch (the inverse of :meth:`to_cache`)."""
+        return {"encoder_hidden_states": item["emb"]}
+
+
+FAMILY_OBJECTS: dict[str, Family] = {"sd": Family()}
+
+
+def family_of(unet_config: Mapping[str, Any]) -> Family:
+    """The family whose calling convention a U-Net config uses; SDXL-style (``text_time``) U-Nets are refused
+    until their family lands."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        raise UserError("SDXL-style U-Nets (two text encoders, text_time conditioning) are not supported yet; "
+                        f"supported: SD-v1.x, SD-v2.x and the mini world ({', '.join(FAMILIES)})")
+    return FAMILY_OBJECTS["sd"]

@@ -29,7 +29,9 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
     An existing cache in ``out`` is refused unless ``overwrite`` (then its shards and index are replaced)."""
     from safetensors.torch import save_file
 
-    from bksdm.models import default_device, load_text_side
+    from bksdm.arch.families import family_of
+    from bksdm.hub import read_unet_config
+    from bksdm.models import default_device, load_text_side, pipeline_folder
     from bksdm.profile import DTYPES
 
     out = Path(out)
@@ -41,10 +43,12 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
         raise UserError("cache needs a map-style dataset (an image folder or mini-world), not streamed webdataset shards")
     device = device or default_device()
     vae, tokenizer, text_encoder = load_text_side(teacher, device)
+    family = family_of(read_unet_config(pipeline_folder(teacher, "teacher"))[0])
     for f in old:  # only now, when the teacher has loaded: a failed start keeps the old cache
         f.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    n, skipped, shard, buf = len(source), [], 0, {"mean": [], "std": [], "emb": [], "index": []}
+    fields = ("mean", "std", *family.cache_keys, "index")
+    n, skipped, shard, buf = len(source), [], 0, {k: [] for k in fields}
     flips = (False, True) if flip else (False,)
 
     def flush():
@@ -52,7 +56,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
         if buf["index"]:
             tensors = {k: torch.cat(v) if k != "index" else torch.tensor(v) for k, v in buf.items()}
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"shard-{shard:05d}.safetensors"))
-            shard, buf = shard + 1, {"mean": [], "std": [], "emb": [], "index": []}
+            shard, buf = shard + 1, {k: [] for k in fields}
 
     for start in tqdm(range(0, n, batch), desc="cache", unit="batch"):
         pix, texts, idx = [], [], []
@@ -70,13 +74,12 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
         x = torch.stack(pix).to(device)  # (b, F, 3, R, R)
         b, f = x.shape[:2]
         dist = vae.encode(x.flatten(0, 1).to(vae.dtype)).latent_dist
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        emb = text_encoder(ids)[0]
+        cond = family.to_cache(family.encode_prompt({"tokenizer": tokenizer, "text_encoder": text_encoder}, texts, device))
         cast = DTYPES[dtype]
         buf["mean"].append(dist.mean.unflatten(0, (b, f)).to("cpu", cast))
         buf["std"].append(dist.std.unflatten(0, (b, f)).to("cpu", cast))
-        buf["emb"].append(emb.to("cpu", cast))
+        for key, value in cond.items():
+            buf[key].append(value.to("cpu", cast))
         buf["index"].extend(idx)
         if len(buf["index"]) >= SHARD:
             flush()
@@ -125,4 +128,6 @@ class CacheSource:
             self._shards = {s: load_file(str(self.folder / f"shard-{s:05d}.safetensors"))}
         t = self._shards[s]
         f = 1 if (flip and self.info["flip"]) else 0
-        return {"mean": t["mean"][row, f].float(), "std": t["std"][row, f].float(), "emb": t["emb"][row].float()}
+        # the latent distribution of the chosen view, and whatever conditioning the family cached (``emb``, ...)
+        cond = {k: v[row].float() for k, v in t.items() if k not in ("mean", "std", "index")}
+        return {"mean": t["mean"][row, f].float(), "std": t["std"][row, f].float(), **cond}

@@ -74,25 +74,23 @@ def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_conf
     from diffusers import DDPMScheduler
 
     from bksdm.mini.teacher import to_tensor
-    from bksdm.training import training_target
+    from bksdm.arch.families import family_of
+    from bksdm.training import noisy_inputs
 
     sched = DDPMScheduler.from_config(scheduler_config)
+    family = family_of(unet.config)
     world, gen = ShapesWorld(seed=0), torch.Generator().manual_seed(HELDOUT_START)
     err, dist = [], []
     for start in range(0, count, batch):
         n = min(batch, count - start)
         samples = [world.sample(HELDOUT_START + start + i) for i in range(n)]
         lat = vae.encode(to_tensor([s[0] for s in samples])).latent_dist.mode() * vae.config.scaling_factor
-        noise = torch.randn(lat.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen)
-        ids = tokenizer([s[1] for s in samples], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        emb = text_encoder(ids)[0]
-        x = sched.add_noise(lat, noise, t)
-        pred = unet(x, t, emb).sample.float()
-        err.append(((pred - training_target(sched, lat, noise, t)) ** 2).mean(dim=(1, 2, 3)))
+        x, t, target = noisy_inputs(sched, lat, gen)
+        cond = family.encode_prompt({"tokenizer": tokenizer, "text_encoder": text_encoder}, [s[1] for s in samples], "cpu")
+        pred = unet(x, t, **cond).sample.float()
+        err.append(((pred - target) ** 2).mean(dim=(1, 2, 3)))
         if teacher_unet is not None:
-            dist.append(((pred - teacher_unet(x, t, emb).sample.float()) ** 2).mean(dim=(1, 2, 3)))
+            dist.append(((pred - teacher_unet(x, t, **cond).sample.float()) ** 2).mean(dim=(1, 2, 3)))
     out = {"heldout_mse": float(torch.cat(err).mean())}
     if dist:
         out["teacher_mse"] = float(torch.cat(dist).mean())

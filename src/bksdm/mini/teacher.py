@@ -24,7 +24,8 @@ from bksdm.errors import UserError
 from bksdm.mini.model import SpaceToDepthVAE, build_pipeline, text_encoder, unet_config
 from bksdm.mini.world import WORDS, ShapesWorld
 from bksdm.runtime import quiet_libraries
-from bksdm.training import training_target
+from bksdm.arch.families import family_of
+from bksdm.training import noisy_inputs
 
 ASSET = Path(__file__).parent / "assets" / "teacher"
 CHECKSUMS = "checksums.json"
@@ -82,6 +83,7 @@ def train_teacher(out: Path, steps: int = 8000, batch: int = 32, lr: float = 5e-
     pipe.scheduler.register_to_config(prediction_type=prediction)
     unet, text, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    family = family_of(unet.config)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
@@ -90,14 +92,10 @@ def train_teacher(out: Path, steps: int = 8000, batch: int = 32, lr: float = 5e-
     t0, losses, history = time.time(), [], []
     for step in range(steps):
         images, texts = world_batch(world, start_index + step * batch, batch, gen)
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
-        noisy = noise_sched.add_noise(latents, noise, t)
-        target = training_target(noise_sched, latents, noise, t)
+        noisy, t, target = noisy_inputs(noise_sched, latents, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = unet(noisy, t, text(ids)[0]).sample
+            pred = unet(noisy, t, **family.encode_prompt({"tokenizer": tok, "text_encoder": text}, texts, "cpu")).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

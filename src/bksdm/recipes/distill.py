@@ -25,7 +25,7 @@ from bksdm.distill.checkpoints import checkpoints
 from bksdm.distill.config import DistillConfig
 from bksdm.distill.hooks import FeatureHooks, unwrap
 from bksdm.errors import UserError, check_output, reading
-from bksdm.training import FrozenTeacher, fresh_accelerator_state, training_target
+from bksdm.training import FrozenTeacher, fresh_accelerator_state, noisy_inputs
 
 TERMS = ("loss", "task", "out_kd", "feat_kd")
 MAX_EMPTY_MICRO_BATCHES = 50
@@ -48,6 +48,7 @@ class DistillRecipe:
         from accelerate.utils import ProjectConfiguration
         from diffusers import DDPMScheduler
 
+        from bksdm.arch.families import family_of
         from bksdm.pipelines import derivation_for
         from bksdm.hub import read_unet_config
         from bksdm.models import default_device, load_text_side, load_unet, pipeline_folder
@@ -66,6 +67,7 @@ class DistillRecipe:
         self.teacher_dir = pipeline_folder(cfg.teacher, "teacher")
         teacher_cfg, unet_dir = read_unet_config(self.teacher_dir)
         self.derivation = derivation_for(teacher_cfg, cfg.student)
+        self.family = family_of(teacher_cfg)
         self.source = self._open_data()
 
         teacher_unet = load_unet(unet_dir)
@@ -155,21 +157,21 @@ class DistillRecipe:
         return student if student is not None else init_student_from_teacher(teacher_unet, der)
 
     # ------------------------------------------------------------------ loss
-    def encode(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (B, C, h, w), text embeddings (B, L, D)) from pixels and captions, or from the cache."""
+    def encode(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(latents (B, C, h, w), the U-Net's conditioning keyword arguments) from pixels and captions through the
+        teacher's VAE and the family's prompt encoding, or from the cache."""
         dev = self.acc.device
         if "mean" in batch:
             eps = torch.randn(batch["mean"].shape, generator=gen)
             latents = batch["mean"] + batch["std"] * eps
-            return (latents * self.scaling_factor).to(dev), batch["emb"].to(dev)
+            return (latents * self.scaling_factor).to(dev), {k: v.to(dev) for k, v in self.family.from_cache(batch).items()}
         with torch.no_grad():
             dist = self.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
             eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
             latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
-            ids = self.tokenizer(batch["text"], padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(dev)
-            emb = self.text_encoder(ids)[0].float()
-        return latents, emb
+            parts = {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
+            cond = {k: v.float() for k, v in self.family.encode_prompt(parts, batch["text"], dev).items()}
+        return latents, cond
 
     @property
     def scaling_factor(self) -> float:
@@ -182,15 +184,12 @@ class DistillRecipe:
     def loss_step(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
         """All loss terms for one micro-batch: ``loss`` (weighted total), ``task``, ``out_kd``, ``feat_kd``."""
         cfg = self.cfg
-        latents, emb = self.encode(batch, gen)
-        noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        t = t.to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        target = training_target(self.noise_scheduler, latents, noise, t)
-        t_pred = self.teacher(noisy.to(self.weight_dtype), t, emb.to(self.weight_dtype)).sample.float()
+        latents, cond = self.encode(batch, gen)
+        noisy, t, target = noisy_inputs(self.noise_scheduler, latents, gen)
+        t_cond = {k: v.to(self.weight_dtype) for k, v in cond.items()}
+        t_pred = self.teacher(noisy.to(self.weight_dtype), t, **t_cond).sample.float()
         t_feats = [f.float() for f in self.t_hooks.pop()]
-        s_pred = self.student(noisy, t, emb).sample.float()
+        s_pred = self.student(noisy, t, **cond).sample.float()
         s_feats = [f.float() for f in self.s_hooks.pop()]
         task = F.mse_loss(s_pred, target)
         out_kd = F.mse_loss(s_pred, t_pred)

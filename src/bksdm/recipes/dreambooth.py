@@ -24,7 +24,7 @@ from bksdm.dreambooth.config import DreamBoothConfig, lora_config
 from bksdm.dreambooth.dataset import IDENTIFIER
 from bksdm.errors import UserError
 from bksdm.models import default_device
-from bksdm.training import fresh_accelerator_state, training_target
+from bksdm.training import fresh_accelerator_state, noisy_inputs
 
 
 def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
@@ -87,6 +87,7 @@ class DreamBooth:
         from accelerate.utils import set_seed
         from diffusers import DDPMScheduler
 
+        from bksdm.arch.families import family_of
         from bksdm.dreambooth.dataset import load_subject_images
         from bksdm.models import load_component, pipeline_folder
 
@@ -97,6 +98,7 @@ class DreamBooth:
         self.folder = pipeline_folder(cfg.model)
         self.classes = class_images(cfg, str(self.acc.device)) if cfg.with_prior else []
         self.unet = load_component(self.folder, "unet")
+        self.family = family_of(self.unet.config)
         self.text_encoder = load_component(self.folder, "text_encoder")
         self.tokenizer = load_component(self.folder, "tokenizer")
         self.vae = load_component(self.folder, "vae").to(self.acc.device).eval().requires_grad_(False)
@@ -140,13 +142,9 @@ class DreamBooth:
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(dev)).latent_dist
             latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev)) * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen).to(dev)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(dev)
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(dev)
-        emb = self.text_encoder(ids)[0]
-        pred = self.unet(self.noise.add_noise(latents, noise, t), t, emb).sample.float()
-        target = training_target(self.noise, latents, noise, t)
+        noisy, t, target = noisy_inputs(self.noise, latents, gen)
+        cond = self.family.encode_prompt({"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}, texts, dev)
+        pred = self.unet(noisy, t, **cond).sample.float()
         b = self.cfg.batch_size
         instance = F.mse_loss(pred[:b], target[:b])
         terms = {"instance": instance}
