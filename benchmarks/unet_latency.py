@@ -14,7 +14,8 @@ import torch
 
 from bksdm.arch import BUILTIN_SPECS, derive
 from bksdm.arch.families import family_component_config
-from bksdm.profile import DTYPES, materialise, device_name, median_latency
+from bksdm.models import DTYPES
+from bksdm.profile import device_name, materialise, median_latency
 
 
 def main(argv=None) -> None:

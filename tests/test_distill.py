@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -93,6 +94,7 @@ def test_corrupt_image_is_skipped_and_counted(tiny_teacher_dir, tmp_path):
     assert len(rows) == 3 and int(rows[-1]["skipped"]) >= 1
 
 
+@pytest.mark.slow
 def test_two_process_run_logs_every_term(tiny_teacher_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

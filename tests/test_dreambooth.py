@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import resource
+import time
+from pathlib import Path
 
 import pytest
 import torch
+
+import bksdm
 
 from bksdm.cli import main
 from tests.conftest import one_line_error
@@ -39,19 +44,26 @@ def dino_dir(tmp_path_factory):
 def _ft(teacher, subject, out, *extra):
     return main(["dreambooth", "--model", str(teacher), "--instance-dir", str(subject), "--instance-prompt",
                  "a sks triangle", "--class-prompt", "a triangle", "--num-class-images", "2", "--class-steps", "2",
-                 "--resolution", "32", "--max-steps", "3", "--out", str(out), "--no-gradient-checkpointing", *extra])
+                 "--resolution", "32", "--max-steps", "3", "--out", str(out), "--no-gradient-checkpointing",
+                 "--mixed-precision", "no", *extra])
 
 
 def test_full_finetune_with_prior(tiny_teacher_dir, subject_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "full"
+    t0 = time.perf_counter()
     assert _ft(tiny_teacher_dir, subject_dir, out, "--lr", "1e-3") == 0
+    wall = time.perf_counter() - t0
+    assert (out / "final" / "model_index.json").is_file()  # every trainer: OUT/final
     rec = json.loads((out / "finetune.json").read_text())
     assert rec["final"]["prior"] > 0 and rec["final"]["loss"] == pytest.approx(rec["final"]["instance"] + rec["final"]["prior"], rel=1e-4)
-    assert rec["memory"]["peak_gb"] > 0 and rec["seconds"] > 0
+    assert 0 < rec["seconds"] < wall  # the training loop alone, inside the whole command
+    if not torch.cuda.is_available():  # the process's peak RSS: at least what torch alone holds, at most the peak now
+        assert rec["memory"]["kind"] == "peak RSS of the process"
+        assert 0.1 < rec["memory"]["peak_gb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert len(list((out / "class_images").glob("*.png"))) == 2
-    tuned = UNet2DConditionModel.from_pretrained(out / "pipeline" / "unet")
+    tuned = UNet2DConditionModel.from_pretrained(out / "final" / "unet")
     base = UNet2DConditionModel.from_pretrained(tiny_teacher_dir / "unet")
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
     from bksdm.recipes.dreambooth import personalised_pipeline
@@ -65,7 +77,7 @@ def test_lora_finetune_loads_into_diffusers(tiny_teacher_dir, subject_dir, tmp_p
 
     out = tmp_path / "lora"
     assert _ft(tiny_teacher_dir, subject_dir, out, "--lora", "--lora-rank", "4") == 0
-    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "pipeline").exists()
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file() and not (out / "final" / "unet").exists()
     pipe = personalised_pipeline(str(tiny_teacher_dir), out, lora=True)
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
     assert json.loads((out / "finetune.json").read_text())["final"]["prior"] > 0
@@ -108,7 +120,7 @@ def test_benchmark_resumes_finished_work(tiny_teacher_dir, subject_dir, tmp_path
     shutil.copytree(subject_dir, dataset / "dog")
     kw = dict(images_per_prompt=1, steps=2, dino=str(dino_dir), clip_name="bksdm-tiny-clip",
               clip_pretrained=str(metric_home / "tiny-clip.pt"), max_steps=2, resolution=32, num_class_images=1,
-              class_steps=2, gradient_checkpointing=False)
+              class_steps=2, gradient_checkpointing=False, mixed_precision="no")
     res = bench(str(tiny_teacher_dir), dataset, tmp_path / "bench", **kw)
     sub = tmp_path / "bench" / "dog"
     assert len(list((sub / "images").glob("*.png"))) == 25 and set(res["mean"]) >= {"dino", "clip_i", "clip_t"}
@@ -158,7 +170,7 @@ def test_lora_presets_are_read_back_from_the_saved_file(tiny_teacher_dir, subjec
 
     out = tmp_path / preset
     assert _ft(tiny_teacher_dir, subject_dir, out, "--lora", "--lora-preset", preset, "--max-steps", "1") == 0
-    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
+    with safe_open(out / "final" / "pytorch_lora_weights.safetensors", "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     module = re.compile(r"\.(to_out\.0|[a-z_]+)\.lora[._]")  # the adapted layer's own name
@@ -221,3 +233,17 @@ def test_single_models_and_pipelines_resolve_with_their_own_file_patterns(dino_d
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert dino_model("facebook/dino-vits16").config.hidden_size == 384
     assert load_component(resolve_model("someone/tiny-sd"), "unet").config.cross_attention_dim == 16
+
+
+def test_shipped_yaml_equals_defaults_and_a_cpu_fp16_request_is_refused(tiny_teacher_dir, subject_dir, tmp_path, capsys):
+    import yaml
+
+    from bksdm.dreambooth.config import DreamBoothConfig, load_dreambooth_config
+
+    assert load_dreambooth_config("paper").to_dict() == DreamBoothConfig().to_dict()
+    assert set(yaml.safe_load(open(Path(bksdm.__file__).parent / "configs" / "dreambooth_paper.yaml"))) == set(DreamBoothConfig.fields())
+    assert load_dreambooth_config("paper", ["max_steps=7"], lora=True).max_steps == 7
+    if not torch.cuda.is_available():  # the precision policy of every trainer: an error, never a silent change
+        assert main(["dreambooth", "--model", str(tiny_teacher_dir), "--instance-dir", str(subject_dir), "--instance-prompt",
+                     "a sks triangle", "--no-with-prior", "--out", str(tmp_path / "o"), "--mixed-precision", "fp16"]) == 2
+        assert "fp16 needs a CUDA GPU" in one_line_error(capsys)

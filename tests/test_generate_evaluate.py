@@ -48,6 +48,7 @@ def test_images_do_not_depend_on_batch_size(tiny_teacher_dir, prompts_csv, tmp_p
     assert np.abs(first - second).max() > 10  # different prompts and seeds give different images
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_prompts_and_draw_the_same_images(tiny_teacher_dir, prompts_csv, tmp_path):
     """Sharded generation (torchrun, 2 CPU processes) writes every image once, equal to a 1-process run."""
     import os

@@ -7,7 +7,6 @@ import csv
 import random
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from bksdm.cli import main

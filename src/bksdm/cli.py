@@ -85,11 +85,11 @@ def _profile(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- distill
-def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One flag per config field (--max-steps, --batch-size, ...; booleans as --x / --no-x): the dataclass is the
     single source of names, defaults and help (each field's comment)."""
     docs = cls.field_docs()
-    for name in cls.fields():
+    for name in (n for n in cls.fields() if n not in skip):
         default = getattr(cls(), name)
         flag = "--" + name.replace("_", "-")
         help_ = f"{docs.get(name, '')} (default: {default!r})".strip()
@@ -306,50 +306,58 @@ def _ablate(a: argparse.Namespace) -> int:
 def _dreambooth_args(p: argparse.ArgumentParser) -> None:
     from bksdm.dreambooth.config import DreamBoothConfig
 
+    p.add_argument("--config", help="YAML (see configs/dreambooth_paper.yaml); flags and key=value override it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of any config key, anywhere on the line")
     _add_config_flags(p, DreamBoothConfig)
 
 
 @_dreambooth_args.run
 def _dreambooth(a: argparse.Namespace) -> int:
-    from bksdm.recipes.dreambooth import DreamBoothConfig, finetune
+    from bksdm.dreambooth.config import DreamBoothConfig, load_dreambooth_config
+    from bksdm.recipes.dreambooth import finetune
 
-    cfg = DreamBoothConfig().update({k: getattr(a, k) for k in DreamBoothConfig.fields() if getattr(a, k) is not None}, "flag")
+    cfg = load_dreambooth_config(a.config, a.overrides, **{k: getattr(a, k) for k in DreamBoothConfig.fields()})
     res = finetune(cfg)
-    print(json.dumps({"out": cfg.out, "seconds": round(res["seconds"], 1), "peak_gb": round(res["memory"]["peak_gb"], 2),
-                      "final": res["history"][-1]}))
+    print(json.dumps({"out": str(Path(cfg.out) / "final"), "seconds": round(res["seconds"], 1),
+                      "peak_gb": round(res["memory"]["peak_gb"], 2), "final": res["history"][-1]}))
     return 0
+
+
+BENCH_OWN = ("instance_dir", "instance_prompt", "class_prompt", "class_dir", "out")
+"""DreamBooth keys the benchmark sets per subject itself (every other key is a flag of both commands)."""
 
 
 @command("dreambooth-bench", "DreamBooth benchmark: every subject fine-tuned, 4 images x 25 prompts, DINO/CLIP-I/CLIP-T")
 def _dbbench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="pipeline folder or hub id to personalise")
+    from bksdm.dreambooth.config import DreamBoothConfig
+
     p.add_argument("--dataset", required=True, help="google/dreambooth dataset folder (one folder per subject)")
     p.add_argument("--out", required=True, help="output folder; rerunning skips finished subjects and images")
     p.add_argument("--subjects", nargs="*", default=None, help="only these subjects")
-    p.add_argument("--lora", action="store_true", help="LoRA (lr 1e-4, --lora-preset) instead of full fine-tuning")
-    p.add_argument("--lora-preset", default="bk-sdm", help="bk-sdm (official: to_q/to_v alpha 27, text q/v alpha 17, "
-                   "rank 16) or diffusers (every projection, alpha = rank 16)")
-    p.add_argument("--identifier", default=None, help="rare token naming the subject (official: sks11df; paper: sks)")
-    p.add_argument("--scheduler", default=None, help="sampler of the evaluation images (default dpm, 25 steps, official)")
-    p.add_argument("--max-steps", type=int, default=800, help="fine-tuning steps per subject (paper: 800)")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--num-class-images", type=int, default=200)
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=25, help="denoising steps when generating")
+    p.add_argument("--identifier", default=None, help="rare token naming the subject (default sks11df, official; paper: sks)")
+    p.add_argument("--scheduler", default=None, help="sampler of the evaluation images (default dpm, 25 steps, official)")
     p.add_argument("--dino-model", default=None, help="DINO ViT-S/16 hub id or local folder (default facebook/dino-vits16)")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for CLIP-I and CLIP-T")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip tag or a local checkpoint file")
+    p.add_argument("--config", help="DreamBooth YAML for every subject (see configs/dreambooth_paper.yaml)")
+    _add_config_flags(p, DreamBoothConfig, skip=BENCH_OWN)
 
 
 @_dbbench_args.run
 def _dbbench(a: argparse.Namespace) -> int:
+    from bksdm.dreambooth.config import DreamBoothConfig, load_dreambooth_config
     from bksdm.recipes.dreambooth import bench
     from bksdm.report import markdown_table
 
-    res = bench(a.model, a.dataset, a.out, a.subjects, a.lora, a.images_per_prompt, a.steps, dino=a.dino_model,
-                clip_name=a.clip_model, clip_pretrained=a.clip_pretrained, max_steps=a.max_steps,
-                resolution=a.resolution, num_class_images=a.num_class_images, lora_preset=a.lora_preset,
-                **{k: v for k, v in (("identifier", a.identifier), ("scheduler", a.scheduler)) if v})
+    base = load_dreambooth_config(a.config, None, **{k: getattr(a, k) for k in DreamBoothConfig.fields() if k not in BENCH_OWN})
+    if not base.model:
+        raise UserError("dreambooth-bench needs --model (the pipeline folder or hub id to personalise)")
+    overrides = {k: v for k, v in base.to_dict().items() if k not in BENCH_OWN and k not in ("model", "lora")}
+    res = bench(base.model, a.dataset, a.out, a.subjects, base.lora, a.images_per_prompt, a.steps, dino=a.dino_model,
+                clip_name=a.clip_model, clip_pretrained=a.clip_pretrained,
+                **{k: v for k, v in (("identifier", a.identifier), ("scheduler", a.scheduler)) if v}, **overrides)
     print(markdown_table(res["subjects"] + [{"subject": "mean", **res["mean"]}]))
     return 0
 
@@ -389,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest:  # key=value overrides may sit between flags, which argparse positionals cannot express
-        if args.command != "distill" or any("=" not in r or r.startswith("-") for r in rest):
+        if args.command not in ("distill", "dreambooth") or any("=" not in r or r.startswith("-") for r in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
     try:

@@ -144,8 +144,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from bksdm.models import default_device, load_components, pipeline_folder
-    from bksdm.profile import DTYPES
+    from bksdm.models import DTYPES, default_device, load_components, pipeline_folder
 
     items = [(image_name(n, lossless), p) for n, p in read_prompts(prompts)[:limit]]
     if scheduler not in SCHEDULERS:

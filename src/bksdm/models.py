@@ -13,6 +13,10 @@ from bksdm.errors import UserError, reading
 from bksdm.hub import resolve_model
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Precision names (flags, configs) -> torch dtypes: one table for every command."""
+
+
 def pipeline_folder(name: str, what: str = "model") -> Path:
     path = resolve_model(name, what)
     if not (path / "model_index.json").is_file():

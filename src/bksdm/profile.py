@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from bksdm.models import DTYPES
+
 
 
 def cpu_name() -> str:

@@ -6,6 +6,15 @@ from __future__ import annotations
 import torch
 
 
+def check_precision(mixed_precision: str) -> None:
+    """The one precision policy of every trainer: fp16 autocast needs a CUDA GPU (on a CPU it is an error that
+    names the alternatives, never a silent change of what was asked for)."""
+    from bksdm.errors import UserError
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed-precision bf16 or no")
+
+
 def noisy_inputs(scheduler, latents: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training example of the denoising objective: ``(noisy latents, timesteps (B,), target)``.
 
@@ -46,3 +55,14 @@ def fresh_accelerator_state() -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model

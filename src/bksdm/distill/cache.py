@@ -31,8 +31,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
 
     from bksdm.arch.families import family_of
     from bksdm.hub import read_unet_config
-    from bksdm.models import default_device, load_text_side, pipeline_folder
-    from bksdm.profile import DTYPES
+    from bksdm.models import DTYPES, default_device, load_text_side, pipeline_folder
 
     out = Path(out)
     old = sorted(out.glob("shard-*.safetensors")) + ([out / "index.json"] if (out / "index.json").exists() else [])

@@ -21,13 +21,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 
 from bksdm.errors import UserError
+from bksdm.images import IMAGE_EXTENSIONS, pixels, resize_short_side
 
-_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 
 
 class BadSample(Exception):
@@ -144,7 +143,7 @@ class WebDatasetSource:
 
     @staticmethod
     def decode(sample: dict[str, Any]) -> tuple[Image.Image, str]:
-        key = next((k for k in _IMAGE_EXT if k in sample), None)
+        key = next((k[1:] for k in IMAGE_EXTENSIONS if k[1:] in sample), None)
         if key is None or "txt" not in sample:
             raise BadSample(f"{sample.get('__key__')}: needs an image and a txt member")
         try:
@@ -176,20 +175,6 @@ def open_source(spec: str | Any) -> Any:
         if tars:
             return WebDatasetSource(tars)
     return ImageFolderSource(path)
-
-
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    """Resize (bilinear) so the shorter side is ``size``; the aspect ratio is kept."""
-    w, h = image.size
-    scale = size / min(w, h)
-    if scale == 1:
-        return image
-    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-
-
-def pixels(image: Image.Image) -> torch.Tensor:
-    """An RGB image -> (3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def augment(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:

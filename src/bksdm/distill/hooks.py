@@ -10,17 +10,7 @@ from __future__ import annotations
 import torch
 
 from bksdm.errors import UserError
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        else:
-            return model
+from bksdm.training import unwrap
 
 
 class FeatureHooks:

@@ -37,23 +37,24 @@ class DreamBoothConfig(Config):
     instance_prompt: str = ""  # e.g. "a sks dog"
     class_prompt: str = ""  # e.g. "a dog"; needed for prior preservation
     with_prior: bool = True  # paper: prior preservation on, weight 1
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: float = 1.0  # weight of the class images' loss
     num_class_images: int = 200  # paper: 200 class images
     class_model: str = ""  # model that generates class images (default: the original teacher, else --model)
     class_dir: str = ""  # where class images live (default OUT/class_images); missing ones are generated
     class_steps: int = 50  # denoising steps for class images (official run: the pipeline default, PNDM 50)
     resolution: int = 512  # short side resized, then a random crop
-    out: str = "dreambooth-out"
+    out: str = "dreambooth-out"  # run folder: OUT/final (pipeline or LoRA file), finetune.json, class_images
     max_steps: int = 800  # paper: 800 iterations
     batch_size: int = 1  # paper: 1
-    lr: float = 0.0  # 0: paper default, 1e-6 full fine-tuning, 1e-4 LoRA
+    lr: float = 1e-6  # learning rate of full fine-tuning (paper, finetune_full.sh), constant
     lora: bool = False  # LoRA adapters (peft) instead of full fine-tuning
+    lora_lr: float = 1e-4  # learning rate with --lora (finetune_lora.sh), constant
     lora_preset: str = "bk-sdm"  # bk-sdm: finetune_lora.sh (to_q/to_v alpha 27, q_proj/v_proj alpha 17); diffusers
     lora_rank: int = 16  # rank of every adapter (both presets: 16)
     train_text_encoder: bool = True  # paper: the text encoder is fine-tuned jointly
-    gradient_checkpointing: bool = True
-    mixed_precision: str = "fp16"  # no | fp16 (GPU) | bf16
-    seed: int = 1234
+    gradient_checkpointing: bool = True  # official run: on (trades step time for memory)
+    mixed_precision: str = "fp16"  # no | fp16 (needs a GPU) | bf16
+    seed: int = 1234  # decides every random draw: data order, crops, noise, LoRA init
 
     def validate(self) -> "DreamBoothConfig":
         if not self.model:
@@ -64,12 +65,18 @@ class DreamBoothConfig(Config):
             raise UserError(f"lora_preset={self.lora_preset!r}; choose from {', '.join(LORA_PRESETS)}")
         if self.with_prior and not self.class_prompt:
             raise UserError("prior preservation needs --class-prompt (e.g. 'a dog'), or pass --with-prior false")
-        import torch  # here, not at module level: the CLI builds its parser from this class without torch
+        from bksdm.training import check_precision  # here: the CLI builds its parser from this class without torch
 
-        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
-            self.mixed_precision = "no"  # fp16 is a GPU default; on a CPU run in fp32 (or ask for bf16)
+        check_precision(self.mixed_precision)
         return self
 
     @property
     def learning_rate(self) -> float:
-        return self.lr or (1e-4 if self.lora else 1e-6)
+        return self.lora_lr if self.lora else self.lr
+
+
+def load_dreambooth_config(path: str | None, overrides: list[str] | None = None, **flags) -> DreamBoothConfig:
+    """Defaults, then the YAML file (or ``paper``), then ``key=value`` overrides, then flags."""
+    from bksdm.config import load_yaml_config
+
+    return load_yaml_config(DreamBoothConfig, path, "dreambooth", overrides, **flags)

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from bksdm.errors import UserError
+from bksdm.images import IMAGE_EXTENSIONS
 
 IDENTIFIER = "sks11df"  # BK-SDM scripts/finetune_*.sh and generate_after_*_ft.sh
 SUBJECT_CLASSES: dict[str, str] = {
@@ -54,7 +55,7 @@ def load_subject_images(folder: str | Path) -> list[Image.Image]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"subject folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UserError(f"subject folder {folder} holds no images (.jpg, .jpeg, .png, .webp)")
     images = []

@@ -23,15 +23,15 @@ import torch
 from PIL import Image
 
 from bksdm.errors import UserError
+from bksdm.images import IMAGE_EXTENSIONS
 
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXT)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UserError(f"image folder {folder} holds no images")
     return files

@@ -44,6 +44,8 @@ class Metric:
 
 METRICS: dict[str, Metric] = {}
 ALIASES = {"mini-fid": MINI_FID}  # the first version's spelling
+PROVIDERS = ("bksdm.mini.metrics",)
+"""Modules that register further metrics (by name, so this library does not depend on them): loaded on first use."""
 
 
 def register(name: str, keys: tuple[str, ...], help: str):
@@ -54,8 +56,18 @@ def register(name: str, keys: tuple[str, ...], help: str):
     return wrap
 
 
+def load_providers() -> dict[str, Metric]:
+    """Every registered metric, the providers' included."""
+    import importlib
+
+    for module in PROVIDERS:
+        importlib.import_module(module)
+    return METRICS
+
+
 def resolve(names: list[str]) -> list[Metric]:
     """The metrics of ``names`` (aliases allowed), or a one-line error naming the unknown one and the choices."""
+    load_providers()
     out = []
     for n in names:
         metric = METRICS.get(ALIASES.get(n, n))
@@ -112,17 +124,3 @@ def _clip(x: EvalInputs) -> dict[str, float]:
     model, preprocess, tok = clip_model(x.clip_name, x.clip_pretrained, x.device)
     sims = M.clip_similarities(list(M.load_images(x.paths)), x.texts, model, preprocess, tok, device=x.device)
     return {CLIP: float(sims.mean())}
-
-
-@register("fidelity", (FIDELITY,), "mini world: share of images showing exactly the prompted scene")
-def _fidelity(x: EvalInputs) -> dict[str, float]:
-    from bksdm.mini.metrics import mini_scores
-
-    return {FIDELITY: mini_scores(x.paths, x.texts, fid=False, fidelity_=True)["fidelity"]}
-
-
-@register("mini_fid", (MINI_FID,), "mini world: Frechet distance in the attribute classifier's features")
-def _mini_fid(x: EvalInputs) -> dict[str, float]:
-    from bksdm.mini.metrics import mini_scores
-
-    return {MINI_FID: mini_scores(x.paths, x.texts, fid=True, fidelity_=False)["mini_fid"]}

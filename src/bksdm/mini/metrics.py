@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bksdm.evaluate import registry as R
 from bksdm.mini import classifier as C
 from bksdm.mini.world import ShapesWorld, parse_caption, render
 
@@ -95,3 +96,14 @@ def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_conf
     if dist:
         out["teacher_mse"] = float(torch.cat(dist).mean())
     return out
+
+
+# the mini world's image metrics in `bksdm evaluate --metrics ...` (the registry loads this module by name)
+@R.register("fidelity", (R.FIDELITY,), "mini world: share of images showing exactly the prompted scene")
+def _fidelity(x: R.EvalInputs) -> dict[str, float]:
+    return {R.FIDELITY: mini_scores(x.paths, x.texts, fid=False, fidelity_=True)["fidelity"]}
+
+
+@R.register("mini_fid", (R.MINI_FID,), "mini world: Frechet distance in the attribute classifier's features")
+def _mini_fid(x: R.EvalInputs) -> dict[str, float]:
+    return {R.MINI_FID: mini_scores(x.paths, x.texts, fid=True, fidelity_=False)["mini_fid"]}

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from bksdm.distill.checkpoints import checkpoints
 from bksdm.distill.config import DistillConfig
-from bksdm.distill.hooks import FeatureHooks, unwrap
+from bksdm.distill.hooks import FeatureHooks
 from bksdm.errors import UserError, check_output, reading
-from bksdm.training import FrozenTeacher, fresh_accelerator_state, noisy_inputs
+from bksdm.training import FrozenTeacher, check_precision, fresh_accelerator_state, noisy_inputs, unwrap
 
 TERMS = ("loss", "task", "out_kd", "feat_kd")
 MAX_EMPTY_MICRO_BATCHES = 50
@@ -51,11 +51,10 @@ class DistillRecipe:
         from bksdm.arch.families import family_of
         from bksdm.pipelines import derivation_for
         from bksdm.hub import read_unet_config
-        from bksdm.models import default_device, load_text_side, load_unet, pipeline_folder
+        from bksdm.models import DTYPES, default_device, load_text_side, load_unet, pipeline_folder
 
         cfg = self.cfg
-        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise UserError("mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed-precision bf16 or no")
+        check_precision(cfg.mixed_precision)
         self.out = check_output(cfg.out)
         self._claim_run_folder()
         log_with = None if cfg.report_to == "none" else cfg.report_to
@@ -74,7 +73,7 @@ class DistillRecipe:
         student = self._student(teacher_unet)
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no": fp32
         self.teacher = FrozenTeacher(teacher_unet).to(self.acc.device, self.weight_dtype)
         pairs = self.derivation.layer_pairs
         self.t_hooks = FeatureHooks(self.teacher.unet, [t for t, _ in pairs], "teacher")

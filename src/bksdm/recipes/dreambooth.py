@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,14 +21,14 @@ from PIL import Image
 
 from bksdm.dreambooth.config import DreamBoothConfig, lora_config
 from bksdm.dreambooth.dataset import IDENTIFIER
-from bksdm.errors import UserError
+from bksdm.errors import UserError, check_output
 from bksdm.models import default_device
 from bksdm.training import fresh_accelerator_state, noisy_inputs
 
 
 def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
     """Resize the short side to ``size``, random crop: (3, size, size) in [-1, 1]."""
-    from bksdm.distill.data import pixels, resize_short_side
+    from bksdm.images import pixels, resize_short_side
 
     image = resize_short_side(image, size)
     w, h = image.size
@@ -40,7 +39,7 @@ def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
 def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
     """The prior-preservation images: those in class_dir plus any missing ones, generated now (resumable)."""
     from bksdm.pipelines import load_record
-    from bksdm.generate import generate_images
+    from bksdm.generate import default_dtype, generate_images
     from bksdm.models import load_components, pipeline_folder
 
     folder = Path(cfg.class_dir or Path(cfg.out) / "class_images")
@@ -51,7 +50,7 @@ def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
         source = cfg.class_model or (load_record(pipeline_folder(cfg.model)) or {}).get("teacher") or cfg.model
         src = pipeline_folder(source, "class model")
         parts = load_components(src)
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        dtype = default_dtype(device)  # fp16 on GPUs (the official run), bf16 on CPUs that have it
         for start in range(0, len(missing), 4):
             idx = missing[start:start + 4]
             ims = generate_images(parts["unet"], parts["vae"], parts["tokenizer"], parts["text_encoder"], parts["scheduler"],
@@ -81,6 +80,7 @@ class DreamBooth:
 
     def __init__(self, cfg: DreamBoothConfig):
         self.cfg = cfg.validate()
+        check_output(cfg.out)
 
     def setup(self) -> "DreamBooth":
         from accelerate import Accelerator
@@ -186,12 +186,14 @@ class DreamBooth:
         return result
 
     def save(self, result: dict[str, Any]) -> None:
-        """Full: a complete pipeline folder. LoRA: ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``."""
+        """Into ``OUT/final``, as every trainer: full fine-tuning a complete pipeline folder, LoRA the adapter file
+        ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``. ``OUT/finetune.json`` records the run."""
         from bksdm.pipelines import copy_pipeline
-        from bksdm.distill.hooks import unwrap
+        from bksdm.training import unwrap
 
         out = Path(self.cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
+        final = out / "final"
+        final.mkdir(parents=True, exist_ok=True)
         unet, text = unwrap(self.acc.unwrap_model(self.unet)), unwrap(self.acc.unwrap_model(self.text_encoder))
         if self.cfg.lora:
             from diffusers import StableDiffusionPipeline
@@ -201,14 +203,13 @@ class DreamBooth:
             te = convert_state_dict_to_diffusers(get_peft_model_state_dict(text)) if self.cfg.train_text_encoder else None
             # the adapter configs travel in the file: without them a loader assumes alpha = rank (wrong for bk-sdm)
             meta = {m: lora_config(self.cfg.lora_preset, m, self.cfg.lora_rank).to_dict() for m in ("unet", "text_encoder")}
-            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
+            StableDiffusionPipeline.save_lora_weights(final, unet_lora_layers=convert_state_dict_to_diffusers(
                 get_peft_model_state_dict(unet)), text_encoder_lora_layers=te, unet_lora_adapter_metadata=meta["unet"],
                 text_encoder_lora_adapter_metadata=meta["text_encoder"] if te else None)
         else:
-            copy_pipeline(self.folder, out / "pipeline")
-            shutil.rmtree(out / "pipeline" / "text_encoder", ignore_errors=True)
-            unet.save_pretrained(out / "pipeline" / "unet", safe_serialization=True)
-            text.save_pretrained(out / "pipeline" / "text_encoder", safe_serialization=True)
+            copy_pipeline(self.folder, final, skip=("unet", "text_encoder"))
+            unet.save_pretrained(final / "unet", safe_serialization=True)
+            text.save_pretrained(final / "text_encoder", safe_serialization=True)
         (out / "finetune.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"} |
                                                       {"config": self.cfg.to_dict(), "final": result["history"][-1]}, indent=1))
 
@@ -223,12 +224,12 @@ def personalised_pipeline(model: str, out: str | Path, lora: bool):
 
     from bksdm.models import import_own_components, pipeline_folder
 
-    out = Path(out)
-    base = pipeline_folder(model) if lora else out / "pipeline"
+    final = Path(out) / "final"
+    base = pipeline_folder(model) if lora else final
     import_own_components(base)
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
     if lora:
-        pipe.load_lora_weights(out)
+        pipe.load_lora_weights(final)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -51,7 +51,7 @@ def evaluate(images: str | Path, prompts: str | Path, metrics: list[str], fid_re
 
 
 def markdown_row(name: str, res: dict[str, Any]) -> str:
-    cols = [m.keys[0] for m in R.METRICS.values() if m.keys[0] in res]
+    cols = [m.keys[0] for m in R.load_providers().values() if m.keys[0] in res]
     head = "| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
     return head + "\n| " + name + " | " + " | ".join(f"{res[c]:.4f}" for c in cols) + " |"
 

@@ -1,0 +1,24 @@
+"""Image helpers shared by every room: which files are images, the short-side resize and the [-1, 1] tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+"""File suffixes read as images (lower case), in the order webdataset members are looked up."""
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize (bilinear) so the shorter side is ``size``; the aspect ratio is kept."""
+    w, h = image.size
+    scale = size / min(w, h)
+    if scale == 1:
+        return image
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB image -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
