@@ -101,13 +101,19 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (
                        help=help_)
 
 
+def _add_config_command(p: argparse.ArgumentParser, cls, shipped: str) -> None:
+    """A trainer's arguments: ``--config`` (a YAML file or a shipped name), ``key=value`` overrides, a flag per key."""
+    p.add_argument("--config", help=f"YAML file or shipped name (see configs/{shipped}_paper.yaml); flags and "
+                   "key=value override it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of any config key, anywhere on the line")
+    _add_config_flags(p, cls)
+
+
 @command("distill", "retrain a compressed student by knowledge distillation from its teacher (paper recipe)")
 def _distill_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (see configs/distill_paper.yaml); flags and key=value override it")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of any config key, anywhere on the line")
     from bksdm.distill.config import DistillConfig
 
-    _add_config_flags(p, DistillConfig)
+    _add_config_command(p, DistillConfig, "distill")
 
 
 @_distill_args.run
@@ -306,9 +312,7 @@ def _ablate(a: argparse.Namespace) -> int:
 def _dreambooth_args(p: argparse.ArgumentParser) -> None:
     from bksdm.dreambooth.config import DreamBoothConfig
 
-    p.add_argument("--config", help="YAML (see configs/dreambooth_paper.yaml); flags and key=value override it")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of any config key, anywhere on the line")
-    _add_config_flags(p, DreamBoothConfig)
+    _add_config_command(p, DreamBoothConfig, "dreambooth")
 
 
 @_dreambooth_args.run

@@ -18,6 +18,11 @@ MODEL_FILES = ("*.json", "*.txt", "*.safetensors")
 """What a single-model repository (``facebook/dino-vits16``) needs: config and weights at its root."""
 
 
+def offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for no network: every download is refused at once with a message instead."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
 def resolve_model(name: str, what: str = "model", files: tuple[str, ...] = PIPELINE_FILES) -> Path:
     """The local folder of ``name``: a folder path as is, or a hub id's snapshot (cache first, then download of
     the ``files`` patterns: :data:`PIPELINE_FILES` or :data:`MODEL_FILES`).
@@ -38,7 +43,7 @@ def resolve_model(name: str, what: str = "model", files: tuple[str, ...] = PIPEL
         pass
     how = (f"download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR instead, "
            f"or point HF_HOME at a cache that holds it")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
+    if offline():
         raise UserError(f"{what} {name!r} is not a local folder and is not in the Hugging Face cache (HF_HUB_OFFLINE is set); {how}")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     try:

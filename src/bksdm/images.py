@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 """File suffixes read as images (lower case), in the order webdataset members are looked up."""
+
+
+def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
+    """The image files of ``folder``, sorted by name; a one-line error when it is missing or holds none."""
+    from bksdm.errors import UserError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UserError(f"{what} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from bksdm.errors import UserError
-from bksdm.images import IMAGE_EXTENSIONS
+from bksdm.images import list_images
 
 IDENTIFIER = "sks11df"  # BK-SDM scripts/finetune_*.sh and generate_after_*_ft.sh
 SUBJECT_CLASSES: dict[str, str] = {
@@ -52,12 +52,7 @@ def prompts(class_name: str, live: bool, identifier: str = IDENTIFIER) -> list[s
 
 def load_subject_images(folder: str | Path) -> list[Image.Image]:
     """Every image of a subject folder, RGB; an error naming the folder if it is empty or an image is unreadable."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"subject folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise UserError(f"subject folder {folder} holds no images (.jpg, .jpeg, .png, .webp)")
+    files = list_images(folder, "subject folder")
     images = []
     for f in files:
         try:

@@ -23,18 +23,10 @@ import torch
 from PIL import Image
 
 from bksdm.errors import UserError
-from bksdm.images import IMAGE_EXTENSIONS
+from bksdm.images import list_images
 
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise UserError(f"image folder {folder} holds no images")
-    return files
 
 
 def load_images(paths: Iterable[Path], size: int | None = None) -> Iterable[Image.Image]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bksdm.errors import UserError, reading
+from bksdm.hub import offline
 
 FID_INCEPTION = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID Inception
 ISC_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception (IS)
@@ -20,10 +21,6 @@ ISC_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's 
 
 def hub_checkpoint(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
 
 def require(name: str, given: str | None, flag: str, what: str) -> Path:

@@ -245,7 +245,9 @@ def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[
     from bksdm.dreambooth import metrics as DM
     from bksdm.dreambooth.dataset import load_subject_images, prompts, subjects
     from bksdm.evaluate.weights import clip_model
-    from bksdm.generate import SCHEDULERS, initial_latents, prompt_seed
+    import diffusers
+
+    from bksdm.generate import SCHEDULERS, default_dtype, generate_images, image_complete, prompt_seed
 
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
@@ -264,22 +266,21 @@ def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[
                                    class_dir=str(out / "class_images" / cls.replace(" ", "_"))).update(overrides, "bench")
             finetune(cfg)
         ft = json.loads((sub / "finetune.json").read_text())
-        pipe = personalised_pipeline(model, sub, lora).to(device)
-        import diffusers
-
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        pipe = personalised_pipeline(model, sub, lora)
+        sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
         gen_dir = sub / "images"
         gen_dir.mkdir(exist_ok=True)
-        paths, used = [], []
-        for k, prompt in enumerate(prompts(cls, live, identifier)):
-            for j in range(images_per_prompt):
-                path = gen_dir / f"p{k:02d}_{j}.png"
-                if not path.exists():
-                    size = pipe.unet.config.sample_size
-                    lat = initial_latents([prompt_seed(path.name, 0)], (pipe.unet.config.in_channels, size, size))
-                    pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=lat.to(device, pipe.unet.dtype)).images[0].save(path)
-                paths.append(path)
-                used.append(prompt)
+        items = [(gen_dir / f"p{k:02d}_{j}.png", prompt) for k, prompt in enumerate(prompts(cls, live, identifier))
+                 for j in range(images_per_prompt)]
+        todo = [(path, prompt) for path, prompt in items if not image_complete(path)]
+        for start in range(0, len(todo), 4):  # the shared sampling path: one seed and initial latent per image
+            chunk = todo[start:start + 4]
+            images = generate_images(pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder, sampler, [t for _, t in chunk],
+                                     [prompt_seed(path.name, 0) for path, _ in chunk], steps, guidance,
+                                     dtype=default_dtype(device), device=device)
+            for (path, _), image in zip(chunk, images):
+                image.save(path)
+        paths, used = [path for path, _ in items], [prompt for _, prompt in items]
         scores = DM.subject_scores(DM.load_images(paths), used, real, dino_net, clip, identifier, device)
         row = {"subject": name, **scores, "ft_seconds": ft["seconds"], "ft_peak_gb": ft["memory"]["peak_gb"],
                "memory_kind": ft["memory"]["kind"]}

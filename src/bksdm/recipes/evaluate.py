@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from bksdm.errors import UserError
-from bksdm.evaluate import metrics as M
 from bksdm.evaluate import registry as R
+from bksdm.images import list_images
 
 
 def matched_images(images: str | Path, prompts: str | Path) -> tuple[list[Path], list[str]]:
@@ -20,7 +20,7 @@ def matched_images(images: str | Path, prompts: str | Path) -> tuple[list[Path],
 
     items = read_prompts(prompts)
     folder = Path(images)
-    files = M.list_images(folder)
+    files = list_images(folder)
     names = {p.name for p in files}
     by_stem = {p.stem: p.name for p in files}
     found = [n if n in names else by_stem.get(Path(n).stem) for n, _ in items]
