@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -73,10 +74,11 @@ def test_shipped_teacher_loads_and_checks_its_checksum(tmp_path):
 
 def test_teacher_recipe_trains_a_checksummed_v_prediction_pipeline(tmp_path):
     from bksdm.mini.metrics import heldout_mse
+    from bksdm.mini.config import TeacherConfig
     from bksdm.mini.teacher import load_teacher
     from bksdm.recipes.mini_teacher import train_teacher
 
-    result = train_teacher(tmp_path / "t", steps=3, batch=4, log_every=1, save_every=0)
+    result = train_teacher(TeacherConfig(out=str(tmp_path / "t"), steps=3, batch_size=4, log_every=1, save_every=0))
     assert result["final_loss"] is not None and result["final_loss"] == result["final_loss"]  # not NaN
     pipe = load_teacher(tmp_path / "t")  # verifies the checksums it wrote
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -115,3 +117,31 @@ def test_fast_demo_runs_end_to_end(tmp_path):
     assert rows[0]["teacher_mse"] == 0 and rows[2]["unet_params"] < rows[0]["unet_params"]
     fidelities = [r["fidelity"] for r in rows if "fidelity" in r]
     assert len(fidelities) == 2 and all((f * 8).is_integer() and 0 <= f <= 1 for f in fidelities)  # teacher, student: k of 8
+
+
+def test_teacher_recipe_runs_from_the_cli_with_its_shipped_config(tmp_path, capsys):
+    """The mini teacher's recipe is on the one config path: shipped YAML = dataclass defaults, flags, key=value."""
+    import yaml
+
+    from bksdm.cli import main
+    from bksdm.config import load_yaml_config
+    from bksdm.mini.config import TeacherConfig
+    from tests.conftest import one_line_error
+
+    assert load_yaml_config(TeacherConfig, "default", "mini_teacher").to_dict() == TeacherConfig().to_dict()
+    shipped = Path(__file__).parent.parent / "src" / "bksdm" / "configs" / "mini_teacher_default.yaml"
+    assert set(yaml.safe_load(shipped.read_text())) == set(TeacherConfig.fields())
+    out = tmp_path / "cli"
+    assert main(["mini-teacher", "--config", "default", f"out={out}", "--steps", "2", "batch_size=2", "--log-every", "1",
+                 "--save-every", "0", "--no-bf16"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2 and info["batch"] == 2 and info["bf16_autocast"] is False
+    capsys.readouterr()
+    assert main(["mini-teacher", "--steps", "2"]) == 2
+    assert "--out" in one_line_error(capsys)
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert main(["mini-teacher", "--out", str(out), "--steps", "1"]) == 2  # nothing already there is replaced unasked
+    assert "--overwrite" in one_line_error(capsys)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert main(["mini-teacher", "--out", str(tmp_path / "x"), "--prediction", "x0"]) == 2
+    assert "'x0' is not one of" in one_line_error(capsys)

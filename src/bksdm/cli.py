@@ -307,6 +307,28 @@ def _ablate(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("mini-teacher", "train a mini-world teacher (the recipe of the shipped one): a checksummed pipeline folder")
+def _mini_teacher_args(p: argparse.ArgumentParser) -> None:
+    from bksdm.mini.config import TeacherConfig
+
+    p.add_argument("--config", help="YAML file or shipped name (configs/mini_teacher_default.yaml: --config default); "
+                   "flags and key=value override it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of any config key, anywhere on the line")
+    _add_config_flags(p, TeacherConfig)
+
+
+@_mini_teacher_args.run
+def _mini_teacher(a: argparse.Namespace) -> int:
+    from bksdm.config import load_yaml_config
+    from bksdm.mini.config import TeacherConfig
+    from bksdm.recipes.mini_teacher import train_teacher
+
+    cfg = load_yaml_config(TeacherConfig, a.config, "mini_teacher", a.overrides,
+                           **{k: getattr(a, k) for k in TeacherConfig.fields()})
+    print(json.dumps(train_teacher(cfg)))
+    return 0
+
+
 # ---------------------------------------------------------------- dreambooth
 @command("dreambooth", "personalise a pipeline on one subject (DreamBooth, prior preservation, full or LoRA)")
 def _dreambooth_args(p: argparse.ArgumentParser) -> None:
@@ -401,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest:  # key=value overrides may sit between flags, which argparse positionals cannot express
-        if args.command not in ("distill", "dreambooth") or any("=" not in r or r.startswith("-") for r in rest):
+        if args.command not in ("distill", "dreambooth", "mini-teacher") or any("=" not in r or r.startswith("-") for r in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
     try:

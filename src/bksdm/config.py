@@ -32,6 +32,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "init": {"choices": ("teacher", "random")},
     "report_to": {"choices": ("tensorboard", "wandb", "none")},
     "lora_preset": {"choices": ("bk-sdm", "diffusers")},
+    "prediction": {"choices": ("v_prediction", "epsilon")},
 }
 """The allowed range or choices of every numeric and named setting, by name: one table for flags, YAML keys and
 ``key=value`` overrides of every command."""

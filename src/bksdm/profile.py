@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bksdm.arch.families import family_of
 from bksdm.models import DTYPES
 
 
@@ -108,12 +109,13 @@ def _calls(c: Components, device, dtype, unet_batch: int):
     ids = torch.zeros(1, seq, dtype=torch.long, device=device)
     lat = torch.randn(unet_batch, ch, h, w, device=device, dtype=dtype)
     emb = torch.randn(unet_batch, seq, width, device=device, dtype=dtype)
+    cond = family_of(c.unet.config).from_cache({"emb": emb})  # the family's U-Net keyword arguments
     t = torch.full((unet_batch,), 500, device=device)
     vae_ch = getattr(c.vae.config, "latent_channels", ch)
     dec_in = torch.randn(1, vae_ch, h, w, device=device, dtype=dtype)
     return {
         "text_encoder": lambda: c.text_encoder(ids),
-        "unet": lambda: c.unet(lat, t, emb),
+        "unet": lambda: c.unet(lat, t, **cond),
         "vae_decoder": lambda: c.vae.decode(dec_in),
     }
 

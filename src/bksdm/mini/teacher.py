@@ -1,6 +1,6 @@
 """The shipped mini teacher: its architecture constants, the checksummed loader and the asset format.
 
-The recipe that trains it is ``bksdm.recipes.mini_teacher`` (``python -m bksdm.recipes.mini_teacher``); the
+The recipe that trains it is ``bksdm.recipes.mini_teacher`` (``bksdm mini-teacher``); the
 shipped weights' stages and commands are in ``assets/teacher/training.json``.
 """
 
@@ -66,7 +66,7 @@ def teacher_path(path: Path | None = None) -> Path:
     path = Path(path) if path else ASSET
     sums_file = path / CHECKSUMS
     if not sums_file.is_file():
-        raise UserError(f"no mini teacher at {path} (missing {CHECKSUMS}); train one with `python -m bksdm.recipes.mini_teacher --out DIR`")
+        raise UserError(f"no mini teacher at {path} (missing {CHECKSUMS}); train one with `bksdm mini-teacher --out DIR`")
     for rel, digest in json.loads(sums_file.read_text()).items():
         f = path / rel
         if not f.is_file() or _sha256(f) != digest:
@@ -77,5 +77,7 @@ def teacher_path(path: Path | None = None) -> Path:
 def load_teacher(path: Path | None = None, dtype: torch.dtype = torch.float32):
     """The mini teacher as a ``StableDiffusionPipeline`` (fp32 by default; weights ship in fp16)."""
     from diffusers import StableDiffusionPipeline
+
+    import bksdm.mini.model  # noqa: F401  (diffusers loads the VAE class only from an imported module)
 
     return StableDiffusionPipeline.from_pretrained(teacher_path(path), dtype=dtype)

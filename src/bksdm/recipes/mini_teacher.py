@@ -4,7 +4,8 @@ The text encoder and the SD-v1-layout U-Net learn together on the shapes world: 
 SD-v2's v-prediction target, 10% empty captions so classifier-free guidance works, an EMA of both (diffusers'
 ``EMAModel``), bf16 autocast on CPUs.
 
-    python -m bksdm.recipes.mini_teacher --out teacher --steps 8000      # a pipeline folder (fp16 safetensors)
+    bksdm mini-teacher --out teacher --steps 8000      # a pipeline folder (fp16 safetensors)
+    bksdm mini-teacher --config default out=teacher    # the same from configs/mini_teacher_default.yaml
 
 The shipped weights were trained by this loop's earlier home, ``bksdm.mini.teacher``, whose EMA was written by hand
 (same decay schedule but for a first-step offset); their stages are in ``assets/teacher/training.json``.
@@ -12,7 +13,6 @@ The shipped weights were trained by this loop's earlier home, ``bksdm.mini.teach
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -21,19 +21,15 @@ import numpy as np
 import torch
 
 from bksdm.arch.families import family_of
-from bksdm.errors import UserError
 from bksdm.mini.model import SpaceToDepthVAE, build_pipeline, text_encoder, unet_config
+from bksdm.mini.config import TeacherConfig
 from bksdm.mini.teacher import TEACHER_UNET, TEXT_EMBED_STD, TEXT_LAYERS, VAE_SHIFT, save_teacher, world_batch
 from bksdm.mini.world import WORDS, ShapesWorld
-from bksdm.runtime import quiet_libraries
 from bksdm.training import noisy_inputs
 
 
-def train_teacher(out: Path, steps: int = 8000, batch: int = 32, lr: float = 5e-4, seed: int = 0,
-                  log_every: int = 100, bf16: bool = True, save_every: int = 500, init: Path | None = None,
-                  ema_decay: float = 0.999, start_index: int = 0, prediction: str = "v_prediction",
-                  fresh_text: int = 0) -> dict:
-    """Train (or, with ``init``, continue training) the mini teacher.
+def train_teacher(cfg: TeacherConfig) -> dict:
+    """Train (or, with ``init``, continue training) the mini teacher into ``cfg.out``.
 
     ``prediction`` is the U-Net's target, ``"v_prediction"`` (SD-v2's) or ``"epsilon"`` (SD-v1's); it is written
     into the scheduler config, which every recipe reads. Why v: the prompt decides the layout at noisy timesteps,
@@ -45,16 +41,18 @@ def train_teacher(out: Path, steps: int = 8000, batch: int = 32, lr: float = 5e-
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.training_utils import EMAModel
 
-    if prediction not in ("epsilon", "v_prediction"):
-        raise UserError(f"prediction must be 'epsilon' or 'v_prediction', not {prediction!r}")
+    cfg.validate()
+    out, steps, batch, lr, seed, log_every = Path(cfg.out), cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, cfg.log_every
+    bf16, save_every, ema_decay, start_index, prediction = cfg.bf16, cfg.save_every, cfg.ema_decay, cfg.start_index, cfg.prediction
+    init, fresh_text = (Path(cfg.init_from) if cfg.init_from else None), cfg.fresh_text
     torch.manual_seed(seed)
     if init is not None:
         pipe = StableDiffusionPipeline.from_pretrained(init, dtype=torch.float32)
         vae_cfg = {k: v for k, v in pipe.vae.config.items() if not k.startswith("_")}
         pipe.vae = SpaceToDepthVAE(**{**vae_cfg, "shift": VAE_SHIFT})
         if fresh_text:
-            cfg = pipe.text_encoder.config
-            pipe.text_encoder = text_encoder(cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size, fresh_text,
+            tc = pipe.text_encoder.config
+            pipe.text_encoder = text_encoder(tc.vocab_size, tc.max_position_embeddings, tc.hidden_size, fresh_text,
                                              TEXT_EMBED_STD)
     else:
         pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET), text_layers=TEXT_LAYERS,
@@ -100,29 +98,3 @@ def _save_ema(pipe, ema, params: list[torch.nn.Parameter], out: Path, info: dict
     ema.copy_to(params)
     save_teacher(pipe, out, info)
     ema.restore(params)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="train the mini-world teacher")
-    p.add_argument("--out", type=Path, required=True, help="output pipeline folder (never the shipped asset by default)")
-    p.add_argument("--steps", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
-    p.add_argument("--init", type=Path, default=None, help="continue from this teacher folder")
-    p.add_argument("--prediction", choices=("v_prediction", "epsilon"), default="v_prediction")
-    p.add_argument("--fresh-text", type=int, default=0, help="with --init: a new text encoder of this many layers")
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--start-index", type=int, default=0,
-                   help="first world index (continuations: new pictures; avoid 10**6 + 10**5 (evaluation prompts) and 5 * 10**6 + (held-out))")
-    a = p.parse_args(argv)
-    quiet_libraries()  # diffusers warns on every fp16 save of a checkpoint
-    torch.set_num_threads(a.threads)
-    print(train_teacher(a.out, a.steps, a.batch, a.lr, a.seed, bf16=not a.fp32, init=a.init, ema_decay=a.ema_decay,
-                        start_index=a.start_index, prediction=a.prediction, fresh_text=a.fresh_text))
-
-
-if __name__ == "__main__":
-    main()
