@@ -155,3 +155,22 @@ def test_sdxl_teacher_rejected():
     cfg.update(addition_embed_type="text_time", transformer_layers_per_block=[1, 2, 10])
     with pytest.raises(UserError, match="SDXL.*supported: SD-v1.x"):
         derive(cfg, BUILTIN_SPECS["bk-base"])
+
+
+def test_family_seam_for_sd_layouts():
+    """Every SD-v1/v2 family calls its U-Net with one text encoder's hidden states, at its own resolution; SDXL-style
+    U-Nets are refused with what is supported."""
+    from bksdm.arch.families import FAMILIES, family_component_config, family_of
+    from bksdm.errors import UserError
+
+    sizes = {}
+    for name in FAMILIES:
+        fam = family_of(family_component_config(name, "unet"))
+        assert fam.text_components == ("tokenizer", "text_encoder") and fam.pipeline_class == "StableDiffusionPipeline"
+        sizes[name] = fam.resolution(family_component_config(name, "unet"))
+        cond = fam.from_cache({"emb": torch.zeros(2, 77, 8)})
+        assert list(cond) == ["encoder_hidden_states"] and fam.to_cache(cond)["emb"].shape == (2, 77, 8)
+        assert fam.prediction_type({"prediction_type": FAMILIES[name]["prediction_type"]}) == FAMILIES[name]["prediction_type"]
+    assert sizes == {"sd-v1": 512, "sd-v2-base": 512, "sd-v2": 768}
+    with pytest.raises(UserError, match="SDXL"):
+        family_of({"addition_embed_type": "text_time", "cross_attention_dim": 2048})

@@ -80,9 +80,9 @@ def test_teacher_recipe_trains_a_checksummed_v_prediction_pipeline(tmp_path):
 
     result = train_teacher(TeacherConfig(out=str(tmp_path / "t"), steps=3, batch_size=4, log_every=1, save_every=0))
     assert result["final_loss"] is not None and result["final_loss"] == result["final_loss"]  # not NaN
-    pipe = load_teacher(tmp_path / "t")  # verifies the checksums it wrote
+    pipe = load_teacher(tmp_path / "t" / "final")  # every trainer's result in OUT/final; verifies its checksums
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert json.loads((tmp_path / "t" / "training.json").read_text())["prediction"] == "v_prediction"
+    assert json.loads((tmp_path / "t" / "final" / "training.json").read_text())["prediction"] == "v_prediction"
     own = heldout_mse(pipe.unet, pipe.unet, pipe.tokenizer, pipe.text_encoder, pipe.vae, dict(pipe.scheduler.config), 8)
     assert own["teacher_mse"] == 0 and own["heldout_mse"] > 0
 
@@ -134,14 +134,14 @@ def test_teacher_recipe_runs_from_the_cli_with_its_shipped_config(tmp_path, caps
     out = tmp_path / "cli"
     assert main(["mini-teacher", "--config", "default", f"out={out}", "--steps", "2", "batch_size=2", "--log-every", "1",
                  "--save-every", "0", "--no-bf16"]) == 0
-    info = json.loads((out / "training.json").read_text())
+    info = json.loads((out / "final" / "training.json").read_text())
     assert info["steps"] == 2 and info["batch"] == 2 and info["bf16_autocast"] is False
     capsys.readouterr()
     assert main(["mini-teacher", "--steps", "2"]) == 2
     assert "--out" in one_line_error(capsys)
-    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    before = (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert main(["mini-teacher", "--out", str(out), "--steps", "1"]) == 2  # nothing already there is replaced unasked
     assert "--overwrite" in one_line_error(capsys)
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert main(["mini-teacher", "--out", str(tmp_path / "x"), "--prediction", "x0"]) == 2
     assert "'x0' is not one of" in one_line_error(capsys)

@@ -113,13 +113,14 @@ def generate_images(unet, vae, tokenizer, text_encoder, scheduler, prompts: list
 
     from bksdm.arch.families import family_of
 
-    pipeline_class = getattr(diffusers, family_of(unet.config).pipeline_class)
+    family = family_of(unet.config)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
     pipe = pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device, dtype)
     factor = pipe.vae_scale_factor
-    size = resolution or unet.config.sample_size * factor
+    size = resolution or family.resolution(unet.config, factor)
     latents = initial_latents(seeds, (unet.config.in_channels, size // factor, size // factor))
     out = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                latents=latents.to(device, dtype), output_type="pil")

@@ -28,7 +28,8 @@ def noisy_inputs(scheduler, latents: torch.Tensor, gen: torch.Generator) -> tupl
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the U-Net learns to predict for ``(latents, noise, t)``: the noise, or the velocity when the
     scheduler's config says ``v_prediction`` (SD-v2, the mini teacher). Same shape as ``latents``."""
-    return noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    prediction = scheduler.config.prediction_type  # the family's target, as Family.prediction_type reads it
+    return noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, t)
 
 
 class FrozenTeacher(torch.nn.Module):

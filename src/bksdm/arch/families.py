@@ -156,6 +156,14 @@ class Family:
                   return_tensors="pt").input_ids.to(device)
         return {"encoder_hidden_states": parts["text_encoder"](ids)[0]}
 
+    def resolution(self, unet_config: Mapping[str, Any], vae_scale_factor: int = 8) -> int:
+        """Default image size in pixels: the U-Net's latent size times the VAE's factor (SD-v1/v2-base 512, v2 768)."""
+        return int(unet_config["sample_size"]) * vae_scale_factor
+
+    def prediction_type(self, scheduler_config: Mapping[str, Any]) -> str:
+        """What the U-Net predicts, as the pipeline's scheduler says: ``epsilon`` (SD-v1) or ``v_prediction``."""
+        return scheduler_config.get("prediction_type", "epsilon")
+
     def to_cache(self, cond: Mapping[str, Any]) -> dict[str, Any]:
         """The tensors of a conditioning dict that a cache stores, under :attr:`cache_keys`."""
         return {"emb": cond["encoder_hidden_states"]}

@@ -12,7 +12,7 @@ from bksdm.errors import UserError
 
 @dataclass
 class TeacherConfig(Config):
-    out: str = ""  # output pipeline folder (required; never the shipped asset by default)
+    out: str = ""  # run folder (required): the teacher in OUT/final, EMA checkpoints in OUT/step-N
     steps: int = 8000  # optimiser steps
     batch_size: int = 32  # freshly drawn world pictures per step
     lr: float = 5e-4  # AdamW, 200-step linear warm-up, then constant
@@ -30,6 +30,7 @@ class TeacherConfig(Config):
     def validate(self) -> "TeacherConfig":
         if not self.out:
             raise UserError("no output folder: pass --out DIR (the shipped teacher is never overwritten by default)")
-        if (Path(self.out) / "model_index.json").exists() and not self.overwrite:
-            raise UserError(f"{self.out} already holds a pipeline; pass --overwrite to replace it or choose another --out")
+        if (Path(self.out) / "final" / "model_index.json").exists() and not self.overwrite:
+            raise UserError(f"{self.out} already holds a trained teacher (final/); pass --overwrite to replace it or "
+                            f"choose another --out")
         return self

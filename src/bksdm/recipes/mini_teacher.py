@@ -4,7 +4,7 @@ The text encoder and the SD-v1-layout U-Net learn together on the shapes world: 
 SD-v2's v-prediction target, 10% empty captions so classifier-free guidance works, an EMA of both (diffusers'
 ``EMAModel``), bf16 autocast on CPUs.
 
-    bksdm mini-teacher --out teacher --steps 8000      # a pipeline folder (fp16 safetensors)
+    bksdm mini-teacher --out teacher --steps 8000      # teacher/final: a pipeline folder (fp16 safetensors)
     bksdm mini-teacher --config default out=teacher    # the same from configs/mini_teacher_default.yaml
 
 The shipped weights were trained by this loop's earlier home, ``bksdm.mini.teacher``, whose EMA was written by hand
@@ -29,7 +29,8 @@ from bksdm.training import noisy_inputs
 
 
 def train_teacher(cfg: TeacherConfig) -> dict:
-    """Train (or, with ``init``, continue training) the mini teacher into ``cfg.out``.
+    """Train (or, with ``init_from``, continue training) the mini teacher: ``OUT/final`` (as every trainer's
+    result), EMA checkpoints ``OUT/step-N`` on the way.
 
     ``prediction`` is the U-Net's target, ``"v_prediction"`` (SD-v2's) or ``"epsilon"`` (SD-v1's); it is written
     into the scheduler config, which every recipe reads. Why v: the prompt decides the layout at noisy timesteps,
@@ -87,7 +88,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             print(json.dumps(rec), flush=True)
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             _save_ema(pipe, ema, params, out / f"step-{step + 1}", {"steps": step + 1, "history": history})
-    _save_ema(pipe, ema, params, out, {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "bf16_autocast": bf16,
+    _save_ema(pipe, ema, params, out / "final", {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "bf16_autocast": bf16,
                              "prediction": prediction, "seconds": round(time.time() - t0, 1), "history": history})
     return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-log_every:])) if losses else None}
 
