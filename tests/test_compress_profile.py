@@ -27,6 +27,13 @@ def test_compress_roundtrip_and_generate(tiny_teacher_dir, tmp_path, capsys):
         assert torch.equal(pipe.unet.state_dict()[key], teacher.unet.state_dict()[src])
     img = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert img.shape == (1, 32, 32, 3) and float(abs(img).sum()) > 0
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")  # the hubs' metadata and the removed blocks, for bk-tiny too
+    assert card.data.library_name == "diffusers" and "bksdm-bk-small" in card.data.tags and "`mid_block`" in card.text
+    assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", "bk-tiny", "--out", str(tmp_path / "tiny")]) == 0
+    tiny = ModelCard.load(tmp_path / "tiny" / "README.md").text
+    assert "`down_blocks.3.resnets.0`" in tiny and "`up_blocks.0.resnets.0`" in tiny  # the innermost stage is gone
 
 
 def test_compress_custom_spec(tiny_teacher_dir, tmp_path):

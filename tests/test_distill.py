@@ -196,3 +196,21 @@ def test_random_init_ignores_the_teacher_weights(tiny_teacher_dir, tmp_path):
         key = "up_blocks.1.resnets.1.conv1.weight"  # from teacher up_blocks.1.resnets.2
         assert torch.equal(w[key], t["up_blocks.1.resnets.2.conv1.weight"].float())
         assert not torch.equal(c[key], w[key])
+
+
+def test_final_pipeline_has_a_model_card(tiny_teacher_dir, tmp_path):
+    """final/README.md parses with huggingface_hub's ModelCard and names the removed blocks and the savings."""
+    from huggingface_hub import ModelCard
+
+    run = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "run", max_steps=2, sample_prompts=["a red circle"],
+                                    sample_steps=2)).setup()
+    run.train()
+    card = ModelCard.load(tmp_path / "run" / "final" / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert {"bk-sdm", "bksdm-bk-small"} <= set(card.data.tags)
+    # bk-small: the second block pair of every down stage, the mid-block and the middle pair of every up stage go
+    for block in ("down_blocks.0.resnets.1", "down_blocks.2.attentions.1", "mid_block", "up_blocks.1.resnets.1"):
+        assert f"`{block}`" in card.text, block
+    assert "`down_blocks.0.resnets.0`" not in card.text  # kept
+    assert "fewer" in card.text and "2 optimiser steps" in card.text and "![samples](samples.png)" in card.text
+    assert (tmp_path / "run" / "final" / "samples.png").is_file()

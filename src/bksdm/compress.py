@@ -8,6 +8,7 @@ from typing import Any
 from bksdm.arch import derive, init_student_from_teacher, load_spec
 from bksdm.errors import UserError, check_output
 from bksdm.hub import read_unet_config, resolve_model
+from bksdm.cards import write_model_card
 from bksdm.pipelines import copy_pipeline, write_record
 from bksdm.profile import count_params
 
@@ -43,6 +44,8 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
         "student_config": derivation.student_config,
     }
     write_record(out, record)
+    write_model_card(out, record, teacher_cfg, record["params"],
+                     {"status": "initialised from the teacher's weights, not yet distilled (bksdm distill retrains it)"})
     del teacher_unet
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return record

@@ -352,10 +352,33 @@ class DistillRecipe:
             record = {"teacher": self.cfg.teacher, **self.derivation.record(), "distill": {"steps": self.step}}
             record.pop("key_map")
             write_record(final, record)
-            if self.cfg.sample_prompts:
-                self.sample_grid()
+            grid = self.sample_grid() if self.cfg.sample_prompts else None
+            if grid is not None:
+                shutil.copy(grid, final / "samples.png")
+            self._model_card(final, record, last)
         self.acc.end_training()
         return last
+
+    def _model_card(self, final: Path, record: dict[str, Any], last: dict[str, float]) -> None:
+        """``final/README.md``: what was removed, what it saved, how it was trained (huggingface_hub model card)."""
+        from bksdm.cards import write_model_card
+        from bksdm.profile import count_params
+
+        cfg = self.cfg
+        params = {"teacher_unet": count_params(self.teacher.unet), "student_unet": count_params(unwrap(self.student))}
+        training = {
+            "recipe": "BK-SDM distillation: task + output-KD + feature-KD loss "
+                      f"(weights {cfg.lambda_sd} / {cfg.lambda_out} / {cfg.lambda_feat})",
+            "steps": f"{self.step} optimiser steps of {cfg.batch_size} x {cfg.grad_accum} x {self.acc.num_processes} "
+                     f"images at {cfg.resolution} px",
+            "data": cfg.cache or cfg.data, "optimizer": f"AdamW, constant lr {cfg.lr}",
+            "precision": cfg.mixed_precision, "ema": f"decay {cfg.ema_decay} (weights shipped)" if cfg.ema else "off",
+            "init": "teacher weights" if cfg.init == "teacher" else "random",
+            "skipped unreadable items": self.skipped,
+        }
+        final_losses = {f"final {k} loss": v for k, v in last.items() if k in TERMS}
+        write_model_card(final, record, dict(self.teacher.unet.config), params, training, final_losses or None,
+                         "samples.png" if (final / "samples.png").is_file() else None)
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:

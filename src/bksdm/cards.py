@@ -1,0 +1,72 @@
+"""Model cards for the pipelines bksdm writes (``README.md`` beside ``model_index.json``), through huggingface_hub's
+model-card API as diffusers' training examples write theirs: metadata the hubs index (library, pipeline tag, base
+model, tags) and a body that says which blocks were removed, what it saved and how the student was trained."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+BLOCK = re.compile(r"^(down_blocks|up_blocks)\.\d+\.(resnets|attentions)\.\d+$|^mid_block$")
+"""The units block removal works on: one residual or attention block of a stage, or the whole mid-block."""
+
+
+def removed_blocks(teacher_config: dict[str, Any], module_map: list[list[str]]) -> list[str]:
+    """Teacher blocks (``down_blocks.1.resnets.1``, ``mid_block``, ...) that no student block was copied from;
+    ``module_map`` holds the derivation's (student module, teacher module) pairs."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel.from_config(teacher_config)
+    kept = {t for _, t in module_map}  # (student module, teacher module) pairs
+    return [name for name, _ in teacher.named_modules() if BLOCK.match(name) and name not in kept]
+
+
+def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config: dict[str, Any],
+                     params: dict[str, int], training: dict[str, Any] | None = None,
+                     metrics: dict[str, float] | None = None, samples: str | None = None) -> Path:
+    """``folder/README.md`` for a student pipeline: ``record`` is its ``bksdm.json`` (spec, module map, teacher),
+    ``params`` the U-Net parameter counts (``teacher_unet``, ``student_unet``), ``training`` what the recipe ran
+    (steps, data, loss weights, ...), ``metrics`` any measured scores, ``samples`` an image file in ``folder``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    spec = record["spec"]
+    removed = removed_blocks(teacher_config, record["module_map"])
+    teacher = str(record.get("teacher", ""))
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", license=None,
+                         base_model=teacher if re.match(r"^[\w.-]+/[\w.-]+$", teacher) else None,
+                         tags=["bk-sdm", "knowledge-distillation", "block-removal", "stable-diffusion",
+                               "text-to-image", "diffusers", f"bksdm-{spec['name']}"])
+    t, s = params["teacher_unet"], params["student_unet"]
+    lines = [
+        f"# {spec['name']} student of {teacher or 'its teacher'}",
+        "",
+        "A block-removed, knowledge-distilled Stable Diffusion U-Net (BK-SDM, \"On Architectural Compression of "
+        "Text-to-Image Diffusion Models\"), made with bksdm. It loads in plain diffusers:",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_HUB_ID\")",
+        "```",
+        "",
+        "## Architecture",
+        "",
+        f"- Block-removal spec `{spec['name']}`: down stages keep pairs {spec['down']}, mid-block "
+        f"{'kept' if spec['mid'] else 'removed'}, up stages keep {spec['up']}.",
+        f"- Removed teacher blocks ({len(removed)}): " + (", ".join(f"`{b}`" for b in removed) or "none") + ".",
+        f"- U-Net parameters: {s:,} (teacher {t:,}; {100 * (1 - s / t):.1f}% fewer).",
+        "- Student initialised from the teacher's weights (every student tensor from one teacher tensor of the same "
+        "shape); feature-distillation pairs (teacher -> student): " + ", ".join(f"`{a}` -> `{b}`" for a, b in record.get("layer_pairs", [])) + ".",
+    ]
+    if training:
+        lines += ["", "## Training", ""] + [f"- {k}: {v}" for k, v in training.items()]
+    if metrics:
+        lines += ["", "## Measured", "", "| metric | value |", "|---|---:|"] + [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
+    if samples:
+        lines += ["", "## Samples (teacher top row, student bottom row)", "", f"![samples]({samples})"]
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
