@@ -139,3 +139,29 @@ def test_cli_help_needs_neither_torch_nor_diffusers():
             "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_inspect_names_removed_blocks_per_stage(tiny_teacher_dir, tmp_path, capsys):
+    """From bksdm.json: the removed blocks by name; by config matching: how many; per-stage parameters add up."""
+    for spec in ("bk-small", "bk-tiny"):
+        assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", spec, "--out", str(tmp_path / spec)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "bk-small"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    rows = {r["stage"]: r for r in info["stages"]}
+    assert info["from_record"] and info["spec"] == "bk-small"
+    assert rows["down_blocks.0"]["removed"] == ["resnets.1", "attentions.1"] and rows["down_blocks.3"]["removed"] == ["resnets.1"]
+    assert rows["mid_block"]["student_stage"] is None and rows["up_blocks.1"]["removed"] == ["resnets.1", "attentions.1"]
+    rec = json.loads((tmp_path / "bk-small" / "bksdm.json").read_text())
+    assert info["unet_params"] == {"teacher": rec["params"]["teacher_unet"], "student": rec["params"]["student_unet"]}
+    assert sum(r["student_params"] for r in info["stages"]) < info["unet_params"]["student"]  # + conv_in, time embedding ...
+    assert info["unet_gmacs"]["student"] < info["unet_gmacs"]["teacher"]
+    assert main(["inspect", str(tmp_path / "bk-tiny")]) == 0
+    table = capsys.readouterr().out
+    assert "| down_blocks.3 | 2 -> 0 | all |" in table and "| up_blocks.0 | 3 -> 0 | all |" in table
+    assert main(["inspect", str(tmp_path / "bk-tiny" / "unet"), "--teacher", str(tiny_teacher_dir)]) == 0
+    assert "| down_blocks.0 | 4 -> 2 | 2 of 4 |" in capsys.readouterr().out  # no record: counts only
+    assert main(["inspect", str(tmp_path / "bk-tiny" / "unet")]) == 2
+    assert "--teacher" in one_line_error(capsys)
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in one_line_error(capsys)

@@ -52,6 +52,23 @@ def _compress(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- inspect
+@command("inspect", "which blocks a student kept and removed, stage by stage, with parameters and MACs per stage")
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a student pipeline folder (or bare U-Net folder) or hub id")
+    p.add_argument("--teacher", default=None, help="its teacher (default: the one named in bksdm.json)")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON record")
+
+
+@_inspect_args.run
+def _inspect(a: argparse.Namespace) -> int:
+    from bksdm.inspection import format_inspection, inspect_student
+
+    info = inspect_student(a.model, a.teacher)
+    print(json.dumps(info) if a.json else format_inspection(info))
+    return 0
+
+
 # ---------------------------------------------------------------- profile
 @command("profile", "parameters, MACs and latency per component and per image (paper Table 1)")
 def _profile_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,122 @@
+"""`bksdm inspect`: which blocks a student kept and removed relative to its teacher, stage by stage, with parameters
+and MACs per stage (paper convention: convolutions and linear layers, attention-score products excluded).
+
+From ``bksdm.json`` when the folder has one (the spec names every removed block), else by matching the two U-Net
+configs (then only the block counts per stage are known, not which of a stage's blocks were kept).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bksdm.errors import UserError
+
+STAGE_PARTS = ("resnets", "attentions")
+
+
+def _meta_unet(config: dict[str, Any]):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def _stage_gmacs(unet, config: dict[str, Any], text_width: int) -> dict[str, float]:
+    """GMACs per top-level stage (``down_blocks.0``, ``mid_block``, ...) of one U-Net call at batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = config["sample_size"]
+    with torch.device("meta"):
+        x = torch.zeros(1, config["in_channels"], size, size)
+        emb, t = torch.zeros(1, 77, text_width), torch.full((1,), 500)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet(x, t, emb)
+    out = {}
+    for name, ops in counter.get_flop_counts().items():
+        stage = name.split(".", 1)[1] if "." in name else name
+        counts = {str(k): v for k, v in ops.items()}
+        out[stage] = (sum(counts.values()) - counts.get("aten.bmm", 0)) / 2e9  # bmm on meta: the score products
+    return out
+
+
+def _stages(unet) -> list[tuple[str, Any]]:
+    stages = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        stages.append(("mid_block", unet.mid_block))
+    return stages + [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+
+
+def _blocks(stage) -> list[str]:
+    return [f"{part}.{j}" for part in STAGE_PARTS for j in range(len(getattr(stage, part, None) or []))]
+
+
+def inspect_student(model: str, teacher: str | None = None) -> dict[str, Any]:
+    """The stage table of ``model`` against its teacher: one row per teacher stage (kept, removed, params, GMACs)."""
+    from bksdm.hub import read_unet_config, resolve_model
+    from bksdm.pipelines import derivation_for, load_record
+    from bksdm.profile import count_params
+
+    folder = resolve_model(model, "model")
+    student_cfg, _ = read_unet_config(folder)
+    record = load_record(folder)
+    source = teacher or (record or {}).get("teacher")
+    if not source:
+        raise UserError(f"{model} has no bksdm.json naming its teacher; pass --teacher (the pipeline it came from)")
+    try:
+        teacher_cfg, _ = read_unet_config(resolve_model(str(source), "teacher"))
+    except UserError as exc:
+        raise UserError(f"{exc} (the teacher named in {folder / 'bksdm.json'}; pass --teacher to use another)") from None
+    width = teacher_cfg["cross_attention_dim"]
+    t_unet, s_unet = _meta_unet(teacher_cfg), _meta_unet(student_cfg)
+    t_macs, s_macs = _stage_gmacs(t_unet, teacher_cfg, width), _stage_gmacs(s_unet, student_cfg, width)
+    # teacher stage -> student stage: the down path keeps its outer stages, the up path loses its innermost ones
+    dropped = len(t_unet.up_blocks) - len(s_unet.up_blocks)
+    match = {f"down_blocks.{i}": f"down_blocks.{i}" for i in range(len(s_unet.down_blocks))}
+    match |= {f"up_blocks.{i + dropped}": f"up_blocks.{i}" for i in range(len(s_unet.up_blocks))}
+    if s_unet.mid_block is not None:
+        match["mid_block"] = "mid_block"
+    mapped: dict[str, str] | None = None
+    if record is not None:
+        mapped = {t: s for s, t in derivation_for(teacher_cfg, str(folder)).module_map}
+    student_stages = dict(_stages(s_unet))
+    rows = []
+    for name, stage in _stages(t_unet):
+        s_name = match.get(name)
+        t_blocks = _blocks(stage)
+        s_blocks = _blocks(student_stages[s_name]) if s_name else []
+        if mapped is not None:
+            kept = [b for b in t_blocks if f"{name}.{b}" in mapped] if name != "mid_block" else (t_blocks if name in mapped else [])
+            removed = [b for b in t_blocks if b not in kept]
+        else:
+            kept, removed = None, None
+        rows.append({
+            "stage": name, "student_stage": s_name, "teacher_blocks": len(t_blocks), "student_blocks": len(s_blocks),
+            "kept": kept, "removed": removed,
+            "teacher_params": count_params(stage), "student_params": count_params(student_stages[s_name]) if s_name else 0,
+            "teacher_gmacs": t_macs.get(name, 0.0), "student_gmacs": s_macs.get(s_name, 0.0) if s_name else 0.0,
+        })
+    return {"model": str(model), "teacher": str(source), "from_record": record is not None,
+            "spec": (record or {}).get("spec", {}).get("name"), "stages": rows,
+            "unet_params": {"teacher": count_params(t_unet), "student": count_params(s_unet)},
+            "unet_gmacs": {"teacher": t_macs["Global"], "student": s_macs["Global"]}}
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """The stage table in Markdown, with totals and where the names came from."""
+    lines = [f"{info['model']} vs teacher {info['teacher']}" + (f" (spec {info['spec']})" if info["spec"] else ""),
+             "", "| stage | blocks (teacher -> student) | removed | params (teacher -> student) | GMACs |",
+             "|---|---|---|---:|---:|"]
+    for r in info["stages"]:
+        removed = ("all" if r["student_stage"] is None else ", ".join(r["removed"]) or "-") if r["removed"] is not None \
+            else (f"{r['teacher_blocks'] - r['student_blocks']} of {r['teacher_blocks']}" if r["student_stage"] else "all")
+        lines.append(f"| {r['stage']} | {r['teacher_blocks']} -> {r['student_blocks']} | {removed} | "
+                     f"{r['teacher_params']:,} -> {r['student_params']:,} | {r['teacher_gmacs']:.3f} -> {r['student_gmacs']:.3f} |")
+    p, g = info["unet_params"], info["unet_gmacs"]
+    lines += ["", f"U-Net: {p['teacher']:,} -> {p['student']:,} parameters, {g['teacher']:.3f} -> {g['student']:.3f} "
+              f"GMACs per call at batch 1 (attention-score products excluded)."]
+    if not info["from_record"]:
+        lines.append("No bksdm.json: matched by config, so only how many blocks each stage lost is known.")
+    return "\n".join(lines)
