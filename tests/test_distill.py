@@ -214,3 +214,51 @@ def test_final_pipeline_has_a_model_card(tiny_teacher_dir, tmp_path):
     assert "`down_blocks.0.resnets.0`" not in card.text  # kept
     assert "fewer" in card.text and "2 optimiser steps" in card.text and "![samples](samples.png)" in card.text
     assert (tmp_path / "run" / "final" / "samples.png").is_file()
+
+
+def _hf_dataset(tmp_path, n: int = 8, broken: int | None = None):
+    """A tiny `datasets` dataset of world pictures (one row's image bytes corrupt), saved to disk and as parquet."""
+    import datasets
+    from PIL import Image as PILImage
+
+    from bksdm.mini.world import ShapesWorld
+
+    rows = {"picture": [], "caption": []}
+    for i in range(n):
+        image, text, _ = ShapesWorld().sample(i)
+        rows["picture"].append(image)
+        rows["caption"].append(text)
+    ds = datasets.Dataset.from_dict(rows).cast_column("picture", datasets.Image())
+    if broken is not None:
+        ds = ds.cast_column("picture", datasets.Image(decode=False))
+        ds = ds.map(lambda r, i: {"picture": {"bytes": b"junk", "path": None}} if i == broken else r, with_indices=True)
+        ds = ds.cast_column("picture", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "disk"))
+    ds.to_parquet(str(tmp_path / "data.parquet"))
+    assert isinstance(ds[0 if broken != 0 else 1]["picture"], PILImage.Image)
+    return tmp_path / "disk", tmp_path / "data.parquet"
+
+
+def test_hugging_face_datasets_feed_distill_and_resume_exactly(tiny_teacher_dir, tmp_path, capsys):
+    disk, parquet = _hf_dataset(tmp_path, broken=3)
+    cols = dict(image_column="picture", caption_column="caption")
+    kw = dict(data=f"hf:{disk}", checkpoint_every=2, **cols)
+    full = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=4, **kw)).setup()
+    full.train()
+    assert full.skipped >= 1  # the corrupt row, skipped and counted
+    DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=2, **kw)).setup().train()
+    resumed = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=4, resume="latest", **kw)).setup()
+    resumed.train()
+    a, b = full.final_unet().state_dict(), resumed.final_unet().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # parquet files, map-style and streamed, from the CLI
+    for i, extra in enumerate([[], ["--streaming"]]):
+        assert main(["distill", "--teacher", str(tiny_teacher_dir), "--data", f"hf:{parquet}", "--out", str(tmp_path / f"p{i}"),
+                     "--max-steps", "2", "--grad-accum", "1", "--image-column", "picture", "--caption-column", "caption",
+                     *FAST, *extra]) == 0
+    assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", f"hf:{disk}", "--out", str(tmp_path / "c"),
+                 "--resolution", "32", "--image-column", "picture", "--caption-column", "caption"]) == 0
+    assert "cached 7 of 8 items (1 unreadable skipped)" in capsys.readouterr().out
+    assert main(["distill", "--teacher", str(tiny_teacher_dir), "--data", f"hf:{disk}", "--out", str(tmp_path / "x"), *FAST]) == 2
+    err = one_line_error(capsys)
+    assert "no column 'image'" in err and "image_column=" in err

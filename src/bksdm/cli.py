@@ -149,8 +149,11 @@ def _distill(a: argparse.Namespace) -> int:
 @command("cache", "precompute VAE latents (both flips) and text embeddings of a dataset for distill --cache")
 def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="pipeline whose VAE and text encoder encode the data")
-    p.add_argument("--data", required=True, help="image folder with metadata.csv/jsonl, or mini-world[:N]")
+    p.add_argument("--data", required=True, help="image folder with metadata.csv/jsonl, hf:DATASET, or mini-world[:N]")
     p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--image-column", default="image", help="hf: datasets: the image column")
+    p.add_argument("--caption-column", default="text", help="hf: datasets: the caption column")
+    p.add_argument("--data-split", default="train", help="hf: datasets: the split")
     p.add_argument("--resolution", type=int, default=512, help="training resolution (must match distill)")
     p.add_argument("--no-flip", action="store_true", help="cache only the unflipped view (for random_flip false)")
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="storage precision")
@@ -162,7 +165,9 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
 def _cache(a: argparse.Namespace) -> int:
     from bksdm.distill.cache import build_cache
 
-    rec = build_cache(a.teacher, a.data, a.out, a.resolution, not a.no_flip, a.dtype, a.batch_size, overwrite=a.overwrite)
+    rec = build_cache(a.teacher, a.data, a.out, a.resolution, not a.no_flip, a.dtype, a.batch_size, overwrite=a.overwrite,
+                      data_options={"image_column": a.image_column, "caption_column": a.caption_column,
+                                    "split": a.data_split})
     print(f"cached {rec['cached']} of {rec['items']} items ({len(rec['skipped'])} unreadable skipped) into {a.out}")
     return 0
 

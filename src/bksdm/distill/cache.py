@@ -24,7 +24,8 @@ SHARD = 1024
 
 @torch.no_grad()
 def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip: bool = True, dtype: str = "fp16",
-                batch: int = 16, device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                batch: int = 16, device: str | None = None, overwrite: bool = False,
+                data_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Encode every item of ``data`` once; returns the index record. Unreadable items are skipped and counted.
     An existing cache in ``out`` is refused unless ``overwrite`` (then its shards and index are replaced)."""
     from safetensors.torch import save_file
@@ -37,7 +38,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
     old = sorted(out.glob("shard-*.safetensors")) + ([out / "index.json"] if (out / "index.json").exists() else [])
     if old and not overwrite:
         raise UserError(f"{out} already holds a cache ({len(old)} files); pass --overwrite to rebuild it or choose another --out")
-    source = open_source(data)
+    source = open_source(data, **(data_options or {}))
     if getattr(source, "streamed", False):
         raise UserError("cache needs a map-style dataset (an image folder or mini-world), not streamed webdataset shards")
     device = device or default_device()

@@ -18,9 +18,13 @@ from bksdm.errors import UserError
 class DistillConfig(Config):
     teacher: str = ""  # teacher pipeline: hub id or local folder
     student: str = "bk-small"  # built-in spec, spec file, or a folder written by `bksdm compress`
-    data: str = ""  # image folder with metadata, webdataset shards, a cache folder, or mini-world
+    data: str = ""  # image folder with metadata, webdataset shards, hf:DATASET (Hugging Face datasets), or mini-world
     out: str = "distill-out"  # run folder: checkpoints, logs, samples and the final pipeline
     cache: str = ""  # a `bksdm cache` folder: skips the VAE and text encoder entirely
+    image_column: str = "image"  # hf: datasets: the image column
+    caption_column: str = "text"  # hf: datasets: the caption column
+    data_split: str = "train"  # hf: datasets: the split of a hub dataset or DatasetDict
+    streaming: bool = False  # hf: datasets: read in order without random access (like tar shards)
     resolution: int = 512  # training image size (short side resized, then center crop)
     random_flip: bool = True  # paper: random horizontal flip
     batch_size: int = 64  # per process and micro-step; paper total 256 = 64 x accumulation 4
@@ -67,6 +71,12 @@ class DistillConfig(Config):
         if not self.data and not self.cache:
             raise UserError("no data: pass --data (an image folder, webdataset shards or mini-world) or --cache")
         return self
+
+
+def data_options(cfg: DistillConfig) -> dict[str, Any]:
+    """The options ``open_source`` passes to ``hf:`` datasets."""
+    return {"image_column": cfg.image_column, "caption_column": cfg.caption_column, "split": cfg.data_split,
+            "streaming": cfg.streaming}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, **flags: Any) -> DistillConfig:

@@ -6,6 +6,8 @@ Sources (``open_source``):
   layout of the public LAION-Aesthetics 212K subset and of Hugging Face ``imagefolder``);
 * webdataset tar shards (``data/{00000..00099}.tar`` or a folder of ``.tar`` files): image + ``txt``, streamed;
 * ``mini-world`` / ``mini-world:N`` — the procedural shapes world (:mod:`bksdm.mini.world`);
+* ``hf:PATH_OR_NAME`` — a Hugging Face ``datasets`` dataset: a ``save_to_disk`` folder, parquet files, or a hub
+  name (the cache only when offline), with ``image_column`` / ``caption_column``; map-style, or streamed;
 * any Python object with ``__len__`` and ``get(i) -> (PIL.Image, str)`` (:class:`PairSource`).
 
 Order: sample position ``p`` of the run maps to item ``perm_e[p % n]`` with ``perm_e`` a seeded permutation for
@@ -154,10 +156,70 @@ class WebDatasetSource:
         return image, text
 
 
-def open_source(spec: str | Any) -> Any:
-    """A source from a CLI string (see module docstring) or an object already implementing the interface."""
+class HFDatasetSource:
+    """A Hugging Face ``datasets`` dataset of (image, caption) rows. Images are decoded here, not by ``datasets``,
+    so an unreadable one is skipped and counted like everywhere else. ``streaming``: read in order, like tar shards."""
+
+    def __init__(self, spec: str, image_column: str = "image", caption_column: str = "text", split: str = "train",
+                 streaming: bool = False):
+        import datasets
+
+        from bksdm.errors import reading
+
+        self.image_column, self.caption_column, self.streamed = image_column, caption_column, streaming
+        path = Path(spec).expanduser()
+        with reading(spec, "dataset", "pass a save_to_disk folder, parquet files or a hub dataset name (cached when offline)"):
+            if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+                ds = datasets.load_from_disk(str(path))
+                ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+                ds = ds.to_iterable_dataset() if streaming else ds
+            elif path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
+                files = [str(path)] if path.is_file() else sorted(str(f) for f in path.glob("*.parquet"))
+                ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+            elif path.exists():
+                raise UserError(f"dataset {spec} is neither a save_to_disk folder nor parquet files")
+            else:
+                ds = datasets.load_dataset(spec, split=split, streaming=streaming)
+        columns = list(ds.column_names or [])
+        missing = [c for c in (image_column, caption_column) if c not in columns]
+        if missing:
+            raise UserError(f"dataset {spec} has no column {missing[0]!r} (it has {', '.join(columns)}); "
+                            f"set image_column= / caption_column=")
+        if isinstance(ds.features.get(image_column), datasets.Image):  # keep the bytes: we decode (and skip) ourselves
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def get(self, index: int) -> tuple[Image.Image, str]:
+        return self.decode(self.ds[index])
+
+    def samples(self) -> Iterator[dict[str, Any]]:
+        while True:  # epochs
+            yield from self.ds
+
+    def decode(self, row: dict[str, Any]) -> tuple[Image.Image, str]:
+        value, text = row.get(self.image_column), row.get(self.caption_column)
+        if not isinstance(text, str):
+            raise BadSample(f"caption {text!r} is not text")
+        try:
+            if isinstance(value, dict):  # datasets' undecoded Image: bytes, or a path
+                value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+            elif isinstance(value, (bytes, bytearray)):
+                value = Image.open(io.BytesIO(value))
+            return value.convert("RGB"), text
+        except Exception as exc:
+            raise BadSample(f"image: {type(exc).__name__}") from None
+
+
+def open_source(spec: str | Any, **options: Any) -> Any:
+    """A source from a CLI string (see module docstring) or an object already implementing the interface;
+    ``options`` (image_column, caption_column, split, streaming) apply to ``hf:`` datasets."""
     if not isinstance(spec, str):
         return spec
+    if spec.startswith("hf:"):
+        return HFDatasetSource(spec[3:], **options)
     if spec.startswith("mini-world"):
         count = spec.split(":", 1)[1] if ":" in spec else "100000"
         if not count.isdigit() or int(count) < 1:

@@ -120,6 +120,7 @@ class DistillRecipe:
 
     def _open_data(self):
         from bksdm.distill.cache import CacheSource
+        from bksdm.distill.config import data_options
         from bksdm.distill.data import open_source
 
         if self.source_override is not None:
@@ -129,7 +130,7 @@ class DistillRecipe:
             if src.info["resolution"] != self.cfg.resolution:
                 raise UserError(f"cache {self.cfg.cache} was built at {src.info['resolution']} px, not {self.cfg.resolution}")
             return src
-        return open_source(self.cfg.data)
+        return open_source(self.cfg.data, **data_options(self.cfg))
 
     def _student(self, teacher_unet):
         """A new student initialised from the teacher (or at random), or a student folder checked against it."""
