@@ -14,7 +14,9 @@ from bksdm.errors import UserError
 C = TypeVar("C", bound="Config")
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-SCHEDULER_NAMES = ("pndm", "ddim", "euler", "dpm")
+SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+              "dpm": "DPMSolverMultistepScheduler"}
+"""Sampler names (``--scheduler``) -> diffusers scheduler classes."""
 
 BOUNDS: dict[str, dict[str, Any]] = {
     # counts: at least one (steps, batches, runs, images, prompts, checkpoints)
@@ -27,7 +29,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "ema_decay": {"above": 0, "max": 1},
     **{k: {"min": 0} for k in ("lambda_sd", "lambda_out", "lambda_feat", "prior_loss_weight", "guidance", "weight_decay")},
     "dtype": {"choices": PRECISIONS}, "dtypes": {"choices": PRECISIONS},
-    "scheduler": {"choices": SCHEDULER_NAMES},
+    "scheduler": {"choices": tuple(SCHEDULERS)},
     "mixed_precision": {"choices": ("no", "fp16", "bf16")},
     "init": {"choices": ("teacher", "random")},
     "report_to": {"choices": ("tensorboard", "wandb", "none")},

@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from bksdm.config import SCHEDULERS, check_value
 from bksdm.errors import UserError, reading
 
-SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-              "dpm": "DPMSolverMultistepScheduler"}
 
 
 def read_prompts(path: str | Path) -> list[tuple[str, str]]:
@@ -148,8 +147,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     from bksdm.models import DTYPES, default_device, load_components, pipeline_folder
 
     items = [(image_name(n, lossless), p) for n, p in read_prompts(prompts)[:limit]]
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    check_value("scheduler", scheduler)  # the CLI checked it already; API callers get the same message
     state = PartialState(cpu=(device or default_device()) == "cpu")
     device = device or str(state.device)
     torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)

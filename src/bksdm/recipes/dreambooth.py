@@ -21,7 +21,7 @@ from PIL import Image
 
 from bksdm.dreambooth.config import DreamBoothConfig, lora_config
 from bksdm.dreambooth.dataset import IDENTIFIER
-from bksdm.errors import UserError, check_output
+from bksdm.errors import check_output
 from bksdm.models import default_device
 from bksdm.training import fresh_accelerator_state, noisy_inputs
 
@@ -247,10 +247,10 @@ def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[
     from bksdm.evaluate.weights import clip_model
     import diffusers
 
-    from bksdm.generate import SCHEDULERS, default_dtype, generate_images, image_complete, prompt_seed
+    from bksdm.config import SCHEDULERS, check_value
+    from bksdm.generate import default_dtype, generate_images, image_complete, prompt_seed
 
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    check_value("scheduler", scheduler)
     device = device or default_device()
     todo = subjects(dataset, subjects_only)
     dino_net = DM.dino_model(dino or DM.DINO_DEFAULT, device)  # fail on missing metric weights before any training
