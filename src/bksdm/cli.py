@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest:  # key=value overrides may sit between flags, which argparse positionals cannot express
-        if args.command not in ("distill", "dreambooth", "mini-teacher") or any("=" not in r or r.startswith("-") for r in rest):
+        if not hasattr(args, "overrides") or any("=" not in r or r.startswith("-") for r in rest):  # trainers only
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
     try:
