@@ -15,11 +15,9 @@ BLOCK = re.compile(r"^(down_blocks|up_blocks)\.\d+\.(resnets|attentions)\.\d+$|^
 def removed_blocks(teacher_config: dict[str, Any], module_map: list[list[str]]) -> list[str]:
     """Teacher blocks (``down_blocks.1.resnets.1``, ``mid_block``, ...) that no student block was copied from;
     ``module_map`` holds the derivation's (student module, teacher module) pairs."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    from bksdm.arch.derive import meta_unet
 
-    with torch.device("meta"):
-        teacher = UNet2DConditionModel.from_config(teacher_config)
+    teacher = meta_unet(teacher_config)
     kept = {t for _, t in module_map}  # (student module, teacher module) pairs
     return [name for name, _ in teacher.named_modules() if BLOCK.match(name) and name not in kept]
 

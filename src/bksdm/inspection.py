@@ -11,16 +11,10 @@ from typing import Any
 
 import torch
 
+from bksdm.arch.derive import meta_unet
 from bksdm.errors import UserError
 
 STAGE_PARTS = ("resnets", "attentions")
-
-
-def _meta_unet(config: dict[str, Any]):
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
 
 
 def _stage_gmacs(unet, config: dict[str, Any], text_width: int) -> dict[str, float]:
@@ -70,7 +64,7 @@ def inspect_student(model: str, teacher: str | None = None) -> dict[str, Any]:
     except UserError as exc:
         raise UserError(f"{exc} (the teacher named in {folder / 'bksdm.json'}; pass --teacher to use another)") from None
     width = teacher_cfg["cross_attention_dim"]
-    t_unet, s_unet = _meta_unet(teacher_cfg), _meta_unet(student_cfg)
+    t_unet, s_unet = meta_unet(teacher_cfg), meta_unet(student_cfg)
     t_macs, s_macs = _stage_gmacs(t_unet, teacher_cfg, width), _stage_gmacs(s_unet, student_cfg, width)
     # teacher stage -> student stage: the down path keeps its outer stages, the up path loses its innermost ones
     dropped = len(t_unet.up_blocks) - len(s_unet.up_blocks)

@@ -184,12 +184,16 @@ def _maps(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: l
     return modules, pairs_down + pairs_up
 
 
-def _meta_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
+def meta_unet(config: dict[str, Any]):
+    """A ``UNet2DConditionModel`` of ``config`` on the meta device: shapes, names and MACs without memory."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        model = UNet2DConditionModel.from_config(config)
-    return {k: v.shape for k, v in model.state_dict().items()}
+        return UNet2DConditionModel.from_config(config)
+
+
+def _meta_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in meta_unet(config).state_dict().items()}
 
 
 def _key_map(modules: list[tuple[str, str]], student: dict[str, torch.Size], teacher: dict[str, torch.Size]):

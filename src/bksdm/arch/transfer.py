@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from bksdm.arch.derive import Derivation
+from bksdm.arch.derive import Derivation, meta_unet
 
 
 def init_student_from_teacher(teacher, derivation: Derivation):
@@ -13,11 +11,8 @@ def init_student_from_teacher(teacher, derivation: Derivation):
     The key map was checked when it was derived; here we check again against the live teacher (shapes and
     coverage), so a teacher whose weights differ from its config cannot load silently.
     """
-    from diffusers import UNet2DConditionModel
-
     teacher_sd = teacher.state_dict()
-    with torch.device("meta"):
-        student = UNet2DConditionModel.from_config(derivation.student_config)
+    student = meta_unet(derivation.student_config)  # filled below by assignment: no random init is computed
     student_keys = student.state_dict().keys()
     missing = [k for k in student_keys if k not in derivation.key_map]
     if missing:
