@@ -1,8 +1,8 @@
 """Every image metric by name: what it computes, the result keys it writes, and one function per metric.
 
-``bksdm evaluate --metrics NAME ...`` looks names up here; adding a metric is one :func:`register` call (the CLI's
-choices, the evaluation loop and the Markdown columns follow). Result keys are the constants below: callers never
-spell them.
+``bksdm evaluate --metrics NAME ...`` looks names up here; adding a metric is one :func:`register` call (the
+evaluation loop, the unknown-name message and the Markdown columns follow; add the name to the CLI's help line).
+Result keys are the constants below: callers never spell them.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
@@ -55,18 +54,6 @@ def mini_fid(images: list[Image.Image], reference: list[Image.Image], net: C.Qua
     return frechet_distance(*stats(f1), *stats(f2))
 
 
-def mini_scores(paths: list[Path], prompts: list[str], fid: bool = True, fidelity_: bool = True) -> dict:
-    """The image metrics of ``bksdm evaluate --metrics fidelity mini-fid`` on generated files."""
-    images = [Image.open(p).convert("RGB") for p in paths]
-    net = C.load()
-    out = {}
-    if fidelity_:
-        out["fidelity"] = fidelity(images, prompts, net)
-    if fid:
-        out["mini_fid"] = mini_fid(images, reference_images(prompts), net)
-    return out
-
-
 @torch.no_grad()
 def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_config: dict, count: int = 256,
                 batch: int = 64) -> dict[str, float]:
@@ -99,11 +86,20 @@ def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_conf
 
 
 # the mini world's image metrics in `bksdm evaluate --metrics ...` (the registry loads this module by name)
+def _loaded(x: R.EvalInputs) -> tuple[list[Image.Image], C.QuadrantNet]:
+    """The generated images and the classifier, read once per evaluation however many mini metrics ask."""
+    if "mini" not in x.cache:
+        x.cache["mini"] = ([Image.open(p).convert("RGB") for p in x.paths], C.load())
+    return x.cache["mini"]
+
+
 @R.register("fidelity", (R.FIDELITY,), "mini world: share of images showing exactly the prompted scene")
 def _fidelity(x: R.EvalInputs) -> dict[str, float]:
-    return {R.FIDELITY: mini_scores(x.paths, x.texts, fid=False, fidelity_=True)["fidelity"]}
+    images, net = _loaded(x)
+    return {R.FIDELITY: fidelity(images, x.texts, net)}
 
 
 @R.register("mini_fid", (R.MINI_FID,), "mini world: Frechet distance in the attribute classifier's features")
 def _mini_fid(x: R.EvalInputs) -> dict[str, float]:
-    return {R.MINI_FID: mini_scores(x.paths, x.texts, fid=True, fidelity_=False)["mini_fid"]}
+    images, net = _loaded(x)
+    return {R.MINI_FID: mini_fid(images, reference_images(x.texts), net)}
