@@ -71,3 +71,11 @@ def test_library_rooms_import_no_recipe_and_form_no_cycle():
     for room in sorted(graph):
         visit(room, [])
     assert not cycle, cycle
+
+
+def test_declarative_tables_agree():
+    """The torch-free names the bounds check (config) and the tables that map them (models) list the same names."""
+    from bksdm.config import BOUNDS, PRECISIONS
+    from bksdm.models import DTYPES
+
+    assert set(DTYPES) == set(PRECISIONS) == set(BOUNDS["dtype"]["choices"])
