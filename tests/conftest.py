@@ -97,3 +97,26 @@ def distill_cfg(teacher, out, **kw):
                 batch_size=4, grad_accum=1, max_steps=4, mixed_precision="no", num_workers=0, random_flip=False,
                 report_to="none", gradient_checkpointing=False, checkpoint_every=100)
     return DistillConfig().update(base | kw, "test")
+
+
+def hf_image_dataset(tmp_path, n: int = 8, broken: int | None = None):
+    """A tiny `datasets` dataset of world pictures (one row's image bytes corrupt), saved to disk and as parquet."""
+    import datasets
+    from PIL import Image as PILImage
+
+    from bksdm.mini.world import ShapesWorld
+
+    rows = {"picture": [], "caption": []}
+    for i in range(n):
+        image, text, _ = ShapesWorld().sample(i)
+        rows["picture"].append(image)
+        rows["caption"].append(text)
+    ds = datasets.Dataset.from_dict(rows).cast_column("picture", datasets.Image())
+    if broken is not None:
+        ds = ds.cast_column("picture", datasets.Image(decode=False))
+        ds = ds.map(lambda r, i: {"picture": {"bytes": b"junk", "path": None}} if i == broken else r, with_indices=True)
+        ds = ds.cast_column("picture", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "disk"))
+    ds.to_parquet(str(tmp_path / "data.parquet"))
+    assert isinstance(ds[0 if broken != 0 else 1]["picture"], PILImage.Image)
+    return tmp_path / "disk", tmp_path / "data.parquet"

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from bksdm.cli import main
-from tests.conftest import FAST, distill_cfg, one_line_error
+from tests.conftest import FAST, distill_cfg, hf_image_dataset, one_line_error
 from bksdm.distill.config import DistillConfig, load_config
 from bksdm.recipes.distill import DistillRecipe
 
@@ -43,25 +43,47 @@ def test_overfits_a_fixed_batch(tiny_teacher_dir, tmp_path):
 
 
 def test_killed_and_resumed_equals_uninterrupted(tiny_teacher_dir, tmp_path):
-    full = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "a", grad_accum=2, checkpoint_every=2)).setup()
+    # a decaying lr schedule and caption dropout too: both must continue where they stopped
+    kw = dict(grad_accum=2, checkpoint_every=2, lr_scheduler="cosine", lr_warmup_steps=1, caption_dropout=0.5)
+    full = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "a", **kw)).setup()
     full.train()
-    part = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "b", grad_accum=2, checkpoint_every=2, max_steps=2)).setup()
-    part.train()  # "killed" after step 2: a fresh process resumes from the checkpoint
-    resumed = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "b", grad_accum=2, checkpoint_every=2, resume="latest")).setup()
+    part = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "b", **kw, max_steps=4)).setup()
+    part.cfg.max_steps = 2  # "killed" after step 2 (the schedule was built for 4 steps)
+    part.train()
+    resumed = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "b", **kw, resume="latest")).setup()
     assert resumed.step == 2
     resumed.train()
     a, b = full.final_unet().state_dict(), resumed.final_unet().state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert [r["loss"] for r in _losses(tmp_path / "a")] == [r["loss"] for r in _losses(tmp_path / "b")]
+    lrs = [float(r["lr"]) for r in _losses(tmp_path / "a")]
+    assert lrs == [float(r["lr"]) for r in _losses(tmp_path / "b")]
+    assert lrs == pytest.approx([0, 5e-5, 3.75e-5, 1.25e-5])  # the lr each step used: 1 warm-up step, then cosine
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+def test_caption_dropout_uses_the_empty_prompt(tiny_teacher_dir, tmp_path):
+    from bksdm.distill.loader import micro_batches
+    from bksdm.models import load_components
+
+    recipe = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "d", caption_dropout=1.0)).setup()
+    batch = next(micro_batches(recipe.source, 0, False, 32, 4, 0, 1, 0))
+    _, cond = recipe.encode(batch, torch.Generator().manual_seed(0))
+    parts = load_components(tiny_teacher_dir, ("tokenizer", "text_encoder"))
+    with torch.no_grad():
+        empty = recipe.family.encode_prompt(parts, [""] * 4, "cpu")["encoder_hidden_states"]
+        full = recipe.family.encode_prompt(parts, batch["text"], "cpu")["encoder_hidden_states"]
+    torch.testing.assert_close(cond["encoder_hidden_states"], empty)
+    assert not torch.allclose(empty, full)  # the captions differ from the empty prompt: the check can fail
 
 
 def test_cached_equals_uncached(tiny_teacher_dir, tmp_path):
     assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", "mini-world:8", "--out", str(tmp_path / "c"),
                  "--resolution", "32", "--dtype", "fp32"]) == 0
-    plain = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "u", data="mini-world:8", random_flip=True)).setup()
-    cached = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "k", cache=str(tmp_path / "c"), random_flip=True)).setup()
+    kw = dict(random_flip=True, caption_dropout=0.5)  # the cached path drops captions the same way
+    plain = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "u", data="mini-world:8", **kw)).setup()
+    cached = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "k", cache=str(tmp_path / "c"), **kw)).setup()
     assert not hasattr(cached, "vae") and not hasattr(cached, "text_encoder")
     from bksdm.distill.loader import micro_batches
 
@@ -216,31 +238,8 @@ def test_final_pipeline_has_a_model_card(tiny_teacher_dir, tmp_path):
     assert (tmp_path / "run" / "final" / "samples.png").is_file()
 
 
-def _hf_dataset(tmp_path, n: int = 8, broken: int | None = None):
-    """A tiny `datasets` dataset of world pictures (one row's image bytes corrupt), saved to disk and as parquet."""
-    import datasets
-    from PIL import Image as PILImage
-
-    from bksdm.mini.world import ShapesWorld
-
-    rows = {"picture": [], "caption": []}
-    for i in range(n):
-        image, text, _ = ShapesWorld().sample(i)
-        rows["picture"].append(image)
-        rows["caption"].append(text)
-    ds = datasets.Dataset.from_dict(rows).cast_column("picture", datasets.Image())
-    if broken is not None:
-        ds = ds.cast_column("picture", datasets.Image(decode=False))
-        ds = ds.map(lambda r, i: {"picture": {"bytes": b"junk", "path": None}} if i == broken else r, with_indices=True)
-        ds = ds.cast_column("picture", datasets.Image())
-    ds.save_to_disk(str(tmp_path / "disk"))
-    ds.to_parquet(str(tmp_path / "data.parquet"))
-    assert isinstance(ds[0 if broken != 0 else 1]["picture"], PILImage.Image)
-    return tmp_path / "disk", tmp_path / "data.parquet"
-
-
 def test_hugging_face_datasets_feed_distill_and_resume_exactly(tiny_teacher_dir, tmp_path, capsys):
-    disk, parquet = _hf_dataset(tmp_path, broken=3)
+    disk, parquet = hf_image_dataset(tmp_path, broken=3)
     cols = dict(image_column="picture", caption_column="caption")
     kw = dict(data=f"hf:{disk}", checkpoint_every=2, **cols)
     full = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=4, **kw)).setup()

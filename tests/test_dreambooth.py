@@ -15,7 +15,7 @@ import torch
 import bksdm
 
 from bksdm.cli import main
-from tests.conftest import one_line_error
+from tests.conftest import hf_image_dataset, one_line_error
 from bksdm.mini.world import Shape, render
 
 
@@ -70,6 +70,20 @@ def test_full_finetune_with_prior(tiny_teacher_dir, subject_dir, tmp_path):
 
     img = personalised_pipeline(str(tiny_teacher_dir), out, lora=False)("a sks triangle", num_inference_steps=2).images[0]
     assert img.size == (32, 32)
+
+
+def test_class_images_from_a_hugging_face_dataset_and_the_model_card(tiny_teacher_dir, subject_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    disk, _ = hf_image_dataset(tmp_path, n=4, broken=1)
+    out = tmp_path / "hf"
+    assert _ft(tiny_teacher_dir, subject_dir, out, "--class-dir", f"hf:{disk}", "class_image_column=picture") == 0
+    rec = json.loads((out / "finetune.json").read_text())
+    assert rec["class_images"] == 2 and rec["class_skipped"] == 1  # rows 0 and 2 used, the corrupt row 1 counted
+    assert not (out / "class_images").exists()  # nothing generated
+    card = ModelCard.load(out / "final" / "README.md")
+    assert "dreambooth" in card.data.tags and card.data.instance_prompt == "a sks triangle"
+    assert "2 images of \"a triangle\"" in card.text
 
 
 def test_lora_finetune_loads_into_diffusers(tiny_teacher_dir, subject_dir, tmp_path):

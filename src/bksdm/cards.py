@@ -68,3 +68,29 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
     path = Path(folder) / "README.md"
     card.save(path)
     return path
+
+
+def write_finetune_card(folder: str | Path, base: str, training: dict[str, Any], record: dict[str, Any] | None = None,
+                        instance_prompt: str = "") -> Path:
+    """``folder/README.md`` for a DreamBooth-personalised pipeline: its base model, the subject's prompt, how it
+    was fine-tuned and, for a bksdm student (``record``: its ``bksdm.json``), which spec it has."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    tags = ["dreambooth", "stable-diffusion", "text-to-image", "diffusers"]
+    if record:
+        tags += ["bk-sdm", f"bksdm-{record['spec']['name']}"]
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags,
+                         base_model=base if re.match(r"^[\w.-]+/[\w.-]+$", base) else None,
+                         instance_prompt=instance_prompt or None)
+    lines = [f"# DreamBooth fine-tune of {base}", "",
+             f"Personalised with DreamBooth (made with bksdm); prompt the subject as \"{instance_prompt}\".", "",
+             "```python", "from diffusers import DiffusionPipeline",
+             "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_HUB_ID\")", "```"]
+    if record:
+        lines += ["", f"The base is a block-removed BK-SDM student (spec `{record['spec']['name']}`, teacher "
+                      f"{record.get('teacher', 'unknown')}); `bksdm inspect` lists its removed blocks."]
+    lines += ["", "## Training", ""] + [f"- {k}: {v}" for k, v in training.items()]
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path

@@ -69,6 +69,29 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+@command("export", "ship a pipeline: one .safetensors in the original SD key layout, or a half-precision folder")
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a pipeline folder or hub id (a student from compress, distill or dreambooth)")
+    p.add_argument("--out", required=True, help="the .safetensors file (single-file) or folder (diffusers-fp16)")
+    p.add_argument("--format", default="single-file", choices=("single-file", "diffusers-fp16"),
+                   help="single-file: U-Net, VAE and text encoder in one file (ComfyUI, A1111, stable-diffusion.cpp, "
+                        "diffusers from_single_file); diffusers-fp16: the same folder layout in half precision")
+    p.add_argument("--dtype", default="fp16", help="single-file weights: fp16 (default), bf16 or fp32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+@_export_args.run
+def _export(a: argparse.Namespace) -> int:
+    from bksdm.export import export
+
+    rec = export(a.model, a.out, a.format, a.dtype, a.overwrite)
+    removed = rec.get("removed_blocks")
+    print(f"wrote {rec['out']} ({rec['format']}, {rec['bytes'] / 2**20:.1f} MiB)"
+          + (f"; removed blocks: {', '.join(removed) or 'none'}" if removed is not None and "removed_blocks" in rec else ""))
+    return 0
+
+
 # ---------------------------------------------------------------- profile
 @command("profile", "parameters, MACs and latency per component and per image (paper Table 1)")
 def _profile_args(p: argparse.ArgumentParser) -> None:
@@ -423,7 +446,8 @@ def check_args(args: argparse.Namespace) -> None:
     for key, value in vars(args).items():
         check_value(key, value)
     if getattr(args, "out", None):
-        check_output(args.out, "file" if args.command in OUTPUT_FILES else "folder")
+        single_file = args.command == "export" and args.format == "single-file"  # export's --out kind follows --format
+        check_output(args.out, "file" if args.command in OUTPUT_FILES or single_file else "folder")
 
 
 def _threads_set_by_caller() -> bool:

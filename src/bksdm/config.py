@@ -23,7 +23,9 @@ BOUNDS: dict[str, dict[str, Any]] = {
     **{k: {"min": 1} for k in ("steps", "gen_steps", "batch_size", "runs", "limit", "images", "max_steps", "grad_accum",
                                "checkpoint_every", "checkpoints_total_limit", "log_every", "images_per_prompt",
                                "num_class_images", "class_steps", "sample_steps", "lora_rank")},
-    **{k: {"min": 0} for k in ("save_size", "size", "num_workers", "sample_every")},
+    **{k: {"min": 0} for k in ("save_size", "size", "num_workers", "sample_every", "lr_warmup_steps")},
+    "caption_dropout": {"min": 0, "max": 1},
+    "lr_scheduler": {"choices": ("constant", "cosine", "linear")},
     "resolution": {"min": 8, "multiple": 8},  # the VAE's 8x downsampling
     **{k: {"above": 0} for k in ("lr", "max_grad_norm", "adam_eps")},
     "ema_decay": {"above": 0, "max": 1},

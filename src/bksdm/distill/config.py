@@ -30,7 +30,9 @@ class DistillConfig(Config):
     batch_size: int = 64  # per process and micro-step; paper total 256 = 64 x accumulation 4
     grad_accum: int = 4
     max_steps: int = 50_000  # optimiser steps
-    lr: float = 5e-5  # constant, no warm-up
+    lr: float = 5e-5  # peak learning rate (paper: 5e-5, constant)
+    lr_scheduler: str = "constant"  # constant | cosine | linear (decay to 0 at max_steps after the warm-up)
+    lr_warmup_steps: int = 0  # linear warm-up from 0 over this many optimiser steps
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
@@ -40,6 +42,7 @@ class DistillConfig(Config):
     lambda_sd: float = 1.0  # task loss weight
     lambda_out: float = 1.0  # output-KD weight
     lambda_feat: float = 1.0  # feature-KD weight (summed over the spec's layer pairs)
+    caption_dropout: float = 0.0  # share of captions replaced by "" (paper: 0); trains the unconditional branch that guidance uses
     mixed_precision: str = "fp16"  # no | fp16 | bf16 (fp16 needs a GPU; bf16 also runs on CPUs)
     ema: bool = True  # keep an EMA of the student; the final pipeline holds the EMA weights
     ema_decay: float = 0.9999

@@ -160,7 +160,7 @@ class HFDatasetSource:
     """A Hugging Face ``datasets`` dataset of (image, caption) rows. Images are decoded here, not by ``datasets``,
     so an unreadable one is skipped and counted like everywhere else. ``streaming``: read in order, like tar shards."""
 
-    def __init__(self, spec: str, image_column: str = "image", caption_column: str = "text", split: str = "train",
+    def __init__(self, spec: str, image_column: str = "image", caption_column: str | None = "text", split: str = "train",
                  streaming: bool = False):
         import datasets
 
@@ -181,7 +181,7 @@ class HFDatasetSource:
             else:
                 ds = datasets.load_dataset(spec, split=split, streaming=streaming)
         columns = list(ds.column_names or [])
-        missing = [c for c in (image_column, caption_column) if c not in columns]
+        missing = [c for c in (image_column, caption_column) if c is not None and c not in columns]
         if missing:
             raise UserError(f"dataset {spec} has no column {missing[0]!r} (it has {', '.join(columns)}); "
                             f"set image_column= / caption_column=")
@@ -200,7 +200,8 @@ class HFDatasetSource:
             yield from self.ds
 
     def decode(self, row: dict[str, Any]) -> tuple[Image.Image, str]:
-        value, text = row.get(self.image_column), row.get(self.caption_column)
+        value = row.get(self.image_column)
+        text = row.get(self.caption_column) if self.caption_column is not None else ""  # None: images only
         if not isinstance(text, str):
             raise BadSample(f"caption {text!r} is not text")
         try:

@@ -40,7 +40,8 @@ class DreamBoothConfig(Config):
     prior_loss_weight: float = 1.0  # weight of the class images' loss
     num_class_images: int = 200  # paper: 200 class images
     class_model: str = ""  # model that generates class images (default: the original teacher, else --model)
-    class_dir: str = ""  # where class images live (default OUT/class_images); missing ones are generated
+    class_dir: str = ""  # where class images live (default OUT/class_images; missing ones are generated), or hf:DATASET
+    class_image_column: str = "image"  # hf: class datasets: the image column (rows read in order, unreadable ones skipped)
     class_steps: int = 50  # denoising steps for class images (official run: the pipeline default, PNDM 50)
     resolution: int = 512  # short side resized, then a random crop
     out: str = "dreambooth-out"  # run folder: OUT/final (pipeline or LoRA file), finetune.json, class_images

@@ -37,6 +37,32 @@ def fidelity(images: list[Image.Image], prompts: list[str], net: C.QuadrantNet |
     return float(np.mean(hits))
 
 
+ERRORS = ("missing", "extra", "kind", "colour", "size")
+
+
+@torch.no_grad()
+def fidelity_breakdown(images: list[Image.Image], prompts: list[str], net: C.QuadrantNet | None = None) -> dict[str, float]:
+    """Where images go wrong, quadrant by quadrant: the share of images with at least one prompted shape not drawn
+    (``missing``), a shape where the quadrant should be empty (``extra``), or a drawn shape of the wrong ``kind``,
+    ``colour`` or ``size``; ``fidelity`` is the share with none of these."""
+    net = net or C.load()
+    read = C.predict(net, _tensor(images))
+    counts = dict.fromkeys(ERRORS, 0)
+    hits = 0
+    for got, prompt in zip(read, prompts):
+        want = {s.position: s for s in parse_caption(prompt)}
+        have = {s.position: s for s in got}
+        wrong = {"missing": any(q not in have for q in want), "extra": any(q not in want for q in have)}
+        both = [(want[q], have[q]) for q in want if q in have]
+        for attr in ("kind", "colour", "size"):
+            wrong[attr] = any(getattr(a, attr) != getattr(b, attr) for a, b in both)
+        for k, v in wrong.items():
+            counts[k] += v
+        hits += not any(wrong.values())
+    n = max(len(prompts), 1)
+    return {"fidelity": hits / n, **{k: v / n for k, v in counts.items()}}
+
+
 def reference_images(prompts: list[str], seed: int = 0) -> list[Image.Image]:
     """Real world pictures of the prompts' scenes, jittered as the world jitters."""
     rng = np.random.default_rng(seed)

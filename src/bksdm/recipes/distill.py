@@ -92,6 +92,14 @@ class DistillRecipe:
 
             self.ema = EMAModel(student.parameters(), decay=cfg.ema_decay, foreach=cfg.ema_foreach)
         self.student, self.opt = self.acc.prepare(student, opt)
+        from diffusers.optimization import get_scheduler
+
+        # stepped once per optimiser step by the recipe (not prepared: accelerate would step it once per process)
+        # and saved with every checkpoint
+        self.lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                                      num_training_steps=cfg.max_steps)
+        self.acc.register_for_checkpointing(self.lr_sched)
+        self.empty_cond = self._empty_prompt() if cfg.caption_dropout > 0 else None
         if self.ema is not None:
             self.ema.to(self.acc.device)
         if cfg.resume:
@@ -102,6 +110,16 @@ class DistillRecipe:
         if log_with:
             self.acc.init_trackers("distill", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, list)})
         return self
+
+    def _empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The U-Net conditioning of the empty prompt (each tensor (1, ...)), for caption dropout; a cached run
+        loads the text encoder once for it."""
+        from bksdm.models import load_components
+
+        parts = load_components(self.teacher_dir, self.family.text_components)
+        with torch.no_grad():
+            cond = self.family.encode_prompt(parts, [""], "cpu")
+        return {k: v.float().to(self.acc.device) for k, v in cond.items()}
 
     def _claim_run_folder(self) -> None:
         """Refuse to mix two runs in one folder: an earlier run is continued (``resume``), replaced
@@ -164,13 +182,19 @@ class DistillRecipe:
         if "mean" in batch:
             eps = torch.randn(batch["mean"].shape, generator=gen)
             latents = batch["mean"] + batch["std"] * eps
-            return (latents * self.scaling_factor).to(dev), {k: v.to(dev) for k, v in self.family.from_cache(batch).items()}
-        with torch.no_grad():
-            dist = self.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
-            eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
-            latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
-            parts = {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
-            cond = {k: v.float() for k, v in self.family.encode_prompt(parts, batch["text"], dev).items()}
+            latents = (latents * self.scaling_factor).to(dev)
+            cond = {k: v.to(dev).float() for k, v in self.family.from_cache(batch).items()}
+        else:
+            with torch.no_grad():
+                dist = self.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
+                eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
+                latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
+                parts = {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
+                cond = {k: v.float() for k, v in self.family.encode_prompt(parts, batch["text"], dev).items()}
+        if self.empty_cond is not None:  # drawn only when on, so runs without it keep their random stream
+            drop = torch.rand(latents.shape[0], generator=gen) < self.cfg.caption_dropout
+            for k, v in cond.items():
+                v[drop.to(v.device)] = self.empty_cond[k].to(v.dtype)
         return latents, cond
 
     @property
@@ -230,6 +254,9 @@ class DistillRecipe:
                     acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    lr = self.lr_sched.get_last_lr()[0]  # the rate this step used
+                    self.lr_sched.step()
             for k in TERMS:
                 sums[k] += terms[k].item() / cfg.grad_accum
             seen += len(batch.get("text", batch.get("emb", [])))
@@ -239,7 +266,7 @@ class DistillRecipe:
             if self.ema is not None:
                 self.ema.step(unwrap(self.student).parameters())
             rate = seen * acc.num_processes / (time.perf_counter() - t0)
-            last = {**sums, "lr": cfg.lr, "samples_per_s": rate, "skipped": self.skipped}
+            last = {**sums, "lr": lr, "samples_per_s": rate, "skipped": self.skipped}
             if self.step % cfg.log_every == 0:
                 self._log(last)
             bar = bar or tqdm(total=cfg.max_steps, initial=self.step - 1, disable=not acc.is_main_process, desc="distill",
@@ -372,7 +399,8 @@ class DistillRecipe:
                       f"(weights {cfg.lambda_sd} / {cfg.lambda_out} / {cfg.lambda_feat})",
             "steps": f"{self.step} optimiser steps of {cfg.batch_size} x {cfg.grad_accum} x {self.acc.num_processes} "
                      f"images at {cfg.resolution} px",
-            "data": cfg.cache or cfg.data, "optimizer": f"AdamW, constant lr {cfg.lr}",
+            "data": cfg.cache or cfg.data, "optimizer": f"AdamW, lr {cfg.lr}, {cfg.lr_scheduler} schedule, {cfg.lr_warmup_steps} warm-up steps",
+            "caption dropout": cfg.caption_dropout,
             "precision": cfg.mixed_precision, "ema": f"decay {cfg.ema_decay} (weights shipped)" if cfg.ema else "off",
             "init": "teacher weights" if cfg.init == "teacher" else "random",
             "skipped unreadable items": self.skipped,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +22,7 @@ from PIL import Image
 
 from bksdm.dreambooth.config import DreamBoothConfig, lora_config
 from bksdm.dreambooth.dataset import IDENTIFIER
-from bksdm.errors import check_output
+from bksdm.errors import UserError, check_output
 from bksdm.models import default_device
 from bksdm.training import fresh_accelerator_state, noisy_inputs
 
@@ -36,12 +37,15 @@ def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
     return pixels(image.crop((x, y, x + size, y + size)))
 
 
-def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
-    """The prior-preservation images: those in class_dir plus any missing ones, generated now (resumable)."""
+def class_images(cfg: DreamBoothConfig, device: str) -> tuple[list[Image.Image], int]:
+    """The prior-preservation images — those in class_dir plus any missing ones, generated now (resumable), or a
+    dataset's — and how many unreadable dataset rows were skipped."""
     from bksdm.pipelines import load_record
     from bksdm.generate import default_dtype, generate_images
     from bksdm.models import load_components, pipeline_folder
 
+    if cfg.class_dir.startswith("hf:"):
+        return dataset_class_images(cfg)
     folder = Path(cfg.class_dir or Path(cfg.out) / "class_images")
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("*.png"))
@@ -59,7 +63,31 @@ def class_images(cfg: DreamBoothConfig, device: str) -> list[Image.Image]:
             for i, im in zip(idx, ims):
                 im.save(folder / f"{i:05d}.png")
         have = sorted(folder.glob("*.png"))
-    return [Image.open(p).convert("RGB") for p in have[: cfg.num_class_images]]
+    return [Image.open(p).convert("RGB") for p in have[: cfg.num_class_images]], 0
+
+
+def dataset_class_images(cfg: DreamBoothConfig) -> tuple[list[Image.Image], int]:
+    """The first ``num_class_images`` readable images of a Hugging Face dataset (``class_dir: hf:...``); unreadable
+    rows are skipped and counted (``class_skipped`` in the run record), as in distillation data."""
+    from bksdm.distill.data import BadSample, HFDatasetSource
+
+    source = HFDatasetSource(cfg.class_dir[3:], image_column=cfg.class_image_column, caption_column=None,
+                             streaming=True)  # in order, and only as many rows as needed are read
+    images, skipped = [], 0
+    for row in source.ds:
+        try:
+            images.append(source.decode(row)[0])
+        except BadSample:
+            skipped += 1
+        if len(images) == cfg.num_class_images:
+            break
+    if not images:
+        raise UserError(f"class dataset {cfg.class_dir} has no readable image in column {cfg.class_image_column!r} "
+                        f"({skipped} unreadable)")
+    if len(images) < cfg.num_class_images:
+        print(f"class dataset {cfg.class_dir}: {len(images)} readable images of the {cfg.num_class_images} asked for; "
+              f"using {len(images)}")
+    return images, skipped
 
 
 def epoch_order(instances: int, classes: int, rng: random.Random) -> Iterator[tuple[int, int]]:
@@ -96,7 +124,7 @@ class DreamBooth:
         fresh_accelerator_state()
         self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision)
         self.folder = pipeline_folder(cfg.model)
-        self.classes = class_images(cfg, str(self.acc.device)) if cfg.with_prior else []
+        self.classes, self.class_skipped = class_images(cfg, str(self.acc.device)) if cfg.with_prior else ([], 0)
         self.unet = load_component(self.folder, "unet")
         self.family = family_of(self.unet.config)
         self.text_encoder = load_component(self.folder, "text_encoder")
@@ -181,7 +209,8 @@ class DreamBooth:
             memory = {"peak_gb": torch.cuda.max_memory_allocated() / 2**30, "kind": "CUDA peak allocated"}
         else:
             memory = {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "kind": "peak RSS of the process"}
-        result = {"seconds": seconds, "memory": memory, "steps": cfg.max_steps, "lora": cfg.lora, "history": history}
+        result = {"seconds": seconds, "memory": memory, "steps": cfg.max_steps, "lora": cfg.lora, "history": history,
+                  "class_images": len(self.classes), "class_skipped": self.class_skipped}
         self.save(result)
         return result
 
@@ -210,8 +239,28 @@ class DreamBooth:
             copy_pipeline(self.folder, final, skip=("unet", "text_encoder"))
             unet.save_pretrained(final / "unet", safe_serialization=True)
             text.save_pretrained(final / "text_encoder", safe_serialization=True)
+            self._card(final, result)
         (out / "finetune.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"} |
                                                       {"config": self.cfg.to_dict(), "final": result["history"][-1]}, indent=1))
+
+
+    def _card(self, final: Path, result: dict[str, Any]) -> None:
+        from bksdm.cards import write_finetune_card
+        from bksdm.pipelines import load_record
+
+        cfg = self.cfg
+        training = {
+            "steps": f"{cfg.max_steps} at batch {cfg.batch_size}, {cfg.resolution} px, lr {cfg.lr} (constant)",
+            "text encoder": "fine-tuned jointly" if cfg.train_text_encoder else "frozen",
+            "prior preservation": (f"on: {result['class_images']} images of \"{cfg.class_prompt}\" from "
+                                   f"{cfg.class_dir or 'the class model'}, weight {cfg.prior_loss_weight}"
+                                   if cfg.with_prior else "off"),
+            "subject images": len(self.instances), "precision": cfg.mixed_precision, "seed": cfg.seed,
+            "final loss": result["history"][-1]["loss"] if result["history"] else None,
+        }
+        write_finetune_card(final, cfg.model, training, load_record(self.folder), cfg.instance_prompt)
+        if (self.folder / "bksdm.json").is_file():  # the student's record travels with it
+            shutil.copy2(self.folder / "bksdm.json", final / "bksdm.json")
 
 
 def finetune(cfg: DreamBoothConfig) -> dict[str, Any]:

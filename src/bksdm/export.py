@@ -1,0 +1,258 @@
+"""Shipping a pipeline folder: one ``.safetensors`` in the original Stable Diffusion key layout, or a half-precision
+diffusers folder.
+
+The single file holds the U-Net under ``model.diffusion_model.`` (``input_blocks``, ``middle_block``,
+``output_blocks``), the VAE under ``first_stage_model.`` and the text encoder under ``cond_stage_model.`` (OpenAI CLIP
+layout for SD-v1, OpenCLIP for SD-v2), the layout ComfyUI, stable-diffusion.cpp, A1111 and diffusers'
+``from_single_file`` read. A block-removed student has fewer ``input_blocks`` per stage and may have no
+``middle_block``; the file's metadata names the removed blocks and the diffusers config, because runtimes that
+assume SD-v1's block counts must be told (diffusers reads it back with ``config=`` the student's folder).
+
+Every key map here is checked at export against diffusers' own single-file converters: each exported tensor must
+come back under its diffusers name, unchanged, or the export fails before writing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bksdm.errors import UserError, check_output
+
+UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _resnet(rest: str, table=_RESNET) -> str:
+    for new, old in table:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_key(key: str, config: dict[str, Any]) -> str:
+    """The original-layout name (without prefix) of a diffusers U-Net tensor name.
+
+    Block ``j`` of down stage ``b`` is ``input_blocks.{1 + b*(L+1) + j}`` (``.0`` the resnet, ``.1`` its attention),
+    the stage's downsampler ``input_blocks.{(b+1)*(L+1)}.0.op``; up stage ``b`` holds ``L+1`` blocks from
+    ``output_blocks.{b*(L+1)}``, its upsampler after the last block's attention; L = ``layers_per_block``."""
+    lpb = config["layers_per_block"]
+    top = key.rsplit(".", 1)
+    if top[0] in _UNET_TOP:
+        return f"{_UNET_TOP[top[0]]}.{top[1]}"
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", key)
+    if m:
+        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if kind == "downsamplers":
+            return f"input_blocks.{(b + 1) * (lpb + 1)}.0.op.{rest.removeprefix('conv.')}"
+        i = 1 + b * (lpb + 1) + j
+        return f"input_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        kind, j, rest = m[1], int(m[2]), m[3]
+        return f"middle_block.{2 * j}.{_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", key)
+    if m:
+        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if kind == "upsamplers":
+            has_attn = "CrossAttn" in config["up_block_types"][b]
+            return f"output_blocks.{b * (lpb + 1) + lpb}.{2 if has_attn else 1}.{rest}"
+        i = b * (lpb + 1) + j
+        return f"output_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
+    raise UserError(f"U-Net tensor {key} has no place in the Stable Diffusion single-file layout")
+
+
+_VAE_RESNET = (("conv_shortcut", "nin_shortcut"),)
+_VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+
+
+def vae_key(key: str, config: dict[str, Any]) -> str:
+    """The original-layout name of a diffusers ``AutoencoderKL`` tensor name (decoder stages in reverse order)."""
+    m = re.match(r"(encoder|decoder)\.(conv_in|conv_out|conv_norm_out)\.(.+)", key)
+    if m:
+        return f"{m[1]}.{'norm_out' if m[2] == 'conv_norm_out' else m[2]}.{m[3]}"
+    if key.startswith(("quant_conv.", "post_quant_conv.")):
+        return key
+    m = re.match(r"encoder\.down_blocks\.(\d+)\.(resnets\.(\d+)|downsamplers\.0)\.(.+)", key)
+    if m:
+        if m[3] is None:
+            return f"encoder.down.{m[1]}.downsample.{m[4]}"
+        return f"encoder.down.{m[1]}.block.{m[3]}.{_resnet(m[4], _VAE_RESNET)}"
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.+)", key)
+    if m:
+        stage = len(config["up_block_types"]) - 1 - int(m[1])
+        if m[3] is None:
+            return f"decoder.up.{stage}.upsample.{m[4]}"
+        return f"decoder.up.{stage}.block.{m[3]}.{_resnet(m[4], _VAE_RESNET)}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.(resnets\.(\d+)|attentions\.0)\.(.+)", key)
+    if m:
+        if m[3] is not None:
+            return f"{m[1]}.mid.block_{int(m[3]) + 1}.{_resnet(m[4], _VAE_RESNET)}"
+        return f"{m[1]}.mid.attn_1.{_resnet(m[4], _VAE_ATTN)}"
+    raise UserError(f"VAE tensor {key} has no place in the Stable Diffusion single-file layout")
+
+
+def _unet_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {UNET + unet_key(k, config): v for k, v in sd.items()}
+
+
+def _vae_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        new = vae_key(k, config)
+        if ".mid.attn_1." in new and new.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # the original attention uses 1x1 convolutions
+        out[VAE + new] = v
+    return out
+
+
+def _text_to_ldm(sd: dict[str, torch.Tensor], text_config: Any) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP layout (SD-v1; ``quick_gelu``) or OpenCLIP layout (SD-v2; ``gelu``, fused q/k/v)."""
+    sd = {k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k: v
+          for k, v in sd.items() if not k.endswith("position_ids")}
+    if text_config.hidden_act == "quick_gelu":
+        return {CLIP + k: v for k, v in sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    fixed = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
+    for k, v in sd.items():
+        if k in fixed:
+            out[OPENCLIP + fixed[k]] = v
+        elif k == "text_projection.weight":
+            out[OPENCLIP + "text_projection"] = v.T.contiguous()
+    for i in range(text_config.num_hidden_layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"{OPENCLIP}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for new, old in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[f"{dst}{new}.{kind}"] = sd[f"{src}{old}.{kind}"]
+    return out
+
+
+def _check_round_trip(name: str, ours: dict[str, torch.Tensor], back: dict[str, torch.Tensor]) -> None:
+    """Every tensor of ``ours`` (diffusers names) must come back from diffusers' converter, unchanged."""
+    missing = sorted(set(ours) - set(back))
+    extra = sorted(set(back) - set(ours))
+    changed = [k for k in ours if k in back and not torch.equal(ours[k], back[k].reshape(ours[k].shape))]
+    if missing or extra or changed:
+        raise UserError(f"the single-file layout of the {name} does not read back through diffusers' converter "
+                        f"(missing {missing[:3]}, unexpected {extra[:3]}, changed {changed[:3]}); please report it")
+
+
+def single_file_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The original-layout state dict of loaded ``unet``, ``vae`` and ``text_encoder`` (checked against diffusers'
+    single-file converters)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sf
+
+    unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
+    ucfg = dict(unet.config)
+    if not isinstance(ucfg["layers_per_block"], int):
+        raise UserError(f"this U-Net keeps different block counts per stage ({ucfg['layers_per_block']}); the "
+                        "single-file layout (and every runtime reading it) assumes one count for all stages; "
+                        "export --format diffusers-fp16 instead")
+    if ucfg.get("addition_embed_type") or ucfg.get("class_embed_type"):
+        raise UserError("single-file export covers SD-v1/v2 U-Nets; this one has added conditioning (SDXL-style)")
+    if not isinstance(vae, AutoencoderKL):
+        raise UserError(f"the VAE is a {type(vae).__name__}, which has no Stable Diffusion single-file layout (the "
+                        "mini world's is parameter-free); export --format diffusers-fp16 instead")
+    if text.config.hidden_act not in ("quick_gelu", "gelu"):
+        raise UserError(f"text encoder with {text.config.hidden_act} activations is neither OpenAI CLIP nor OpenCLIP")
+    u_sd, v_sd, t_sd = unet.state_dict(), vae.state_dict(), text.state_dict()
+    state = {**_unet_to_ldm(u_sd, ucfg), **_vae_to_ldm(v_sd, dict(vae.config)), **_text_to_ldm(t_sd, text.config)}
+
+    _check_round_trip("U-Net", u_sd, sf.convert_ldm_unet_checkpoint(state, ucfg))
+    _check_round_trip("VAE", v_sd, sf.convert_ldm_vae_checkpoint(state, dict(vae.config)))
+    if text.config.hidden_act == "quick_gelu":
+        back = sf.convert_ldm_clip_checkpoint(state)
+    else:
+        back = sf.convert_open_clip_checkpoint(text, state, prefix=OPENCLIP)
+    if not hasattr(text, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        back = {k.removeprefix("text_model."): v for k, v in back.items()}
+    _check_round_trip("text encoder", {k: v for k, v in t_sd.items() if not k.endswith("position_ids")},
+                      {k: v for k, v in back.items() if not k.endswith("position_ids")})
+    return state
+
+
+def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: str = "fp16",
+           overwrite: bool = False) -> dict[str, Any]:
+    """Write ``model`` (a pipeline folder or hub id) as a single ``.safetensors`` (``fmt="single-file"``) or as a
+    diffusers folder in half precision (``fmt="diffusers-fp16"``). Returns what was written."""
+    from bksdm.models import DTYPES, import_own_components, load_components, pipeline_folder
+    from bksdm.pipelines import load_record
+
+    folder = pipeline_folder(str(model))
+    out = check_output(out, "file" if fmt == "single-file" else "folder")
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    import_own_components(folder)
+    if fmt == "diffusers-fp16":
+        return _export_fp16(folder, out)
+    if fmt != "single-file":
+        raise UserError(f"--format {fmt!r} is not one of single-file, diffusers-fp16")
+    from safetensors.torch import save_file
+
+    parts = load_components(folder, ("unet", "vae", "text_encoder"))
+    state = single_file_state(parts)
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    student = load_record(folder) is not None
+    removed = _removed(folder) if student else []
+    meta = {"format": "pt", "bksdm.source": str(model), "bksdm.unet_config": json.dumps({k: v for k, v in parts["unet"].config.items() if not k.startswith("_")}),
+            "bksdm.removed_blocks": json.dumps(removed),  # null: a student whose teacher is not readable here
+            "bksdm.note": ("block-removed U-Net: load with the diffusers config of its folder "
+                           "(from_single_file(..., config=FOLDER)); runtimes that assume SD's block counts will not "
+                           "find the removed blocks" if student else "a pipeline without a bksdm record")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(out)  # a killed export leaves no half-written file under the final name
+    return {"out": str(out), "format": fmt, "dtype": dtype, "tensors": len(state), "removed_blocks": removed,
+            "bytes": out.stat().st_size}
+
+
+def _removed(folder: Path) -> list[str] | None:
+    """The teacher blocks a student lacks (``down_blocks.1.resnets.1``, ``mid_block``, a whole stage), from
+    ``bksdm inspect``; None when unknown (no record, or its teacher cannot be read here)."""
+    from bksdm.inspection import inspect_student
+
+    try:
+        info = inspect_student(str(folder))
+    except UserError:
+        return None
+    out = []
+    for row in info["stages"]:
+        if row["student_stage"] is None or row["stage"] == "mid_block" and row["student_blocks"] == 0:
+            out.append(row["stage"])
+        elif row["removed"] is None:
+            return None
+        else:
+            out += [f"{row['stage']}.{b}" for b in row["removed"]]
+    return out
+
+
+def _export_fp16(folder: Path, out: Path) -> dict[str, Any]:
+    """Every component with floating-point weights saved in fp16; tokenizer, scheduler, record and card copied."""
+    from diffusers import DiffusionPipeline
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16, safety_checker=None)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for extra in ("bksdm.json", "README.md", "samples.png"):
+        if (folder / extra).is_file():
+            shutil.copy2(folder / extra, tmp / extra)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"out": str(out), "format": "diffusers-fp16", "bytes": size}

@@ -1,0 +1,126 @@
+"""`bksdm export`: the single-file checkpoint in the original SD layout read back by diffusers' `from_single_file`
+(the student's own config), and the half-precision folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from bksdm.cli import main
+from tests.conftest import make_tiny_pipeline, one_line_error
+
+
+@pytest.fixture(scope="module")
+def kl_student(tmp_path_factory):
+    """bk-small of a tiny teacher that has a real (tiny, random) AutoencoderKL, as SD pipelines do."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("kl")
+    base = make_tiny_pipeline()
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=12, norm_num_groups=4, sample_size=32)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root / "teacher")
+    assert main(["compress", "--teacher", str(root / "teacher"), "--student", "bk-small", "--out", str(root / "student")]) == 0
+    return root
+
+
+def _images(pipe, seed: int = 0) -> np.ndarray:
+    out = pipe(["a red circle at the top left", "a large blue square at the bottom right"], num_inference_steps=4,
+               generator=torch.Generator().manual_seed(seed), output_type="np")
+    return out.images * 255
+
+
+def test_single_file_round_trips_through_from_single_file(kl_student, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    student, file = kl_student / "student", tmp_path / "student.safetensors"
+    assert main(["export", str(student), "--out", str(file), "--dtype", "fp32"]) == 0
+    with safe_open(str(file), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert "first_stage_model.decoder.mid.attn_1.q.weight" in keys
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
+    # bk-small: one block per down stage (so input_blocks 1..7), no mid-block
+    assert not any(k.startswith("model.diffusion_model.middle_block") for k in keys)
+    assert max(int(k.split(".")[3]) for k in keys if ".input_blocks." in k) == 7
+    removed = json.loads(meta["bksdm.removed_blocks"])
+    assert "mid_block" in removed and "down_blocks.0.resnets.1" in removed
+    assert json.loads(meta["bksdm.unet_config"])["mid_block_type"] is None
+
+    folder = StableDiffusionPipeline.from_pretrained(student, safety_checker=None)
+    single = StableDiffusionPipeline.from_single_file(str(file), config=str(student), local_files_only=True,
+                                                      safety_checker=None)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    diff = np.abs(_images(folder) - _images(single)).max()
+    assert diff <= 1, diff
+
+
+def test_single_file_in_half_precision_and_the_fp16_folder(kl_student, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    student = kl_student / "student"
+    assert main(["export", str(student), "--out", str(tmp_path / "s16.safetensors")]) == 0
+    with safe_open(str(tmp_path / "s16.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert main(["export", str(student), "--out", str(tmp_path / "f16"), "--format", "diffusers-fp16"]) == 0
+    for part in ("unet", "vae", "text_encoder"):
+        (weights,) = (tmp_path / "f16" / part).glob("*.safetensors")
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, part
+    assert (tmp_path / "f16" / "bksdm.json").is_file() and (tmp_path / "f16" / "README.md").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "f16", safety_checker=None, torch_dtype=torch.float16)
+    ref = StableDiffusionPipeline.from_pretrained(student, safety_checker=None).unet.state_dict()
+    got = pipe.unet.state_dict()
+    assert all(torch.equal(ref[k].half(), got[k]) for k in ref)
+
+
+def test_export_faults(kl_student, tiny_teacher_dir, tmp_path, capsys):
+    student = kl_student / "student"
+    file = tmp_path / "x.safetensors"
+    file.write_text("mine")
+    assert main(["export", str(student), "--out", str(file)]) == 2
+    assert "already exists" in one_line_error(capsys)
+    assert file.read_text() == "mine"  # never overwritten without --overwrite
+    # the mini world's parameter-free VAE has no single-file layout: a clear refusal, nothing written
+    assert main(["export", str(tiny_teacher_dir), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "diffusers-fp16" in one_line_error(capsys)
+    assert not (tmp_path / "m.safetensors").exists()
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert "nope" in one_line_error(capsys)
+    assert main(["export", str(student), "--out", str(tmp_path / "z.safetensors"), "--dtype", "fp8"]) == 2
+    assert "fp8" in one_line_error(capsys)
+    assert main(["export", str(student), "--out", str(file.parent)]) == 2  # a folder where a file is due
+    assert "folder" in one_line_error(capsys)
+
+
+def test_sd_v2_text_encoders_use_the_openclip_layout(kl_student, tmp_path):
+    """SD-v2 pipelines (OpenCLIP text tower, gelu) are written as OpenCLIP keys with fused q/k/v and read back."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(kl_student / "student", safety_checker=None)
+    cfg = CLIPTextConfig(**{**pipe.text_encoder.config.to_dict(), "hidden_act": "gelu"})
+    torch.manual_seed(2)
+    pipe.text_encoder = CLIPTextModel(cfg)
+    pipe.register_modules(text_encoder=pipe.text_encoder)
+    pipe.save_pretrained(tmp_path / "v2")
+    file = tmp_path / "v2.safetensors"
+    assert main(["export", str(tmp_path / "v2"), "--out", str(file), "--dtype", "fp32"]) == 0
+    with safe_open(str(file), "pt") as f:
+        assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in f.keys()
+    single = StableDiffusionPipeline.from_single_file(str(file), config=str(tmp_path / "v2"), local_files_only=True,
+                                                      safety_checker=None)
+    a, b = pipe.text_encoder.state_dict(), single.text_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("position_ids"))
