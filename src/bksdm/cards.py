@@ -71,19 +71,21 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
 
 
 def write_finetune_card(folder: str | Path, base: str, training: dict[str, Any], record: dict[str, Any] | None = None,
-                        instance_prompt: str = "") -> Path:
-    """``folder/README.md`` for a DreamBooth-personalised pipeline: its base model, the subject's prompt, how it
-    was fine-tuned and, for a bksdm student (``record``: its ``bksdm.json``), which spec it has."""
+                        instance_prompt: str = "", kind: str = "DreamBooth fine-tune") -> Path:
+    """``folder/README.md`` for a pipeline trained further from ``base`` (``kind``: a DreamBooth fine-tune, a
+    latent consistency distillation): its base model, the subject's prompt if any, how it was trained and, for a
+    bksdm student (``record``: its ``bksdm.json``), which spec it has."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    tags = ["dreambooth", "stable-diffusion", "text-to-image", "diffusers"]
+    tags = ["dreambooth" if instance_prompt else "latent-consistency", "stable-diffusion", "text-to-image", "diffusers"]
     if record:
         tags += ["bk-sdm", f"bksdm-{record['spec']['name']}"]
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags,
                          base_model=base if re.match(r"^[\w.-]+/[\w.-]+$", base) else None,
                          instance_prompt=instance_prompt or None)
-    lines = [f"# DreamBooth fine-tune of {base}", "",
-             f"Personalised with DreamBooth (made with bksdm); prompt the subject as \"{instance_prompt}\".", "",
+    lines = [f"# {kind} of {base}", "",
+             (f"Personalised with DreamBooth (made with bksdm); prompt the subject as \"{instance_prompt}\"."
+              if instance_prompt else f"{kind} made with bksdm."), "",
              "```python", "from diffusers import DiffusionPipeline",
              "pipe = DiffusionPipeline.from_pretrained(\"PATH_OR_HUB_ID\")", "```"]
     if record:

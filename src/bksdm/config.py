@@ -15,7 +15,7 @@ C = TypeVar("C", bound="Config")
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-              "dpm": "DPMSolverMultistepScheduler"}
+              "dpm": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler"}
 """Sampler names (``--scheduler``) -> diffusers scheduler classes."""
 
 BOUNDS: dict[str, dict[str, Any]] = {
@@ -25,6 +25,10 @@ BOUNDS: dict[str, dict[str, Any]] = {
                                "num_class_images", "class_steps", "sample_steps", "lora_rank")},
     **{k: {"min": 0} for k in ("save_size", "size", "num_workers", "sample_every", "lr_warmup_steps")},
     "caption_dropout": {"min": 0, "max": 1},
+    **{k: {"min": 0} for k in ("w_min", "w_max")},
+    **{k: {"above": 0} for k in ("huber_c", "timestep_scaling", "lora_lr")},
+    **{k: {"min": 1} for k in ("num_ddim_timesteps", "time_cond_proj_dim")},
+    "loss_type": {"choices": ("huber", "l2")},
     "lr_scheduler": {"choices": ("constant", "cosine", "linear")},
     "resolution": {"min": 8, "multiple": 8},  # the VAE's 8x downsampling
     **{k: {"above": 0} for k in ("lr", "max_grad_norm", "adam_eps")},
@@ -78,10 +82,13 @@ class Config:
         import re
 
         docs = {}
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-            if m and m.group(1) in cls.fields():
-                docs[m.group(1)] = m.group(2).strip()
+        for klass in reversed(cls.__mro__):  # base classes first: a subclass's comment replaces its base's
+            if not dataclasses.is_dataclass(klass):
+                continue
+            for line in inspect.getsource(klass).splitlines():
+                m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+                if m and m.group(1) in cls.fields():
+                    docs[m.group(1)] = m.group(2).strip()
         return docs
 
     def update(self: C, values: dict[str, Any], source: str) -> C:
@@ -97,6 +104,62 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """What every data-driven trainer shares (``distill``, ``lcm``): data, optimiser and schedule, precision,
+    checkpoints, logging. Subclasses add their models and loss, and may restate a default with their own comment."""
+
+    data: str = ""  # image folder with metadata, webdataset shards, hf:DATASET (Hugging Face datasets), or mini-world
+    out: str = "run-out"  # run folder: checkpoints, logs, samples and the final result
+    cache: str = ""  # a `bksdm cache` folder: skips the VAE and text encoder entirely
+    image_column: str = "image"  # hf: datasets: the image column
+    caption_column: str = "text"  # hf: datasets: the caption column
+    data_split: str = "train"  # hf: datasets: the split of a hub dataset or DatasetDict
+    streaming: bool = False  # hf: datasets: read in order without random access (like tar shards)
+    resolution: int = 512  # training image size (short side resized, then center crop)
+    random_flip: bool = True  # random horizontal flip
+    batch_size: int = 64  # per process and micro-step
+    grad_accum: int = 4
+    max_steps: int = 50_000  # optimiser steps
+    lr: float = 5e-5  # peak learning rate
+    lr_scheduler: str = "constant"  # constant | cosine | linear (decay to 0 at max_steps after the warm-up)
+    lr_warmup_steps: int = 0  # linear warm-up from 0 over this many optimiser steps
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    fused_adam: bool = True  # fused AdamW where the device supports it (CPU and CUDA here: ~3x faster step)
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "fp16"  # no | fp16 | bf16 (fp16 needs a GPU; bf16 also runs on CPUs)
+    gradient_checkpointing: bool = True  # trades ~30% step time for memory
+    seed: int = 1234
+    checkpoint_every: int = 5_000
+    checkpoints_total_limit: int = 2  # keep the last N checkpoints
+    resume: str = ""  # "latest" or a checkpoint folder
+    overwrite: bool = False  # replace an earlier run in `out` (without it, a used run folder is refused)
+    log_every: int = 1  # loss terms to CSV and TensorBoard every N steps
+    sample_every: int = 0  # sample image grid every N steps (0: only at the end, if sample_prompts)
+    sample_prompts: list[str] = dataclasses.field(default_factory=list)
+    sample_steps: int = 25
+    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    num_workers: int = 2  # image decoding workers
+
+    def validate_training(self) -> None:
+        """The checks every trainer needs (counts, precision name, some data)."""
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"mixed_precision {self.mixed_precision!r}; choose no, fp16 or bf16")
+        for key in ("batch_size", "grad_accum", "max_steps", "resolution", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} must be at least 1 (got {getattr(self, key)})")
+        if not self.data and not self.cache:
+            raise UserError("no data: pass --data (an image folder, webdataset shards or mini-world) or --cache")
+
+    def data_options(self) -> dict[str, Any]:
+        """The options ``open_source`` passes to ``hf:`` datasets."""
+        return {"image_column": self.image_column, "caption_column": self.caption_column, "split": self.data_split,
+                "streaming": self.streaming}
 
 
 def _coerce(key: str, value: Any, current: Any, source: str) -> Any:

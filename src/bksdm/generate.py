@@ -121,9 +121,32 @@ def generate_images(unet, vae, tokenizer, text_encoder, scheduler, prompts: list
     factor = pipe.vae_scale_factor
     size = resolution or family.resolution(unet.config, factor)
     latents = initial_latents(seeds, (unet.config.in_channels, size // factor, size // factor))
+    # per-image generators for samplers that draw noise while stepping (LCM): an image never depends on its batch
+    gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
     out = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-               latents=latents.to(device, dtype), output_type="pil")
+               latents=latents.to(device, dtype), output_type="pil", generator=gens)
     return out.images
+
+
+def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path) -> None:
+    """Load a diffusers LoRA file (``pytorch_lora_weights.safetensors`` or its folder) into ``parts``' U-Net and
+    text encoder and fuse it, through the family's pipeline class as ``load_lora_weights`` does."""
+    import diffusers
+
+    from bksdm.arch.families import family_of
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"LoRA file {path} does not exist")
+    pipe = getattr(diffusers, family_of(parts["unet"].config).pipeline_class)(
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+    with reading(path, "LoRA file", "pass the pytorch_lora_weights.safetensors a bksdm lcm/dreambooth run wrote"):
+        if path.is_dir():
+            pipe.load_lora_weights(str(path))
+        else:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -137,10 +160,11 @@ def default_dtype(device: str) -> torch.dtype:
 def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, guidance: float = 7.5,
              scheduler: str = "pndm", resolution: int | None = None, batch_size: int = 4, seed: int = 0,
              save_size: int | None = 256, dtype: str | None = None, device: str | None = None,
-             limit: int | None = None, lossless: bool = False) -> dict[str, Any]:
+             limit: int | None = None, lossless: bool = False, lora: str | None = None) -> dict[str, Any]:
     """Generate every missing image of ``prompts`` into ``out/images`` (and a ``save_size`` copy in
-    ``out/images_{save_size}``), sharded over the accelerate processes. Returns counts (``redrawn``: existing
-    files that were incomplete and were generated again)."""
+    ``out/images_{save_size}``), sharded over the accelerate processes; ``lora``: a LoRA file (LCM-LoRA, DreamBooth)
+    fused into the model first. Returns counts (``redrawn``: existing files that were incomplete and were
+    generated again)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -157,6 +181,8 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     with reading(folder / "scheduler", "scheduler of"):
         sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(folder, subfolder="scheduler")
     parts = load_components(folder, ("unet", "vae", "tokenizer", "text_encoder"))
+    if lora:
+        fuse_lora(parts, sched, lora)
     out = Path(out)
     big = out / "images"
     small = out / f"images_{save_size}" if save_size else None

@@ -1,0 +1,1 @@
+"""Latent consistency distillation: config and the consistency maths (solver, boundary scalings, guidance embedding)."""
