@@ -112,6 +112,14 @@ def test_full_output_loads_with_lcm_scheduler_and_generates(student_dir, tmp_pat
     assert json.loads((out / "final" / "bksdm.json").read_text())["lcm"]["steps"] == 2
     lines = (out / "logs" / "losses.csv").read_text().splitlines()
     assert lines[0].startswith("step,loss,mse,lr") and len(lines) == 3
+    # profile: an LCM U-Net embeds the guidance scale, so one U-Net call at batch 1 per step and one text encoding
+    assert main(["profile", "--model", str(out / "final"), str(student_dir), "--steps", "4", "--json", "--dtypes",
+                 "fp32", "--runs", "1"]) == 0
+    lcm, plain = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert (lcm["guidance_batch"], plain["guidance_batch"]) == (1, 2)
+    lat, lat2 = lcm["latency_s"]["fp32"], plain["latency_s"]["fp32"]
+    assert lat["whole"] == pytest.approx(lat["text_encoder"] + 4 * lat["unet"] + lat["vae_decoder"], abs=4e-4)
+    assert lat2["whole"] == pytest.approx(2 * lat2["text_encoder"] + 4 * lat2["unet"] + lat2["vae_decoder"], abs=4e-4)
 
 
 def test_lora_output_loads_on_the_student_and_on_another_model_of_its_architecture(student_dir, tiny_teacher_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 import shutil
@@ -109,9 +110,22 @@ def test_fast_demo_runs_end_to_end(tmp_path):
     from bksdm.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "2", "--images", "8", "--gen-steps", "2"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "2", "--images", "8", "--gen-steps", "2", "--lcm",
+                 "--lcm-steps", "2"]) == 0
     report = (out / "report.md").read_text()
     assert "Teacher (top) vs distilled student" in report and (out / "samples.png").is_file()
+    from bksdm.recipes.mini import REPORT_COLUMNS
+
+    first_table = next(line for line in report.splitlines() if line.startswith("| model"))
+    assert [c.strip() for c in first_table.strip("|").split("|")] == REPORT_COLUMNS
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "<table>" in html  # pictures inlined: one file to share
+    curve = list(csv.DictReader(open(out / "fidelity_vs_step.csv")))
+    checkpoints = sorted(int(p.name[5:]) for p in (out / "distill" / "checkpoints").iterdir())
+    assert [int(r["step"]) for r in curve] == checkpoints == [1, 2]  # one row per checkpoint
+    lcm = json.loads((out / "lcm" / "lcm.json").read_text())["rows"]
+    assert [r["steps"] for r in lcm] == [2, 2, 1, 2, 4, 8] and all(0 <= r["fidelity"] <= 1 for r in lcm)
+    assert "Fewer steps" in report
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["teacher", "bk-small (teacher init, no KD)", "bk-small (distilled)"]
     assert rows[0]["teacher_mse"] == 0 and rows[2]["unet_params"] < rows[0]["unet_params"]

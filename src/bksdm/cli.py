@@ -101,7 +101,10 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-latency", action="store_true", help="count parameters and MACs only")
     p.add_argument("--dtypes", nargs="+", default=None, help="latency precisions (default: fp32 bf16 on CPU, fp32 fp16 on GPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps of a whole image")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps of a whole image (any sampler: LCM 4)")
+    p.add_argument("--guidance", action=argparse.BooleanOptionalAction, default=None,
+                   help="classifier-free guidance doubles the U-Net batch and the text encoder calls (default: on, "
+                        "off for an LCM U-Net that embeds the guidance scale; --no-guidance for LCM-LoRA at guidance 1)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON record per model instead of a table")
 
@@ -113,7 +116,7 @@ def _profile(a: argparse.Namespace) -> int:
     if not a.arch and not a.model:
         raise UserError("profile needs --arch (sd-v1, sd-v2-base, sd-v2) or --model FOLDER")
     records = profile_models(a.arch, a.student, a.model, latency=not a.no_latency, dtypes=a.dtypes,
-                             device=a.device, steps=a.steps, runs=a.runs)
+                             device=a.device, steps=a.steps, runs=a.runs, guidance=a.guidance)
     if a.json:
         for r in records:
             print(json.dumps(r))
@@ -337,17 +340,23 @@ def _progress(a: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-demo", help="output folder (report.md, pictures, models)")
     p.add_argument("--steps", type=int, default=400, help="distillation steps")
-    p.add_argument("--images", type=int, default=1000, help="generated images per model for the metrics")
+    p.add_argument("--images", type=int, default=500, help="generated images per model for the metrics")
+    p.add_argument("--curve-images", type=int, default=200, help="images per checkpoint for the fidelity-vs-step curve")
     p.add_argument("--student", default="bk-small", help="spec to compress the mini teacher with")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
+    p.add_argument("--paper-recipe", action="store_true", help="undo the demo's departures from the paper's method "
+                   "(caption dropout, learning-rate decay); keep only the CPU-scale changes")
+    p.add_argument("--lcm", action="store_true", help="then LCM-distil the student and score it at 1, 2, 4, 8 steps")
+    p.add_argument("--lcm-steps", type=int, default=300, help="LCM distillation steps (with --lcm)")
 
 
 @_demo_args.run
 def _demo(a: argparse.Namespace) -> int:
     from bksdm.recipes.mini import demo
 
-    res = demo(a.out, a.steps, a.images, a.student, a.teacher, a.gen_steps)
+    res = demo(a.out, a.steps, a.images, a.student, a.teacher, a.gen_steps, a.curve_images, a.paper_recipe, a.lcm,
+               a.lcm_steps)
     from bksdm.report import markdown_table
 
     print(markdown_table(res["rows"]))

@@ -22,7 +22,8 @@ BOUNDS: dict[str, dict[str, Any]] = {
     # counts: at least one (steps, batches, runs, images, prompts, checkpoints)
     **{k: {"min": 1} for k in ("steps", "gen_steps", "batch_size", "runs", "limit", "images", "max_steps", "grad_accum",
                                "checkpoint_every", "checkpoints_total_limit", "log_every", "images_per_prompt",
-                               "num_class_images", "class_steps", "sample_steps", "lora_rank")},
+                               "num_class_images", "class_steps", "sample_steps", "lora_rank", "curve_images",
+                               "lcm_steps")},
     **{k: {"min": 0} for k in ("save_size", "size", "num_workers", "sample_every", "lr_warmup_steps")},
     "caption_dropout": {"min": 0, "max": 1},
     **{k: {"min": 0} for k in ("w_min", "w_max")},

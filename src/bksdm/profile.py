@@ -110,6 +110,8 @@ def _calls(c: Components, device, dtype, unet_batch: int):
     lat = torch.randn(unet_batch, ch, h, w, device=device, dtype=dtype)
     emb = torch.randn(unet_batch, seq, width, device=device, dtype=dtype)
     cond = family_of(c.unet.config).from_cache({"emb": emb})  # the family's U-Net keyword arguments
+    if c.unet.config.get("time_cond_proj_dim"):  # an LCM U-Net's guidance embedding
+        cond["timestep_cond"] = torch.zeros(unet_batch, c.unet.config.time_cond_proj_dim, device=device, dtype=dtype)
     t = torch.full((unet_batch,), 500, device=device)
     vae_ch = getattr(c.vae.config, "latent_channels", ch)
     dec_in = torch.randn(1, vae_ch, h, w, device=device, dtype=dtype)
@@ -129,6 +131,8 @@ class Profile:
     latency_s: dict[str, dict[str, float]] = field(default_factory=dict)
     device: str = ""
 
+    guidance: bool = True  # classifier-free guidance: prompt and empty prompt, U-Net at batch 2 per step
+
     def record(self, steps: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"name": self.name}
         for comp in ("unet", "text_encoder", "vae_decoder"):
@@ -137,8 +141,9 @@ class Profile:
             rec[f"{comp}_gmacs_with_scores"] = round(self.gmacs_with_scores[comp], 2)
         rec["whole_params"] = sum(self.params.values())
         rec["steps"] = steps
-        # one image: prompt and empty prompt encoded, a batch-2 U-Net call per step (guidance), one decode
-        rec["whole_gmacs"] = round(2 * self.gmacs["text_encoder"] + 2 * steps * self.gmacs["unet"] + self.gmacs["vae_decoder"], 1)
+        rec["guidance_batch"] = g = 2 if self.guidance else 1
+        # one image: prompt (and empty prompt) encoded, a U-Net call per step at batch g, one decode
+        rec["whole_gmacs"] = round(g * self.gmacs["text_encoder"] + g * steps * self.gmacs["unet"] + self.gmacs["vae_decoder"], 1)
         if self.latency_s:
             rec["device"] = self.device
             rec["latency_s"] = self.latency_s
@@ -152,18 +157,25 @@ def profile_components(
     device: str = "cpu",
     steps: int = 25,
     runs: int = 3,
+    guidance: bool | None = None,
 ) -> Profile:
     """Profile ``c``. MACs are counted on meta copies; latency runs the real modules on ``device``.
 
-    The U-Net latency is one call at batch 2 (classifier-free guidance); ``whole_s`` adds two text-encoder
-    calls, ``steps`` U-Net calls and one decode.
+    With classifier-free ``guidance`` the U-Net latency is one call at batch 2 and ``whole_s`` adds two
+    text-encoder calls, ``steps`` U-Net calls and one decode; without it (a few-step LCM U-Net that embeds the
+    guidance scale, the default for one with ``time_cond_proj_dim``; LCM-LoRA at guidance 1) batch 1 and one
+    text-encoder call. The sampler itself costs nothing measurable next to these, so any scheduler's image time
+    is this for its step count.
     """
+    if guidance is None:
+        guidance = not c.unet.config.get("time_cond_proj_dim")
+    g = 2 if guidance else 1
     params = {"unet": count_params(c.unet), "text_encoder": count_params(c.text_encoder), "vae_decoder": _vae_decoder_params(c.vae)}
     meta = Components(c.name, _to_meta(c.unet), _to_meta(c.text_encoder), _to_meta(c.vae))
     gmacs, with_scores = {}, {}
     for comp, fn in _calls(meta, "meta", torch.float32, unet_batch=1).items():
         gmacs[comp], with_scores[comp] = count_gmacs(fn)
-    prof = Profile(c.name, params, gmacs, with_scores)
+    prof = Profile(c.name, params, gmacs, with_scores, guidance=guidance)
     if latency:
         dev = torch.device(device)
         prof.device = device_name(dev)
@@ -171,8 +183,8 @@ def profile_components(
             dtype = DTYPES[dname]
             for m in (c.unet, c.text_encoder, c.vae):
                 m.to(dev, dtype=dtype).eval()
-            lat = {comp: median_latency(fn, runs=runs) for comp, fn in _calls(c, dev, dtype, unet_batch=2).items()}
-            lat["whole"] = 2 * lat["text_encoder"] + steps * lat["unet"] + lat["vae_decoder"]
+            lat = {comp: median_latency(fn, runs=runs) for comp, fn in _calls(c, dev, dtype, unet_batch=g).items()}
+            lat["whole"] = g * lat["text_encoder"] + steps * lat["unet"] + lat["vae_decoder"]
             prof.latency_s[dname] = {k: round(v, 4) for k, v in lat.items()}
         for m in (c.unet, c.text_encoder, c.vae):
             m.to("cpu", dtype=torch.float32)
@@ -227,7 +239,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
     head = ["model", "U-Net params", "U-Net GMACs", "(+attn scores)", "whole params", "whole GMACs"]
     dnames = sorted({d for r in records for d in r.get("latency_s", {})}, key=list(DTYPES).index)
     for d in dnames:
-        head += [f"TE {d} ms", f"U-Net b2 {d} s", f"VAE dec {d} s", f"image {d} s"]
+        head += [f"TE {d} ms", f"U-Net {d} s", f"VAE dec {d} s", f"image {d} s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         row = [r["name"], f"{r['unet_params'] / 1e6:.1f}M", f"{r['unet_gmacs']:.1f}", f"{r['unet_gmacs_with_scores']:.1f}",
@@ -238,8 +250,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
         rows.append("| " + " | ".join(row) + " |")
     device = next((r["device"] for r in records if r.get("device")), None)
     if device:
-        rows.append(f"\nLatency: median of runs after a warm-up on {device}; image = 2 text-encoder calls + "
-                    f"{records[0]['steps']} U-Net calls at batch 2 + 1 decode.")
+        rows.append(f"\nLatency: median of runs after a warm-up on {device}; image = text-encoder calls + "
+                    f"{records[0]['steps']} U-Net calls + 1 decode; with guidance (batch 2: "
+                    f"{', '.join(r['name'] for r in records if r['guidance_batch'] == 2) or 'none'}) the U-Net runs at "
+                    f"batch 2 and the text encoder twice, else batch 1 and once.")
     return "\n".join(rows)
 
 
@@ -261,6 +275,7 @@ def profile_models(
     device: str | None = None,
     steps: int = 25,
     runs: int = 3,
+    guidance: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Profile records of ``arch`` (teacher first) and its ``students`` with random weights, then ``models``."""
     from bksdm.arch import derive, load_spec
@@ -288,6 +303,6 @@ def profile_models(
     records = []
     for build in todo:  # one model in memory at a time
         comps = build()
-        records.append(profile_components(comps, latency, tuple(dtypes), device, steps, runs).record(steps))
+        records.append(profile_components(comps, latency, tuple(dtypes), device, steps, runs, guidance).record(steps))
         del comps
     return records
