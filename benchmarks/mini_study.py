@@ -25,6 +25,13 @@ VARIANTS = {
     "drop10-cos-feat0.1": {"caption_dropout": 0.1, "lr_scheduler": "cosine", "lr_warmup_steps": 20, "lambda_feat": 0.1},
     "drop10-cos-800": {"caption_dropout": 0.1, "lr_scheduler": "cosine", "lr_warmup_steps": 20, "max_steps": 800},
     "drop10-cos-200": {"caption_dropout": 0.1, "lr_scheduler": "cosine", "lr_warmup_steps": 20, "max_steps": 200},
+    "drop10-feat0.1": {"caption_dropout": 0.1, "lambda_feat": 0.1},
+    "drop30": {"caption_dropout": 0.3},
+    "drop10-lr2e-4": {"caption_dropout": 0.1, "lr": 2e-4},
+    "drop10-800": {"caption_dropout": 0.1, "max_steps": 800},
+    "cfgkd": {"lambda_cfg": 1.0},
+    "cfgkd-drop10": {"lambda_cfg": 1.0, "caption_dropout": 0.1},
+    "cfgkd0.1-drop10": {"lambda_cfg": 0.1, "caption_dropout": 0.1},
 }
 
 

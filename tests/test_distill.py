@@ -63,6 +63,28 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_teacher_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
+def test_guided_output_kd_matches_its_definition(tiny_teacher_dir, tmp_path):
+    from bksdm.distill.loader import micro_batches
+    from bksdm.training import noisy_inputs
+
+    r = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "g", lambda_cfg=0.5, cfg_scale=4.0)).setup()
+    batch = next(micro_batches(r.source, 0, False, 32, 4, 0, 1, 0))
+    terms = r.loss_step(batch, torch.Generator().manual_seed(0))
+    # recompute from the definition: u + g (c - u) for both networks, with the same draws
+    gen = torch.Generator().manual_seed(0)
+    latents, cond = r.encode(batch, gen)
+    noisy, t, _ = noisy_inputs(r.noise_scheduler, latents, gen)
+    empty = {k: v.expand(4, *v.shape[1:]) for k, v in r._empty_prompt().items()}
+    with torch.no_grad():
+        tc, tu = r.teacher(noisy, t, **cond).sample, r.teacher(noisy, t, **empty).sample
+        sc, su = r.student(noisy, t, **cond).sample, r.student(noisy, t, **empty).sample
+    want = torch.nn.functional.mse_loss(su + 4 * (sc - su), tu + 4 * (tc - tu))
+    torch.testing.assert_close(terms["cfg_kd"].detach(), want, rtol=1e-5, atol=1e-7)
+    total = terms["task"] + terms["out_kd"] + terms["feat_kd"] + 0.5 * terms["cfg_kd"]
+    torch.testing.assert_close(terms["loss"], total)
+    assert terms["cfg_kd"] > 0
+
+
 def test_caption_dropout_uses_the_empty_prompt(tiny_teacher_dir, tmp_path):
     from bksdm.distill.loader import micro_batches
     from bksdm.models import load_components

@@ -34,7 +34,8 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "resolution": {"min": 8, "multiple": 8},  # the VAE's 8x downsampling
     **{k: {"above": 0} for k in ("lr", "max_grad_norm", "adam_eps")},
     "ema_decay": {"above": 0, "max": 1},
-    **{k: {"min": 0} for k in ("lambda_sd", "lambda_out", "lambda_feat", "prior_loss_weight", "guidance", "weight_decay")},
+    **{k: {"min": 0} for k in ("lambda_sd", "lambda_out", "lambda_feat", "lambda_cfg", "cfg_scale", "prior_loss_weight",
+                               "guidance", "weight_decay")},
     "dtype": {"choices": PRECISIONS}, "dtypes": {"choices": PRECISIONS},
     "scheduler": {"choices": tuple(SCHEDULERS)},
     "mixed_precision": {"choices": ("no", "fp16", "bf16")},

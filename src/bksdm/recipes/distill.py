@@ -22,7 +22,7 @@ from bksdm.errors import UserError
 from bksdm.trainer import Trainer
 from bksdm.training import FrozenTeacher, noisy_inputs, unwrap
 
-TERMS = ("loss", "task", "out_kd", "feat_kd")
+TERMS = ("loss", "task", "out_kd", "feat_kd", "cfg_kd")
 
 
 class DistillRecipe(Trainer):
@@ -61,6 +61,7 @@ class DistillRecipe(Trainer):
     def on_prepared(self) -> None:
         if self.ema is not None:
             self.ema.to(self.acc.device)
+        self.uncond = self._empty_prompt() if self.cfg.lambda_cfg > 0 else None
 
     def after_step(self) -> None:
         if self.ema is not None:
@@ -101,7 +102,8 @@ class DistillRecipe(Trainer):
 
     # ------------------------------------------------------------------ loss
     def loss_step(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """All loss terms for one micro-batch: ``loss`` (weighted total), ``task``, ``out_kd``, ``feat_kd``."""
+        """All loss terms for one micro-batch: ``loss`` (weighted total), ``task``, ``out_kd``, ``feat_kd``,
+        ``cfg_kd`` (zero unless ``lambda_cfg``)."""
         cfg = self.cfg
         latents, cond = self.encode(batch, gen)
         noisy, t, target = noisy_inputs(self.noise_scheduler, latents, gen)
@@ -113,8 +115,20 @@ class DistillRecipe(Trainer):
         task = F.mse_loss(s_pred, target)
         out_kd = F.mse_loss(s_pred, t_pred)
         feat_kd = sum(F.mse_loss(s, tf) for s, tf in zip(s_feats, t_feats))
-        loss = cfg.lambda_sd * task + cfg.lambda_out * out_kd + cfg.lambda_feat * feat_kd
-        return {"loss": loss, "task": task, "out_kd": out_kd, "feat_kd": feat_kd}
+        cfg_kd = self._guided_kd(noisy, t, s_pred, t_pred) if cfg.lambda_cfg > 0 else torch.zeros((), device=s_pred.device)
+        loss = cfg.lambda_sd * task + cfg.lambda_out * out_kd + cfg.lambda_feat * feat_kd + cfg.lambda_cfg * cfg_kd
+        return {"loss": loss, "task": task, "out_kd": out_kd, "feat_kd": feat_kd, "cfg_kd": cfg_kd}
+
+    def _guided_kd(self, noisy: torch.Tensor, t: torch.Tensor, s_cond: torch.Tensor, t_cond: torch.Tensor) -> torch.Tensor:
+        """MSE between the student's and the teacher's classifier-free guided predictions at ``cfg_scale``:
+        u + g (c - u), with u the prediction for the empty prompt. Guidance multiplies the error of the difference
+        c - u by g; this term trains that difference directly (both networks run once more, on the empty prompt)."""
+        g, b = self.cfg.cfg_scale, noisy.shape[0]
+        uncond = {k: v.expand(b, *v.shape[1:]) for k, v in self.uncond.items()}
+        t_unc = self.teacher(noisy.to(self.weight_dtype), t, **{k: v.to(self.weight_dtype) for k, v in uncond.items()}).sample.float()
+        s_unc = self.student(noisy, t, **uncond).sample.float()
+        self.t_hooks.pop(), self.s_hooks.pop()  # the block features of these extra calls are not distilled
+        return F.mse_loss(s_unc + g * (s_cond - s_unc), t_unc + g * (t_cond - t_unc))
 
     # ------------------------------------------------------------------ outputs
     def final_unet(self):

@@ -51,8 +51,17 @@ def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int =
     from bksdm.generate import generate
     from bksdm.recipes.evaluate import evaluate
 
+    from PIL import Image
+
+    from bksdm.generate import read_prompts
+    from bksdm.mini.metrics import fidelity_breakdown
+
     generate(str(folder), prompts, out, steps=steps, batch_size=batch, save_size=None, lossless=True)  # 32 px: no JPEG
-    return evaluate(out / "images", prompts, ["fidelity", "mini-fid"])
+    res = evaluate(out / "images", prompts, ["fidelity", "mini-fid"])
+    items = read_prompts(prompts)
+    images = [Image.open(out / "images" / (Path(n).stem + ".png")).convert("RGB") for n, _ in items]
+    wrong = fidelity_breakdown(images, [p for _, p in items])
+    return {**res, **{f"wrong_{k}": v for k, v in wrong.items() if k != "fidelity"}}
 
 
 def distill_run(teacher: Path, student: str | Path, out: Path, steps: int, seed: int = 1234, **overrides: Any):
@@ -76,8 +85,10 @@ def _loss_plot(csv_path: Path, png: Path) -> None:
     rows = list(csv.DictReader(open(csv_path)))
     steps = [int(r["step"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in ("loss", "task", "out_kd", "feat_kd"):
-        ax.plot(steps, [float(r[k]) for r in rows], label=k)
+    for k in ("loss", "task", "out_kd", "feat_kd", "cfg_kd"):
+        values = [float(r.get(k) or 0) for r in rows]
+        if any(values):
+            ax.plot(steps, values, label=k)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.legend()
@@ -214,6 +225,11 @@ def _write_demo_report(out: Path, rows: list[dict], curve: list[dict], grid_prom
         "![fidelity against step](fidelity_vs_step.png)", "",
         markdown_table([{"step": r["step"], "fidelity": f"{r['fidelity']:.3f}", "mini_fid": f"{r['mini_fid']:.0f}"}
                         for r in curve]), "",
+        "## Where images go wrong", "",
+        markdown_table([{"model": r["model"], **{k[6:]: f"{r[k]:.3f}" for k in r if k.startswith("wrong_")}}
+                        for r in (teacher, student)]), "",
+        "Share of images with a prompted shape missing, a shape where the prompt has none, or a drawn shape of the "
+        "wrong kind, colour or size (an image can have several).", "",
         "## Denoising errors", "",
         markdown_table([{"model": r["model"], "heldout_mse": r["heldout_mse"], "teacher_mse": r["teacher_mse"]} for r in rows]), "",
         "held-out MSE: error on the training target (v) on 256 fixed held-out (image, t, noise); teacher MSE: distance "
