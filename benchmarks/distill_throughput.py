@@ -34,6 +34,13 @@ def rates(out: Path) -> tuple[list[float], list[float]]:
     return [float(r["loss"]) for r in rows], [float(r["samples_per_s"]) for r in rows]
 
 
+def steady_rate(cumulative: list[float], batch: int) -> float:
+    """Samples/s after the first (warm-up) step, from the log's cumulative ``samples_per_s`` per step."""
+    total = [batch * (i + 1) / x for i, x in enumerate(cumulative)]
+    times = [t1 - t0 for t0, t1 in zip(total, total[1:])]
+    return batch / (sum(times) / len(times))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3)
@@ -55,12 +62,7 @@ def main(argv=None) -> None:
     run(common + ["--out", str(a.workdir / "bksdm"), "--cache", str(cache)])
     lb, rb = rates(a.workdir / "baseline")
     lo, ro = rates(a.workdir / "bksdm")
-    # samples_per_s is cumulative from the first step: recover per-step times and drop the first (warm-up)
-    def step_times(r):
-        total = [a.batch * (i + 1) / x for i, x in enumerate(r)]
-        return [t1 - t0 for t0, t1 in zip(total, total[1:])]
-    tb, to = step_times(rb), step_times(ro)
-    sb, so = a.batch / (sum(tb) / len(tb)), a.batch / (sum(to) / len(to))
+    sb, so = steady_rate(rb, a.batch), steady_rate(ro, a.batch)
     print(f"machine: {machine()}")
     print(f"SD-v1.4 (random weights) -> bk-small, {a.resolution} px, batch {a.batch}, {a.steps} steps, "
           f"precision {a.precision}, gradient checkpointing, EMA; first step excluded")

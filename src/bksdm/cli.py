@@ -152,6 +152,16 @@ def _add_config_command(p: argparse.ArgumentParser, cls, shipped: str) -> None:
     _add_config_flags(p, cls)
 
 
+def _run_trainer(a: argparse.Namespace, cls, shipped: str, recipe) -> int:
+    """Config from defaults, ``--config``, ``key=value`` and flags; then ``recipe(cfg).setup().train()``."""
+    from bksdm.config import load_yaml_config
+
+    cfg = load_yaml_config(cls, a.config, shipped, a.overrides, **{k: getattr(a, k) for k in cls.fields()})
+    last = recipe(cfg).setup().train()
+    print(json.dumps({"out": str(cfg.out), **{k: round(v, 6) for k, v in last.items()}}))
+    return 0
+
+
 @command("distill", "retrain a compressed student by knowledge distillation from its teacher (paper recipe)")
 def _distill_args(p: argparse.ArgumentParser) -> None:
     from bksdm.distill.config import DistillConfig
@@ -161,14 +171,10 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
 
 @_distill_args.run
 def _distill(a: argparse.Namespace) -> int:
-    from bksdm.distill.config import DistillConfig, load_config
+    from bksdm.distill.config import DistillConfig
     from bksdm.recipes.distill import DistillRecipe
 
-    flags = {k: getattr(a, k) for k in DistillConfig.fields()}
-    cfg = load_config(a.config, a.overrides, **flags)
-    last = DistillRecipe(cfg).setup().train()
-    print(json.dumps({"out": str(cfg.out), **{k: round(v, 6) for k, v in last.items()}}))
-    return 0
+    return _run_trainer(a, DistillConfig, "distill", DistillRecipe)
 
 
 # ---------------------------------------------------------------- lcm
@@ -181,14 +187,10 @@ def _lcm_args(p: argparse.ArgumentParser) -> None:
 
 @_lcm_args.run
 def _lcm(a: argparse.Namespace) -> int:
-    from bksdm.lcm.config import LCMConfig, load_lcm_config
+    from bksdm.lcm.config import LCMConfig
     from bksdm.recipes.lcm import LCMRecipe
 
-    flags = {k: getattr(a, k) for k in LCMConfig.fields()}
-    cfg = load_lcm_config(a.config, a.overrides, **flags)
-    last = LCMRecipe(cfg).setup().train()
-    print(json.dumps({"out": str(cfg.out), **{k: round(v, 6) for k, v in last.items()}}))
-    return 0
+    return _run_trainer(a, LCMConfig, "lcm", LCMRecipe)
 
 
 # ---------------------------------------------------------------- cache
@@ -367,10 +369,10 @@ def _demo(a: argparse.Namespace) -> int:
 @command("ablate", "appendix Table 3 in the mini world: init and KD variants x students x seeds")
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-ablation", help="output folder (ablation.json, ablation.md); resumable")
-    p.add_argument("--steps", type=int, default=50, help="distillation steps of every run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=100, help="distillation steps of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--students", nargs="+", default=["bk-small", "bk-tiny"])
-    p.add_argument("--images", type=int, default=500, help="generated images per run for fidelity and mini-FID")
+    p.add_argument("--images", type=int, default=200, help="generated images per run for fidelity and mini-FID")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
 

@@ -262,8 +262,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # appendix Table 3, rows N1-N4
 _METRICS = ("heldout_mse", "teacher_mse", "fidelity", "mini_fid")
 
 
-def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int, ...] = (0, 1),
-           students: tuple[str, ...] = ("bk-small", "bk-tiny"), images: int = 500, teacher: str | None = None,
+def ablate(out: str | Path = "bksdm-ablation", steps: int = 100, seeds: tuple[int, ...] = (0, 1, 2),
+           students: tuple[str, ...] = ("bk-small", "bk-tiny"), images: int = 200, teacher: str | None = None,
            gen_steps: int = 25) -> list[dict[str, Any]]:
     """Every variant x student x seed at a fixed step budget; writes ``ablation.json`` and ``ablation.md``."""
     from bksdm.compress import compress
@@ -288,10 +288,12 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
                     continue  # resumable: finished runs are kept
                 run = out / "runs" / f"{student}-{variant.replace(' ', '_').replace('&', 'and')}-{seed}"
                 shutil.rmtree(run, ignore_errors=True)
+                t0 = time.time()
                 distill_run(teacher_dir, init, run, steps, seed=seed, **overrides)
                 rec = {"student": student, "variant": variant, "seed": seed, "steps": steps}
                 rec.update(heldout(_float(_components(run / "final")), t_unet))
                 rec.update(score(run / "final", prompts, run / "eval", steps=gen_steps))
+                rec["seconds"] = round(time.time() - t0, 1)
                 rows.append(rec)
                 done_file.write_text(json.dumps(rows, indent=1))
                 shutil.rmtree(run / "checkpoints", ignore_errors=True)
@@ -336,8 +338,10 @@ def ordering_holds(summary: list[dict[str, Any]], student: str, metric: str = "h
 
 def ablation_markdown(rows: list[dict[str, Any]], steps: int) -> str:
     summary = summarise(rows)
+    minutes = sum(r.get("seconds", 0) for r in rows) / 60
     lines = [f"# Ablation in the mini world (appendix Table 3 in miniature): {steps} distillation steps", "",
-             "Mean over seeds, with the spread (max - min) in brackets.", "",
+             f"Mean over seeds, with the spread (max - min) in brackets. {len(rows)} runs, {minutes:.1f} min of "
+             "distillation and scoring in all.", "",
              "| student | variant | seeds | held-out MSE | MSE to teacher | prompt fidelity | mini-FID |", "|---|---|---|---|---|---|---|"]
     for s in summary:
         cells = [f"{s[m]:.4f} ({s[m + '_spread']:.4f})" if m != "mini_fid" else f"{s[m]:.1f} ({s[m + '_spread']:.1f})" for m in _METRICS]
