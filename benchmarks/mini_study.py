@@ -29,7 +29,11 @@ VARIANTS = {
     "drop30": {"caption_dropout": 0.3},
     "drop10-lr2e-4": {"caption_dropout": 0.1, "lr": 2e-4},
     "drop10-800": {"caption_dropout": 0.1, "max_steps": 800},
+    "drop50": {"caption_dropout": 0.5},
+    "drop30-600": {"caption_dropout": 0.3, "max_steps": 600},
     "cfgkd": {"lambda_cfg": 1.0},
+    "cfgkd-quarter": {"lambda_cfg": 1.0, "cfg_fraction": 0.25},
+    "cfgkd-250": {"lambda_cfg": 1.0, "max_steps": 250},
     "cfgkd-drop10": {"lambda_cfg": 1.0, "caption_dropout": 0.1},
     "cfgkd0.1-drop10": {"lambda_cfg": 0.1, "caption_dropout": 0.1},
 }

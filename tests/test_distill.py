@@ -63,18 +63,21 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_teacher_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
-def test_guided_output_kd_matches_its_definition(tiny_teacher_dir, tmp_path):
+@pytest.mark.parametrize("fraction,rows", [(1.0, 4), (0.5, 2)])
+def test_guided_output_kd_matches_its_definition(tiny_teacher_dir, tmp_path, fraction, rows):
     from bksdm.distill.loader import micro_batches
     from bksdm.training import noisy_inputs
 
-    r = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "g", lambda_cfg=0.5, cfg_scale=4.0)).setup()
+    r = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "g", lambda_cfg=0.5, cfg_scale=4.0,
+                                  cfg_fraction=fraction)).setup()
     batch = next(micro_batches(r.source, 0, False, 32, 4, 0, 1, 0))
     terms = r.loss_step(batch, torch.Generator().manual_seed(0))
     # recompute from the definition: u + g (c - u) for both networks, with the same draws
     gen = torch.Generator().manual_seed(0)
     latents, cond = r.encode(batch, gen)
     noisy, t, _ = noisy_inputs(r.noise_scheduler, latents, gen)
-    empty = {k: v.expand(4, *v.shape[1:]) for k, v in r._empty_prompt().items()}
+    empty = {k: v.expand(rows, *v.shape[1:]) for k, v in r._empty_prompt().items()}
+    noisy, t, cond = noisy[:rows], t[:rows], {k: v[:rows] for k, v in cond.items()}
     with torch.no_grad():
         tc, tu = r.teacher(noisy, t, **cond).sample, r.teacher(noisy, t, **empty).sample
         sc, su = r.student(noisy, t, **cond).sample, r.student(noisy, t, **empty).sample

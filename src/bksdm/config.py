@@ -26,6 +26,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
                                "lcm_steps")},
     **{k: {"min": 0} for k in ("save_size", "size", "num_workers", "sample_every", "lr_warmup_steps")},
     "caption_dropout": {"min": 0, "max": 1},
+    "cfg_fraction": {"above": 0, "max": 1},
     **{k: {"min": 0} for k in ("w_min", "w_max")},
     **{k: {"above": 0} for k in ("huber_c", "timestep_scaling", "lora_lr")},
     **{k: {"min": 1} for k in ("num_ddim_timesteps", "time_cond_proj_dim")},
