@@ -343,7 +343,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-demo", help="output folder (report.md, pictures, models)")
     p.add_argument("--steps", type=int, default=400, help="distillation steps")
     p.add_argument("--images", type=int, default=500, help="generated images per model for the metrics")
-    p.add_argument("--curve-images", type=int, default=200, help="images per checkpoint for the fidelity-vs-step curve")
+    p.add_argument("--curve-images", type=int, default=100, help="images per checkpoint for the fidelity-vs-step curve")
     p.add_argument("--student", default="bk-small", help="spec to compress the mini teacher with")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
@@ -375,13 +375,14 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=200, help="generated images per run for fidelity and mini-FID")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
+    p.add_argument("--guided", action="store_true", help="a fifth row: + guided output KD (the demo's recipe)")
 
 
 @_ablate_args.run
 def _ablate(a: argparse.Namespace) -> int:
     from bksdm.recipes.mini import ablate, ablation_markdown
 
-    rows = ablate(a.out, a.steps, tuple(a.seeds), tuple(a.students), a.images, a.teacher, a.gen_steps)
+    rows = ablate(a.out, a.steps, tuple(a.seeds), tuple(a.students), a.images, a.teacher, a.gen_steps, a.guided)
     print(ablation_markdown(rows, a.steps))
     return 0
 
