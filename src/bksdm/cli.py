@@ -342,7 +342,7 @@ def _progress(a: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-demo", help="output folder (report.md, pictures, models)")
     p.add_argument("--steps", type=int, default=400, help="distillation steps")
-    p.add_argument("--images", type=int, default=500, help="generated images per model for the metrics")
+    p.add_argument("--images", type=int, default=300, help="generated images per model for the metrics")
     p.add_argument("--curve-images", type=int, default=100, help="images per checkpoint for the fidelity-vs-step curve")
     p.add_argument("--student", default="bk-small", help="spec to compress the mini teacher with")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
@@ -369,10 +369,10 @@ def _demo(a: argparse.Namespace) -> int:
 @command("ablate", "appendix Table 3 in the mini world: init and KD variants x students x seeds")
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-ablation", help="output folder (ablation.json, ablation.md); resumable")
-    p.add_argument("--steps", type=int, default=100, help="distillation steps of every run")
+    p.add_argument("--steps", type=int, default=50, help="distillation steps of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--students", nargs="+", default=["bk-small", "bk-tiny"])
-    p.add_argument("--images", type=int, default=200, help="generated images per run for fidelity and mini-FID")
+    p.add_argument("--images", type=int, default=100, help="generated images per run for fidelity and mini-FID")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
     p.add_argument("--guided", action="store_true", help="a fifth row: + guided output KD (the demo's recipe)")

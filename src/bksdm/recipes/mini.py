@@ -102,7 +102,7 @@ PAPER_METHOD = {"lambda_cfg": 0.0}
 ``configs/distill_mini.yaml`` are only the changes a few-minute CPU run needs (batch, learning rate, no EMA)."""
 
 
-def demo(out: str | Path = "bksdm-demo", steps: int = 400, images: int = 500, student: str = "bk-small",
+def demo(out: str | Path = "bksdm-demo", steps: int = 400, images: int = 300, student: str = "bk-small",
          teacher: str | None = None, gen_steps: int = 25, curve_images: int = 100, paper_recipe: bool = False,
          lcm: bool = False, lcm_steps: int = 300) -> dict[str, Any]:
     """Compress the mini teacher, distil the student, generate, evaluate, profile, score every checkpoint, and write
@@ -265,8 +265,8 @@ GUIDED_VARIANT = {"+ guided output KD (demo recipe)": {"lambda_cfg": 1.0}}
 _METRICS = ("heldout_mse", "teacher_mse", "fidelity", "mini_fid")
 
 
-def ablate(out: str | Path = "bksdm-ablation", steps: int = 100, seeds: tuple[int, ...] = (0, 1, 2),
-           students: tuple[str, ...] = ("bk-small", "bk-tiny"), images: int = 200, teacher: str | None = None,
+def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int, ...] = (0, 1, 2),
+           students: tuple[str, ...] = ("bk-small", "bk-tiny"), images: int = 100, teacher: str | None = None,
            gen_steps: int = 25, guided: bool = False) -> list[dict[str, Any]]:
     """Every variant x student x seed at a fixed step budget; writes ``ablation.json`` and ``ablation.md``."""
     from bksdm.compress import compress
