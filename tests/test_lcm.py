@@ -35,7 +35,8 @@ def test_shipped_yaml_equals_defaults():
 
     path = Path(__file__).parents[1] / "src" / "bksdm" / "configs" / "lcm_paper.yaml"
     assert yaml.safe_load(path.read_text()) == LCMConfig().to_dict()
-    assert load_lcm_config("paper") == LCMConfig()
+    assert load_lcm_config("paper") == LCMConfig() == load_lcm_config("lcm-paper")
+    assert load_lcm_config("mini").resolution == 32
 
 
 def test_one_step_names_finite_terms_and_the_student_starts_as_the_model(student_dir, tiny_teacher_dir, tmp_path):

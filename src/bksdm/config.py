@@ -195,7 +195,8 @@ def load_yaml_config(cls: type[C], path: str | Path | None, shipped_prefix: str,
     cfg = cls()
     if path:
         p = Path(path)
-        shipped = Path(__file__).parent / "configs" / f"{shipped_prefix}_{path}.yaml"
+        name = str(path).removeprefix(f"{shipped_prefix}-")  # "lcm-paper" names the shipped lcm_paper.yaml too
+        shipped = Path(__file__).parent / "configs" / f"{shipped_prefix}_{name}.yaml"
         if not p.is_file() and shipped.is_file():
             p = shipped
         if not p.is_file():
