@@ -179,6 +179,17 @@ def test_lcm_faults(student_dir, tmp_path, capsys):
     assert "does not fit" in one_line_error(capsys)
     assert main(base + ["--model", str(tmp_path / "missing")]) == 2
     assert "missing" in one_line_error(capsys)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle at the top left\n")
+    gen = ["generate", "--model", str(student_dir), "--prompts", str(prompts), "--out", str(tmp_path / "g"),
+           "--scheduler", "lcm", "--steps", "2", "--save-size", "0"]
+    assert main(gen + ["--lora", str(tmp_path / "nope.safetensors")]) == 2
+    assert "LoRA file" in one_line_error(capsys)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    assert main(gen + ["--lora", str(junk)]) == 2
+    assert "junk.safetensors" in one_line_error(capsys)
+    assert not list((tmp_path / "g" / "images").glob("*.jpg"))  # nothing generated
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
