@@ -64,6 +64,10 @@ class Trainer:
     def caption_dropout(self) -> float:
         return float(getattr(self.cfg, "caption_dropout", 0.0))
 
+    def needs_empty_prompt(self) -> bool:
+        """Whether the run uses the empty prompt's conditioning (``self.empty_cond``, computed once at set-up)."""
+        return self.caption_dropout() > 0
+
     def finish(self, last: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
@@ -123,7 +127,7 @@ class Trainer:
                                       num_training_steps=cfg.max_steps)
         self.acc.register_for_checkpointing(self.lr_sched)
         self.on_prepared()
-        self.empty_cond = self._empty_prompt() if self.caption_dropout() > 0 else None
+        self.empty_cond = self._empty_prompt() if self.needs_empty_prompt() else None
         if cfg.resume:
             self._resume(cfg.resume)
         if self.acc.is_main_process:
@@ -188,7 +192,7 @@ class Trainer:
                 latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
                 parts = {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
                 cond = {k: v.float() for k, v in self.family.encode_prompt(parts, batch["text"], dev).items()}
-        if self.empty_cond is not None:  # drawn only when on, so runs without it keep their random stream
+        if self.caption_dropout() > 0:  # drawn only when on, so runs without it keep their random stream
             drop = torch.rand(latents.shape[0], generator=gen) < self.caption_dropout()
             for k, v in cond.items():
                 v[drop.to(v.device)] = self.empty_cond[k].to(v.dtype)

@@ -61,7 +61,9 @@ class DistillRecipe(Trainer):
     def on_prepared(self) -> None:
         if self.ema is not None:
             self.ema.to(self.acc.device)
-        self.uncond = self._empty_prompt() if self.cfg.lambda_cfg > 0 else None
+
+    def needs_empty_prompt(self) -> bool:
+        return super().needs_empty_prompt() or self.cfg.lambda_cfg > 0
 
     def after_step(self) -> None:
         if self.ema is not None:
@@ -127,7 +129,7 @@ class DistillRecipe(Trainer):
         g = self.cfg.cfg_scale
         b = max(1, round(noisy.shape[0] * self.cfg.cfg_fraction))  # the first b rows: a cheaper, unbiased estimate
         noisy, t, s_cond, t_cond = noisy[:b], t[:b], s_cond[:b], t_cond[:b]
-        uncond = {k: v.expand(b, *v.shape[1:]) for k, v in self.uncond.items()}
+        uncond = {k: v.expand(b, *v.shape[1:]) for k, v in self.empty_cond.items()}
         t_unc = self.teacher(noisy.to(self.weight_dtype), t, **{k: v.to(self.weight_dtype) for k, v in uncond.items()}).sample.float()
         s_unc = self.student(noisy, t, **uncond).sample.float()
         self.t_hooks.pop(), self.s_hooks.pop()  # the block features of these extra calls are not distilled

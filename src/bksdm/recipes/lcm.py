@@ -84,10 +84,12 @@ class LCMRecipe(Trainer):
         self.alphas_cumprod = sched.alphas_cumprod.float().to(self.acc.device)
         self.prediction_type = self.family.prediction_type(sched.config)
         self.solver = S.DDIMSolver(sched.alphas_cumprod, self.cfg.num_ddim_timesteps).to(self.acc.device)
-        self.uncond = self._empty_prompt()
         if self.target is not None:
             self.target.to(self.acc.device)
             self.acc.register_for_checkpointing(self.target)  # exact resume: the target is state too
+
+    def needs_empty_prompt(self) -> bool:
+        return True  # the teacher's unconditional prediction, every step
 
     def after_step(self) -> None:
         """The target network follows the student: target <- decay * target + (1 - decay) * student."""
@@ -119,7 +121,7 @@ class LCMRecipe(Trainer):
 
         with torch.no_grad():
             # teacher, conditional and unconditional in one batch, then one guided DDIM step to the end timestep
-            both = {k: torch.cat([v, self.uncond[k].expand_as(v)]).to(self.weight_dtype) for k, v in cond.items()}
+            both = {k: torch.cat([v, self.empty_cond[k].expand_as(v)]).to(self.weight_dtype) for k, v in cond.items()}
             t_out = self.teacher(torch.cat([noisy, noisy]).to(self.weight_dtype), torch.cat([start, start]), **both).sample.float()
             x0_c, eps_c = S.x0_and_eps(t_out[:b], start, noisy, self.alphas_cumprod, self.prediction_type)
             x0_u, eps_u = S.x0_and_eps(t_out[b:], start, noisy, self.alphas_cumprod, self.prediction_type)
