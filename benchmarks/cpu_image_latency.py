@@ -60,8 +60,7 @@ def main(argv=None) -> None:
 
     dtype = default_dtype("cpu")
     parts = load_components(student)
-    gen = lambda k: generate_images(parts["unet"], parts["vae"], parts["tokenizer"], parts["text_encoder"],  # noqa: E731
-                                    parts["scheduler"], [prompt], [0], steps=k, dtype=dtype)
+    gen = lambda k: generate_images(parts, parts["scheduler"], [prompt], [0], steps=k, dtype=dtype)  # noqa: E731
     gen(1)
     res[f"bksdm generate, bk-small, {str(dtype).split('.')[-1]}"] = (timed(lambda: gen(a.steps_a)), timed(lambda: gen(a.steps_b)))
 
@@ -70,8 +69,7 @@ def main(argv=None) -> None:
         lcm_pipeline(student, lcm_dir)
     lparts = load_components(lcm_dir)
     spent = time_modules(lparts, ("text_encoder", "unet", "vae"))
-    lcm = lambda: generate_images(lparts["unet"], lparts["vae"], lparts["tokenizer"], lparts["text_encoder"],  # noqa: E731
-                                  lparts["scheduler"], [prompt], [0], steps=4, guidance=8.5, dtype=dtype)
+    lcm = lambda: generate_images(lparts, lparts["scheduler"], [prompt], [0], steps=4, guidance=8.5, dtype=dtype)  # noqa: E731
     lcm()
     spent.clear()
     total = timed(lcm)

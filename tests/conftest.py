@@ -48,6 +48,21 @@ def tiny_teacher_dir(tmp_path_factory):
     return path
 
 
+def make_tiny_sdxl_pipeline(seed: int = 0):
+    """An SDXL-layout pipeline with random weights: two text encoders (the second with a pooled projection),
+    transformer depth 1/2/3, text_time conditioning, a tiny AutoencoderKL."""
+    from bksdm.mini.model import build_sdxl_pipeline
+
+    return build_sdxl_pipeline(WORDS, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl_teacher")
+    make_tiny_sdxl_pipeline().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def flat_metric_home(tmp_path_factory):
     """A TORCH_HOME with fresh random Inception weights: near-constant features, so FID of a dozen images stays

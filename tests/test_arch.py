@@ -150,21 +150,24 @@ def test_unknown_spec_key_and_name():
         load_spec("bk-huge")
 
 
-def test_sdxl_teacher_rejected():
+def test_inconsistent_or_foreign_teacher_rejected():
     cfg = family_unet_config("sd-v1")
-    cfg.update(addition_embed_type="text_time", transformer_layers_per_block=[1, 2, 10])
-    with pytest.raises(UserError, match="SDXL.*supported: SD-v1.x"):
+    cfg.update(transformer_layers_per_block=[1, 2, 10])  # three depths for four stages
+    with pytest.raises(UserError, match="transformer_layers_per_block has 3 entries.*supported: SD-v1.x"):
+        derive(cfg, BUILTIN_SPECS["bk-base"])
+    cfg = family_unet_config("sd-v1") | {"addition_embed_type": "image"}
+    with pytest.raises(UserError, match="addition_embed_type='image'.*SDXL"):
         derive(cfg, BUILTIN_SPECS["bk-base"])
 
 
 def test_family_seam_for_sd_layouts():
-    """Every SD-v1/v2 family calls its U-Net with one text encoder's hidden states, at its own resolution; SDXL-style
-    U-Nets are refused with what is supported."""
+    """Every SD-v1/v2 family calls its U-Net with one text encoder's hidden states, at its own resolution; SDXL's
+    has two text encoders and added conditioning; other added conditioning is refused with what is supported."""
     from bksdm.arch.families import FAMILIES, family_component_config, family_of
     from bksdm.errors import UserError
 
     sizes = {}
-    for name in FAMILIES:
+    for name in [n for n in FAMILIES if n != "sdxl"]:
         fam = family_of(family_component_config(name, "unet"))
         assert fam.text_components == ("tokenizer", "text_encoder") and fam.pipeline_class == "StableDiffusionPipeline"
         sizes[name] = fam.resolution(family_component_config(name, "unet"))
@@ -172,5 +175,10 @@ def test_family_seam_for_sd_layouts():
         assert list(cond) == ["encoder_hidden_states"] and fam.to_cache(cond)["emb"].shape == (2, 77, 8)
         assert fam.prediction_type({"prediction_type": FAMILIES[name]["prediction_type"]}) == FAMILIES[name]["prediction_type"]
     assert sizes == {"sd-v1": 512, "sd-v2-base": 512, "sd-v2": 768}
-    with pytest.raises(UserError, match="SDXL"):
-        family_of({"addition_embed_type": "text_time", "cross_attention_dim": 2048})
+    xl = family_of(family_component_config("sdxl", "unet"))
+    assert xl.pipeline_class == "StableDiffusionXLPipeline" and xl.resolution(family_component_config("sdxl", "unet")) == 1024
+    cond = xl.from_cache({"emb": torch.zeros(2, 77, 8), "pooled": torch.ones(2, 4)}) | xl.added_conditioning(2, 1024, "cpu")
+    kw = xl.unet_kwargs(cond)
+    assert set(kw) == {"encoder_hidden_states", "added_cond_kwargs"} and set(kw["added_cond_kwargs"]) == {"text_embeds", "time_ids"}
+    with pytest.raises(UserError, match="addition_embed_type='image' are not supported.*SDXL"):
+        family_of({"addition_embed_type": "image", "cross_attention_dim": 2048})

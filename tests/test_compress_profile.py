@@ -67,15 +67,15 @@ def test_compress_errors(tiny_teacher_dir, tmp_path, capsys, args, message):
     assert re.search(message, err), err
 
 
-def test_compress_rejects_sdxl_teacher(tmp_path, capsys):
+def test_compress_rejects_unsupported_teacher(tmp_path, capsys):
     from bksdm.arch.families import family_unet_config
 
-    folder = tmp_path / "sdxl" / "unet"
+    folder = tmp_path / "other" / "unet"
     folder.mkdir(parents=True)
-    cfg = family_unet_config("sd-v1") | {"addition_embed_type": "text_time", "_class_name": "UNet2DConditionModel"}
+    cfg = family_unet_config("sd-v1") | {"addition_embed_type": "image", "_class_name": "UNet2DConditionModel"}
     (folder / "config.json").write_text(json.dumps(cfg))
-    assert main(["compress", "--teacher", str(tmp_path / "sdxl"), "--student", "bk-base", "--out", str(tmp_path / "o")]) == 2
-    assert "SDXL" in capsys.readouterr().err
+    assert main(["compress", "--teacher", str(tmp_path / "other"), "--student", "bk-base", "--out", str(tmp_path / "o")]) == 2
+    assert "SDXL" in capsys.readouterr().err  # the message names what is supported
 
 
 def test_profile_arch_json(capsys):
@@ -104,8 +104,8 @@ def test_profile_pipeline_folder_with_latency(tiny_teacher_dir, capsys):
 
 
 def test_profile_errors(capsys):
-    assert main(["profile", "--arch", "sdxl", "--no-latency"]) == 2
-    assert "sd-v1, sd-v2-base, sd-v2" in capsys.readouterr().err
+    assert main(["profile", "--arch", "sd-v3", "--no-latency"]) == 2
+    assert "sd-v1, sd-v2-base, sd-v2, sdxl" in capsys.readouterr().err
     assert main(["profile", "--arch", "sd-v1", "--dtypes", "int3"]) == 2
 
 

@@ -109,7 +109,7 @@ def test_cached_equals_uncached(tiny_teacher_dir, tmp_path):
     kw = dict(random_flip=True, caption_dropout=0.5)  # the cached path drops captions the same way
     plain = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "u", data="mini-world:8", **kw)).setup()
     cached = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "k", cache=str(tmp_path / "c"), **kw)).setup()
-    assert not hasattr(cached, "vae") and not hasattr(cached, "text_encoder")
+    assert not hasattr(cached, "vae") and not hasattr(cached, "text_parts")
     from bksdm.distill.loader import micro_batches
 
     for micro in range(2):

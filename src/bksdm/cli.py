@@ -95,8 +95,8 @@ def _export(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- profile
 @command("profile", "parameters, MACs and latency per component and per image (paper Table 1)")
 def _profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", help="teacher family built with random weights: sd-v1, sd-v2-base, sd-v2")
-    p.add_argument("--student", nargs="*", default=[], help="specs applied to --arch (bk-base bk-small bk-tiny or files)")
+    p.add_argument("--arch", help="teacher family built with random weights: sd-v1, sd-v2-base, sd-v2, sdxl")
+    p.add_argument("--student", nargs="*", default=[], help="specs applied to --arch (bk-base bk-small bk-tiny; SDXL: bk-base bk-small koala-1b koala-700m; or files)")
     p.add_argument("--model", nargs="*", default=[], help="pipeline folders or hub ids to profile (their real weights)")
     p.add_argument("--no-latency", action="store_true", help="count parameters and MACs only")
     p.add_argument("--dtypes", nargs="+", default=None, help="latency precisions (default: fp32 bf16 on CPU, fp32 fp16 on GPU)")
@@ -114,7 +114,7 @@ def _profile(a: argparse.Namespace) -> int:
     from bksdm.profile import profile_models
 
     if not a.arch and not a.model:
-        raise UserError("profile needs --arch (sd-v1, sd-v2-base, sd-v2) or --model FOLDER")
+        raise UserError("profile needs --arch (sd-v1, sd-v2-base, sd-v2, sdxl) or --model FOLDER")
     records = profile_models(a.arch, a.student, a.model, latency=not a.no_latency, dtypes=a.dtypes,
                              device=a.device, steps=a.steps, runs=a.runs, guidance=a.guidance)
     if a.json:

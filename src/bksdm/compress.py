@@ -24,8 +24,8 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     from bksdm.models import load_unet
 
     src = resolve_model(teacher, "teacher")
-    spec = load_spec(student)
     teacher_cfg, unet_dir = read_unet_config(src)
+    spec = load_spec(student, teacher_cfg)
     derivation = derive(teacher_cfg, spec)  # fails on a bad spec before any weights are read
     if not (src / "model_index.json").is_file():
         raise UserError(f"{src} is a bare U-Net; compress needs a whole pipeline folder (with model_index.json)")

@@ -103,19 +103,29 @@ def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tens
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-@torch.no_grad()
-def generate_images(unet, vae, tokenizer, text_encoder, scheduler, prompts: list[str], seeds: list[int],
-                    steps: int = 25, guidance: float = 7.5, resolution: int | None = None,
-                    dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[Image.Image]:
-    """Generate one image per (prompt, seed) with the family's diffusers pipeline assembled from components."""
+def family_pipeline(parts: dict[str, Any], scheduler):
+    """The family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) around ``parts``
+    (``unet``, ``vae`` and the family's text components by name)."""
     import diffusers
 
     from bksdm.arch.families import family_of
 
-    family = family_of(unet.config)
-    pipeline_class = getattr(diffusers, family.pipeline_class)
-    pipe = pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    family = family_of(parts["unet"].config)
+    missing = [n for n in ("unet", "vae", *family.text_components) if n not in parts]
+    if missing:
+        raise UserError(f"a {family.pipeline_class} needs components {missing} as well")
+    comps = {n: parts[n] for n in ("unet", "vae", *family.text_components)}
+    return getattr(diffusers, family.pipeline_class)(scheduler=scheduler, **comps, **dict(family.pipeline_kwargs)), family
+
+
+@torch.no_grad()
+def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds: list[int],
+                    steps: int = 25, guidance: float = 7.5, resolution: int | None = None,
+                    dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[Image.Image]:
+    """Generate one image per (prompt, seed) with the family's diffusers pipeline assembled from ``parts`` (``unet``,
+    ``vae``, the family's tokenizers and text encoders by name, as :func:`bksdm.models.load_components` gives them)."""
+    pipe, family = family_pipeline(parts, scheduler)
+    unet = parts["unet"]
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device, dtype)
     factor = pipe.vae_scale_factor
@@ -131,15 +141,10 @@ def generate_images(unet, vae, tokenizer, text_encoder, scheduler, prompts: list
 def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path) -> None:
     """Load a diffusers LoRA file (``pytorch_lora_weights.safetensors`` or its folder) into ``parts``' U-Net and
     text encoder and fuse it, through the family's pipeline class as ``load_lora_weights`` does."""
-    import diffusers
-
-    from bksdm.arch.families import family_of
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"LoRA file {path} does not exist")
-    pipe = getattr(diffusers, family_of(parts["unet"].config).pipeline_class)(
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+    pipe = family_pipeline(parts, scheduler)[0]
     with reading(path, "LoRA file", "pass the pytorch_lora_weights.safetensors a bksdm lcm/dreambooth run wrote"):
         if path.is_dir():
             pipe.load_lora_weights(str(path))
@@ -168,7 +173,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from bksdm.models import DTYPES, default_device, load_components, pipeline_folder
+    from bksdm.models import DTYPES, default_device, generation_parts, load_components, pipeline_folder
 
     items = [(image_name(n, lossless), p) for n, p in read_prompts(prompts)[:limit]]
     check_value("scheduler", scheduler)  # the CLI checked it already; API callers get the same message
@@ -180,7 +185,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
 
     with reading(folder / "scheduler", "scheduler of"):
         sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(folder, subfolder="scheduler")
-    parts = load_components(folder, ("unet", "vae", "tokenizer", "text_encoder"))
+    parts = load_components(folder, generation_parts(folder))
     if lora:
         fuse_lora(parts, sched, lora)
     out = Path(out)
@@ -196,8 +201,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     t0 = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = generate_images(parts["unet"], parts["vae"], parts["tokenizer"], parts["text_encoder"], sched,
-                                 [p for _, p in chunk], [prompt_seed(n, seed) for n, _ in chunk], steps, guidance,
+        images = generate_images(parts, sched, [p for _, p in chunk], [prompt_seed(n, seed) for n, _ in chunk], steps, guidance,
                                  resolution, torch_dtype, device)
         for (name, _), im in zip(chunk, images):
             _save(im, big / name)

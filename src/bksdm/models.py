@@ -44,6 +44,7 @@ def import_own_components(folder: Path) -> None:
 
 
 GENERATION_PARTS = ("unet", "vae", "tokenizer", "text_encoder", "scheduler")
+"""What an SD-family pipeline generates with (:func:`generation_parts` names a folder's, SDXL's included)."""
 
 
 def default_device() -> str:
@@ -80,10 +81,26 @@ def load_unet(unet_dir: Path):
         return UNet2DConditionModel.from_pretrained(unet_dir)
 
 
+def pipeline_family(folder: Path):
+    """The :class:`~bksdm.arch.families.Family` of a pipeline folder, read from its U-Net config."""
+    from bksdm.arch.families import family_of
+    from bksdm.hub import read_unet_config
+
+    return family_of(read_unet_config(folder)[0])
+
+
+def generation_parts(folder: Path) -> tuple[str, ...]:
+    """What generation loads from a pipeline: U-Net, VAE and the family's tokenizers and text encoders."""
+    return ("unet", "vae", *pipeline_family(folder).text_components)
+
+
 def load_text_side(teacher: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(vae, tokenizer, text_encoder) of a pipeline, frozen in eval mode on ``device``."""
+    """(vae, text parts) of a pipeline: the VAE and the family's tokenizers and text encoders by name (SDXL: two
+    of each), networks frozen in eval mode on ``device``."""
     folder = pipeline_folder(str(teacher), "teacher")
     vae = load_component(folder, "vae").to(device, dtype).eval().requires_grad_(False)
-    tokenizer = load_component(folder, "tokenizer")
-    text_encoder = load_component(folder, "text_encoder").to(device, dtype).eval().requires_grad_(False)
-    return vae, tokenizer, text_encoder
+    parts = {}
+    for name in pipeline_family(folder).text_components:
+        part = load_component(folder, name)
+        parts[name] = part.to(device, dtype).eval().requires_grad_(False) if isinstance(part, torch.nn.Module) else part
+    return vae, parts

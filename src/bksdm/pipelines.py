@@ -50,4 +50,4 @@ def derivation_for(teacher_cfg: dict[str, Any], student: str) -> Derivation:
         return derive(teacher_cfg, BlockSpec.from_dict(record["spec"], source=str(Path(student) / RECORD)))
     if Path(student).is_dir():
         raise UserError(f"{student} has no {RECORD}; pass a folder written by `bksdm compress`, a spec name or a spec file")
-    return derive(teacher_cfg, load_spec(student))
+    return derive(teacher_cfg, load_spec(student, teacher_cfg))

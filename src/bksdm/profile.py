@@ -77,9 +77,33 @@ def median_latency(fn: Callable[[], Any], runs: int = 3, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+class TextEncoders(torch.nn.Module):
+    """Several text encoders run on the same token ids as one component (SDXL's two): parameters, MACs and latency
+    are those of all of them."""
+
+    def __init__(self, encoders: list[torch.nn.Module]):
+        super().__init__()
+        self.encoders = torch.nn.ModuleList(encoders)
+
+    @property
+    def config(self):
+        return self.encoders[0].config
+
+    def forward(self, ids: torch.Tensor) -> list[Any]:
+        return [enc(ids, output_hidden_states=True) for enc in self.encoders]
+
+
+def text_component(parts: dict[str, Any]) -> torch.nn.Module:
+    """The pipeline's text encoder, or its text encoders as one :class:`TextEncoders` (SDXL)."""
+    if "text_encoder_2" in parts:
+        return TextEncoders([parts["text_encoder"], parts["text_encoder_2"]])
+    return parts["text_encoder"]
+
+
 @dataclass
 class Components:
-    """The three networks of a text-to-image pipeline that generation runs."""
+    """The three networks of a text-to-image pipeline that generation runs (the text side may be several
+    encoders, :class:`TextEncoders`)."""
 
     name: str
     unet: torch.nn.Module
@@ -92,10 +116,6 @@ class Components:
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return cfg.in_channels, size, size
 
-    @property
-    def text_shape(self) -> tuple[int, int]:
-        return self.text_encoder.config.max_position_embeddings, self.text_encoder.config.hidden_size
-
 
 def _vae_decoder_params(vae: torch.nn.Module) -> int:
     decoder = getattr(vae, "decoder", None)
@@ -105,11 +125,10 @@ def _vae_decoder_params(vae: torch.nn.Module) -> int:
 def _calls(c: Components, device, dtype, unet_batch: int):
     """Closures running one text-encoder, U-Net and VAE-decoder call with inputs on ``device``."""
     ch, h, w = c.latent_shape
-    seq, width = c.text_shape
-    ids = torch.zeros(1, seq, dtype=torch.long, device=device)
+    ids = torch.zeros(1, c.text_encoder.config.max_position_embeddings, dtype=torch.long, device=device)
     lat = torch.randn(unet_batch, ch, h, w, device=device, dtype=dtype)
-    emb = torch.randn(unet_batch, seq, width, device=device, dtype=dtype)
-    cond = family_of(c.unet.config).from_cache({"emb": emb})  # the family's U-Net keyword arguments
+    family = family_of(c.unet.config)
+    cond = family.unet_kwargs(family.dummy_conditioning(c.unet.config, unet_batch, device, dtype))
     if c.unet.config.get("time_cond_proj_dim"):  # an LCM U-Net's guidance embedding
         cond["timestep_cond"] = torch.zeros(unet_batch, c.unet.config.time_cond_proj_dim, device=device, dtype=dtype)
     t = torch.full((unet_batch,), 500, device=device)
@@ -193,6 +212,8 @@ def profile_components(
 
 def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
     """A parameter-free copy of ``module`` on the meta device (rebuilt from its config)."""
+    if isinstance(module, TextEncoders):
+        return TextEncoders([_to_meta(m) for m in module.encoders])
     cls = type(module)
     with torch.device("meta"):
         if hasattr(cls, "from_config") and hasattr(module, "config") and not hasattr(module.config, "to_dict"):
@@ -214,23 +235,28 @@ def materialise(module: torch.nn.Module, generator: torch.Generator) -> torch.nn
     return module
 
 
-def random_components(name: str, unet_config: dict, text_config: dict, vae_config: dict, meta: bool = False) -> Components:
-    """Components of the given configs with random weights (no download), fp32 on the CPU (or on meta)."""
+def random_components(name: str, unet_config: dict, text_config: dict, vae_config: dict, meta: bool = False,
+                      text_config_2: dict | None = None) -> Components:
+    """Components of the given configs with random weights (no download), fp32 on the CPU (or on meta);
+    ``text_config_2``: a second text encoder with projection (SDXL)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
-        text = CLIPTextModel(CLIPTextConfig(**text_config))
+        texts = [CLIPTextModel(CLIPTextConfig(**text_config))]
+        if text_config_2:
+            texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**text_config_2)))
         vae = AutoencoderKL.from_config(vae_config)
     if not meta:
         gen = torch.Generator().manual_seed(0)
         unet, vae = materialise(unet, gen), materialise(vae, gen)
-        # position_ids is an integer buffer: rebuild the text model's buffers properly
-        text = materialise(text, gen)
-        for key, buf in text.named_buffers():  # integer buffers (position ids) must hold their real values
-            if key.endswith("position_ids"):
-                buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+        for text in texts:
+            materialise(text, gen)
+            for key, buf in text.named_buffers():  # integer buffers (position ids) must hold their real values
+                if key.endswith("position_ids"):
+                    buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+    text = texts[0] if len(texts) == 1 else TextEncoders(texts)
     return Components(name, unet, text, vae)
 
 
@@ -258,12 +284,12 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def _pipeline_components(folder: str) -> Components:
-    from bksdm.models import import_own_components, load_components, pipeline_folder
+    from bksdm.models import import_own_components, load_components, model_index, pipeline_folder
 
     path = pipeline_folder(folder)
     import_own_components(path)
-    c = load_components(path, ("unet", "text_encoder", "vae"))  # a corrupt file is a one-line error naming it
-    return Components(str(folder), c["unet"].float(), c["text_encoder"].float(), c["vae"].float())
+    c = load_components(path, ("unet", "text_encoder", "vae") + (("text_encoder_2",) if "text_encoder_2" in model_index(path) else ()))
+    return Components(str(folder), c["unet"].float(), text_component(c).float(), c["vae"].float())
 
 
 def profile_models(
@@ -279,7 +305,7 @@ def profile_models(
 ) -> list[dict[str, Any]]:
     """Profile records of ``arch`` (teacher first) and its ``students`` with random weights, then ``models``."""
     from bksdm.arch import derive, load_spec
-    from bksdm.arch.families import family_component_config
+    from bksdm.arch.families import FAMILIES, family_component_config
     from bksdm.errors import UserError
 
     from bksdm.models import default_device
@@ -295,9 +321,10 @@ def profile_models(
     if arch:
         unet_cfg = family_component_config(arch, "unet")
         te, vae = family_component_config(arch, "text_encoder"), family_component_config(arch, "vae")
-        derived = [(s, derive(unet_cfg, load_spec(s), with_keys=False).student_config) for s in students]
+        te2 = family_component_config(arch, "text_encoder_2") if "text_encoder_2" in FAMILIES[arch] else None
+        derived = [(s, derive(unet_cfg, load_spec(s, unet_cfg), with_keys=False).student_config) for s in students]
         for name, cfg in [(arch, unet_cfg)] + derived:
-            todo.append(lambda name=name, cfg=cfg: random_components(name, cfg, te, vae, meta=not latency))
+            todo.append(lambda name=name, cfg=cfg: random_components(name, cfg, te, vae, meta=not latency, text_config_2=te2))
     for m in models:
         todo.append(lambda m=m: _pipeline_components(m))
     records = []

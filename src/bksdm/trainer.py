@@ -111,7 +111,7 @@ class Trainer:
         self.source = self._open_data()
         trainable = self.build_models()
         if not getattr(self.source, "is_cache", False):
-            self.vae, self.tokenizer, self.text_encoder = load_text_side(self.pipeline_dir, self.acc.device, self.weight_dtype)
+            self.vae, self.text_parts = load_text_side(self.pipeline_dir, self.acc.device, self.weight_dtype)
         with reading(self.pipeline_dir / "scheduler", "scheduler of"):
             self.noise_scheduler = DDPMScheduler.from_pretrained(self.pipeline_dir, subfolder="scheduler")
 
@@ -138,14 +138,18 @@ class Trainer:
         return self
 
     def _empty_prompt(self) -> dict[str, torch.Tensor]:
-        """The U-Net conditioning of the empty prompt (each tensor (1, ...)), for caption dropout; a cached run
-        loads the text encoder once for it."""
-        from bksdm.models import load_components
+        """The prompt conditioning the pipeline uses for "no prompt" (each tensor (1, ...); the empty prompt's
+        encoding, zeros for SDXL), for caption dropout and guidance; a cached run loads the text encoders once for it."""
+        from bksdm.models import load_components, model_index
 
         parts = load_components(self.pipeline_dir, self.family.text_components)
         with torch.no_grad():
-            cond = self.family.encode_prompt(parts, [""], "cpu")
+            cond = self.family.unconditional(parts, "cpu", model_index(self.pipeline_dir))
         return {k: v.float().to(self.acc.device) for k, v in cond.items()}
+
+    def unconditional(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``cond`` with its prompt part replaced by the empty prompt's (other conditioning, SDXL's sizes, kept)."""
+        return {**cond, **{k: v.expand(len(cond[k]), *v.shape[1:]).to(cond[k].dtype) for k, v in self.empty_cond.items()}}
 
     def _claim_run_folder(self) -> None:
         """Refuse to mix two runs in one folder: an earlier run is continued (``resume``), replaced
@@ -177,8 +181,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def encode(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(latents (B, C, h, w), the U-Net's conditioning keyword arguments) from pixels and captions through the
-        pipeline's VAE and the family's prompt encoding, or from the cache."""
+        """(latents (B, C, h, w), the conditioning dict) from pixels and captions through the pipeline's VAE and the
+        family's prompt encoding, or from the cache; ``self.family.unet_kwargs(cond)`` are the U-Net's arguments."""
         dev = self.acc.device
         if "mean" in batch:
             eps = torch.randn(batch["mean"].shape, generator=gen)
@@ -190,11 +194,12 @@ class Trainer:
                 dist = self.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
                 eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
                 latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
-                parts = {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
-                cond = {k: v.float() for k, v in self.family.encode_prompt(parts, batch["text"], dev).items()}
+                cond = {k: v.float() for k, v in self.family.encode_prompt(self.text_parts, batch["text"], dev).items()}
+        cond.update(self.family.added_conditioning(latents.shape[0], self.cfg.resolution, dev))
         if self.caption_dropout() > 0:  # drawn only when on, so runs without it keep their random stream
             drop = torch.rand(latents.shape[0], generator=gen) < self.caption_dropout()
-            for k, v in cond.items():
+            for k in self.empty_cond:
+                v = cond[k]
                 v[drop.to(v.device)] = self.empty_cond[k].to(v.dtype)
         return latents, cond
 

@@ -5,7 +5,8 @@ From a teacher U-Net config and a :class:`BlockSpec` we derive
 * the student's diffusers config (``UNet2DConditionModel.from_config`` builds it, any pipeline loads it),
 * the module map (student module <- teacher module) and from it the state-dict key map, checked so that every
   student tensor receives exactly one teacher tensor of identical shape,
-* the feature-KD layer pairs (teacher module name, student module name) that distillation hooks.
+* the feature-KD layer pairs (teacher module name, student module name) that distillation hooks: block outputs
+  (BK-SDM) and the self-attention layers of the kept transformer layers (KOALA).
 
 Because all three come from the same stage/pair bookkeeping, they cannot drift apart.
 """
@@ -21,7 +22,8 @@ import torch
 from bksdm.arch.spec import BlockSpec
 from bksdm.errors import UserError
 
-SUPPORTED = "SD-v1.x, SD-v2.x-base, SD-v2.x and U-Nets of the same block layout (CrossAttn/plain down and up stages)"
+SUPPORTED = ("SD-v1.x, SD-v2.x-base, SD-v2.x, SDXL and U-Nets of the same block layout (CrossAttn/plain down and up "
+             "stages, any transformer depth)")
 _DOWN_TYPES = {"CrossAttnDownBlock2D", "DownBlock2D"}
 _UP_TYPES = {"CrossAttnUpBlock2D", "UpBlock2D"}
 _MID_TYPES = {"UNetMidBlock2DCrossAttn", None}
@@ -32,7 +34,6 @@ _PER_STAGE_KEYS = (
     "attention_head_dim",
     "num_attention_heads",
     "cross_attention_dim",
-    "transformer_layers_per_block",
     "only_cross_attention",
 )
 
@@ -46,6 +47,7 @@ class Derivation:
     student_config: dict[str, Any]
     module_map: list[tuple[str, str]]  # (student module, teacher module), block-level
     layer_pairs: list[tuple[str, str]]  # (teacher module, student module) whose outputs feature-KD matches
+    attn_pairs: list[tuple[str, str]] = field(default_factory=list)  # self-attention (attn1) of kept layers
     key_map: dict[str, str] = field(default_factory=dict)  # student tensor key -> teacher tensor key
     unused_teacher_keys: list[str] = field(default_factory=list)
 
@@ -55,6 +57,7 @@ class Derivation:
             "spec": self.spec.to_dict(),
             "module_map": [list(p) for p in self.module_map],
             "layer_pairs": [list(p) for p in self.layer_pairs],
+            "attn_pairs": [list(p) for p in self.attn_pairs],
             "key_map": self.key_map,
             "unused_teacher_keys": self.unused_teacher_keys,
         }
@@ -66,11 +69,8 @@ def check_teacher_config(cfg: dict[str, Any]) -> None:
     cls = cfg.get("_class_name", "UNet2DConditionModel")
     if cls != "UNet2DConditionModel":
         problems.append(f"class {cls}")
-    if cfg.get("addition_embed_type"):
-        problems.append(f"addition_embed_type={cfg['addition_embed_type']!r} (an SDXL-style U-Net)")
-    tl = cfg.get("transformer_layers_per_block", 1)
-    if tl not in (1, None) and not (isinstance(tl, list) and all(x == 1 for x in tl)):
-        problems.append(f"transformer_layers_per_block={tl!r}")
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        problems.append(f"addition_embed_type={cfg['addition_embed_type']!r}")
     down, up = cfg.get("down_block_types", []), cfg.get("up_block_types", [])
     if bad := [t for t in down if t not in _DOWN_TYPES]:
         problems.append(f"down blocks {bad}")
@@ -80,8 +80,30 @@ def check_teacher_config(cfg: dict[str, Any]) -> None:
         problems.append(f"mid block {cfg.get('mid_block_type')}")
     if not down or len(down) != len(up):
         problems.append("unequal numbers of down and up stages")
+    for key in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
+        value = cfg.get(key)
+        if isinstance(value, (list, tuple)) and len(value) != len(down):
+            problems.append(f"{key} has {len(value)} entries for {len(down)} stages")
     if problems:
-        raise UserError(f"teacher U-Net is not SD-v1/v2 style ({'; '.join(problems)}); supported: {SUPPORTED}")
+        raise UserError(f"teacher U-Net is not SD-v1/v2/XL style ({'; '.join(problems)}); supported: {SUPPORTED}")
+
+
+def teacher_depths(cfg: dict[str, Any]) -> tuple[list[list[int]], int, list[list[int]]]:
+    """Transformer layers per attention block of a teacher, as diffusers builds it: (per down stage, one count per
+    block), the mid-block's count, (per up stage, one count per block). Plain stages hold zeros."""
+    n, layers = len(cfg["down_block_types"]), _layers(cfg)
+    tl = cfg.get("transformer_layers_per_block", 1)
+    tl = [tl] * n if isinstance(tl, int) else list(tl)
+    rev = cfg.get("reverse_transformer_layers_per_block") or list(reversed(tl))
+
+    def expand(entry: Any, count: int) -> list[int]:
+        return [entry] * count if isinstance(entry, int) else list(entry)
+
+    down = [expand(tl[i], layers[i]) if "CrossAttn" in cfg["down_block_types"][i] else [0] * layers[i] for i in range(n)]
+    up = [expand(rev[u], layers[n - 1 - u] + 1) if "CrossAttn" in cfg["up_block_types"][u] else [0] * (layers[n - 1 - u] + 1)
+          for u in range(n)]
+    mid = tl[-1] if isinstance(tl[-1], int) else tl[-1][0]  # diffusers gives the mid-block the innermost stage's depth
+    return down, mid, up
 
 
 def _layers(cfg: dict[str, Any]) -> list[int]:
@@ -130,6 +152,38 @@ def _validate(spec: BlockSpec, cfg: dict[str, Any]) -> tuple[list[int], list[int
     return kept_down, kept_up
 
 
+def _kept_layers(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: list[int]):
+    """Teacher transformer-layer indices each kept attention block keeps: ``{(path, student stage, block): [k, ...]}``
+    for 'down_blocks'/'up_blocks', and the mid-block's list. Checked against the teacher's depths."""
+    t_down, t_mid, t_up = teacher_depths(cfg)
+    where = f"spec {spec.name!r}"
+    out: dict[tuple[str, int, int], list[int]] = {}
+    for path, kept, stages, depths, types in (("down", kept_down, spec.down, t_down, cfg["down_block_types"]),
+                                                ("up", kept_up, spec.up, t_up, cfg["up_block_types"])):
+        for s, t in enumerate(kept):
+            for j, k in enumerate(stages[t]):
+                chosen = spec.stage_depth(path, t, j)
+                if "CrossAttn" not in types[t]:
+                    if chosen is not None:
+                        raise UserError(f"{where}: depth {path}[{t}] names layers but stage {t} has no attention blocks")
+                    continue
+                out[(f"{path}_blocks", s, j)] = _check_layers(chosen, depths[t][k], f"{where}: depth {path}[{t}] block {j}")
+    mid = None
+    if spec.mid:
+        mid = _check_layers(spec.depth["mid"] if spec.depth else None, t_mid, f"{where}: depth mid")
+    elif spec.depth and spec.depth["mid"] is not None:
+        raise UserError(f"{where} names mid-block layers but drops the mid-block")
+    return out, mid
+
+
+def _check_layers(chosen: tuple[int, ...] | None, depth: int, where: str) -> list[int]:
+    if chosen is None:
+        return list(range(depth))
+    if list(chosen) != sorted(set(chosen)) or chosen[0] < 0 or chosen[-1] >= depth:
+        raise UserError(f"{where} = {list(chosen)}; list layers of 0..{depth - 1} once each, in increasing order")
+    return list(chosen)
+
+
 def _student_config(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: list[int]) -> dict[str, Any]:
     n = len(cfg["down_block_types"])
     out = {k: copy.deepcopy(v) for k, v in cfg.items() if not k.startswith("_")}
@@ -144,7 +198,44 @@ def _student_config(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], 
         out["mid_block_type"] = None
     else:
         out["mid_block_type"] = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if isinstance(cfg.get("transformer_layers_per_block", 1), int) and spec.depth is None:
+        return out  # one depth everywhere (SD-v1/v2): the teacher's value stands
+    _student_depths(spec, cfg, kept_down, kept_up, out)
     return out
+
+
+def _student_depths(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: list[int], out: dict[str, Any]) -> None:
+    """Write ``transformer_layers_per_block`` (and ``reverse_transformer_layers_per_block`` when the up path is not
+    the mirror of the down path) for the kept layers; the mid-block's depth is the innermost down stage's first
+    block's in diffusers, so a spec must keep that many."""
+    layers, mid = _kept_layers(spec, cfg, kept_down, kept_up)
+    t_down, _, _ = teacher_depths(cfg)
+
+    def compact(counts: list[int]) -> int | list[int]:
+        return counts[0] if len(set(counts)) == 1 else counts
+
+    down = []
+    for s, t in enumerate(kept_down):
+        if "CrossAttn" in cfg["down_block_types"][t]:
+            down.append(compact([len(layers[("down_blocks", s, j)]) for j in range(len(spec.down[t]))]))
+        else:
+            down.append(max(1, t_down[t][0]))  # plain stage: diffusers ignores the value; keep a valid one
+    up = []
+    for s, t in enumerate(kept_up):
+        if "CrossAttn" in cfg["up_block_types"][t]:
+            up.append(compact([len(layers[("up_blocks", s, j)]) for j in range(len(spec.up[t]))]))
+        else:
+            up.append(down[len(kept_down) - 1 - s])
+    out["transformer_layers_per_block"] = down
+    mirrored = list(reversed(down))
+    out["reverse_transformer_layers_per_block"] = None
+    if up != mirrored or any(isinstance(x, list) for x in down):
+        out["reverse_transformer_layers_per_block"] = up
+    if mid is not None:
+        have = down[-1] if isinstance(down[-1], int) else down[-1][0]
+        if len(mid) != have:
+            raise UserError(f"spec {spec.name!r} keeps {len(mid)} mid-block layers but diffusers gives the mid-block the "
+                            f"depth of the innermost down stage's first block ({have}); keep {have}, or drop the mid-block")
 
 
 def _last_layer(block_type: str, stage: str, n_pairs: int) -> str:
@@ -155,9 +246,19 @@ def _last_layer(block_type: str, stage: str, n_pairs: int) -> str:
 
 
 def _maps(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: list[int]):
+    """(module map, block-output pairs, self-attention pairs). A transformer layer that moved (the student's layer
+    j was the teacher's layer k != j) gets its own module-map entry, which outranks its block's."""
     n, ns = len(cfg["down_block_types"]), len(kept_down)
     layers = _layers(cfg)
+    kept_layers, mid_layers = _kept_layers(spec, cfg, kept_down, kept_up)
     modules: list[tuple[str, str]] = []
+    attn: list[tuple[str, str]] = []
+
+    def transformer(student: str, teacher: str, chosen: list[int]) -> None:
+        for j, k in enumerate(chosen):
+            if j != k:
+                modules.append((f"{student}.transformer_blocks.{j}", f"{teacher}.transformer_blocks.{k}"))
+            attn.append((f"{teacher}.transformer_blocks.{k}.attn1", f"{student}.transformer_blocks.{j}.attn1"))
     pairs_down: list[tuple[str, str]] = []
     pairs_up: list[tuple[str, str]] = []
     for path, kept, types in (("down_blocks", kept_down, cfg["down_block_types"]), ("up_blocks", kept_up, cfg["up_block_types"])):
@@ -165,11 +266,12 @@ def _maps(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: l
         stages = spec.down if path == "down_blocks" else spec.up
         for s, t in enumerate(kept):
             keep = stages[t]
-            attn = "CrossAttn" in types[t]
+            has_attn = "CrossAttn" in types[t]
             for j, k in enumerate(keep):
                 modules.append((f"{path}.{s}.resnets.{j}", f"{path}.{t}.resnets.{k}"))
-                if attn:
+                if has_attn:
                     modules.append((f"{path}.{s}.attentions.{j}", f"{path}.{t}.attentions.{k}"))
+                    transformer(f"{path}.{s}.attentions.{j}", f"{path}.{t}.attentions.{k}", kept_layers[(path, s, j)])
             student_has, teacher_has = s < ns - 1, t < n - 1
             if student_has:
                 modules.append((f"{path}.{s}.{sampler}.0", f"{path}.{t}.{sampler}.0"))
@@ -181,7 +283,11 @@ def _maps(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: l
             (pairs_down if path == "down_blocks" else pairs_up).append(pair)
     if spec.mid:
         modules.append(("mid_block", "mid_block"))
-    return modules, pairs_down + pairs_up
+        transformer("mid_block.attentions.0", "mid_block.attentions.0", mid_layers)
+    down_attn = [p for p in attn if p[1].startswith("down_blocks")]
+    mid_attn = [p for p in attn if p[1].startswith("mid_block")]
+    up_attn = [p for p in attn if p[1].startswith("up_blocks")]
+    return modules, pairs_down + pairs_up, down_attn + mid_attn + up_attn
 
 
 def meta_unet(config: dict[str, Any]):
@@ -202,7 +308,7 @@ def _key_map(modules: list[tuple[str, str]], student: dict[str, torch.Size], tea
     for key, shape in student.items():
         parts = key.split(".")
         src = key
-        for depth in (4, 1):  # block-level modules are 4 components deep; mid_block is 1
+        for depth in range(len(parts) - 1, 0, -1):  # the longest mapped prefix wins (a moved layer over its block)
             head = ".".join(parts[:depth])
             if head in prefixes:
                 src = prefixes[head] + key[len(head):]
@@ -232,8 +338,8 @@ def derive(teacher_config: dict[str, Any], spec: BlockSpec, with_keys: bool = Tr
     check_teacher_config(teacher_config)
     kept_down, kept_up = _validate(spec, teacher_config)
     student_cfg = _student_config(spec, teacher_config, kept_down, kept_up)
-    modules, pairs = _maps(spec, teacher_config, kept_down, kept_up)
-    der = Derivation(spec, copy.deepcopy(teacher_config), student_cfg, modules, pairs)
+    modules, pairs, attn = _maps(spec, teacher_config, kept_down, kept_up)
+    der = Derivation(spec, copy.deepcopy(teacher_config), student_cfg, modules, pairs, attn)
     if with_keys:
         teacher_cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
         der.key_map, der.unused_teacher_keys = _key_map(modules, _meta_shapes(student_cfg), _meta_shapes(teacher_cfg))

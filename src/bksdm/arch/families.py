@@ -3,11 +3,11 @@
 :class:`Family` is the seam every recipe calls instead of assuming SD-v1's ``unet(x, t, emb)``: which text
 components a pipeline has, how a prompt becomes the U-Net's conditioning keyword arguments, what a cache stores,
 which diffusers pipeline class loads the result. :func:`family_of` picks it from a U-Net config. Adding a family
-(SDXL: two text encoders, pooled embeddings and size conditioning) is a new :class:`Family` subclass, its
-entry in :data:`FAMILY_OBJECTS`, its configs and specs (``docs/architecture.md``).
+is a :class:`Family` subclass (as :class:`SDXLFamily`: two text encoders, pooled embeddings and size
+conditioning), its entry in :data:`FAMILY_OBJECTS`, its configs and specs (``docs/architecture.md``).
 
 The configs are those shipped in the official diffusers checkpoints (CompVis/stable-diffusion-v1-4,
-stabilityai/stable-diffusion-2-1-base, stabilityai/stable-diffusion-2-1). They let us build every
+stabilityai/stable-diffusion-2-1-base, stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-xl-base-1.0). They let us build every
 architecture with random weights, so parameter counts, MACs and latency need no download.
 """
 
@@ -71,6 +71,32 @@ _SD_VAE: dict[str, Any] = {
     "scaling_factor": 0.18215,
 }
 
+_OPENCLIP_BIGG: dict[str, Any] = {  # OpenCLIP ViT-bigG/14 text tower with projection (SDXL's text_encoder_2)
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+_SDXL_UNET: dict[str, Any] = {  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    **_SD_UNET_COMMON,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
 FAMILIES: dict[str, dict[str, Any]] = {
     "sd-v1": {
         "description": "SD-v1.x (v1.4, v1.5): CLIP ViT-L/14 text encoder, epsilon prediction, 512 px",
@@ -106,6 +132,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "vae": {**_SD_VAE, "sample_size": 768},
         "prediction_type": "v_prediction",
     },
+    "sdxl": {
+        "description": "SDXL-base (1.0): CLIP ViT-L/14 + OpenCLIP ViT-bigG/14 text encoders, pooled text embedding and "
+                       "size conditioning (text_time), transformer depth 1/2/10, epsilon prediction, 1024 px",
+        "unet": _SDXL_UNET,
+        "text_encoder": _CLIP_L14,
+        "text_encoder_2": _OPENCLIP_BIGG,
+        "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "prediction_type": "epsilon",
+    },
 }
 
 
@@ -121,7 +156,7 @@ def family_unet_config(name: str) -> dict[str, Any]:
 
 
 def family_component_config(name: str, component: str) -> dict[str, Any]:
-    """The config of ``component`` ('unet', 'text_encoder' or 'vae') of a teacher family."""
+    """The config of ``component`` ('unet', 'text_encoder', 'text_encoder_2' (SDXL) or 'vae') of a teacher family."""
     if name not in FAMILIES:
         raise _unknown_family(name)
     return copy.deepcopy(FAMILIES[name][component])
@@ -131,6 +166,8 @@ def detect_family(unet_config: dict[str, Any]) -> str | None:
     """Name the family a U-Net config belongs to (by cross-attention width and sample size), or None."""
     cross = unet_config.get("cross_attention_dim")
     size = unet_config.get("sample_size")
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
     if cross == 768:
         return "sd-v1"
     if cross == 1024:
@@ -141,45 +178,144 @@ def detect_family(unet_config: dict[str, Any]) -> str | None:
 @dataclass(frozen=True)
 class Family:
     """SD-v1.x / v2.x (and the mini world, which has their layout): one CLIP tokenizer and text encoder whose last
-    hidden state is the U-Net's only conditioning (``encoder_hidden_states``, (B, 77, D))."""
+    hidden state is the U-Net's only conditioning (``encoder_hidden_states``, (B, 77, D)).
+
+    A conditioning dict is flat (tensor values with batch first), so recipes can slice, cast and concatenate it
+    key by key; :meth:`unet_kwargs` turns it into the U-Net's keyword arguments.
+    """
 
     name: str = "sd"
     pipeline_class: str = "StableDiffusionPipeline"
     text_components: tuple[str, ...] = ("tokenizer", "text_encoder")
     cache_keys: tuple[str, ...] = ("emb",)  # what `bksdm cache` stores per item besides the latent distribution
+    pipeline_kwargs: tuple[tuple[str, Any], ...] = (("safety_checker", None), ("feature_extractor", None),
+                                                    ("requires_safety_checker", False))
+    """Constructor arguments besides the components (no safety checker: generation for evaluation)."""
 
     def encode_prompt(self, parts: Mapping[str, Any], texts: list[str], device: Any) -> dict[str, Any]:
-        """U-Net conditioning keyword arguments for ``texts``: ``{"encoder_hidden_states": (B, L, D)}``.
-        ``parts`` holds the loaded :attr:`text_components` by name."""
+        """The prompt's conditioning: ``{"encoder_hidden_states": (B, L, D)}``. ``parts`` holds the loaded
+        :attr:`text_components` by name."""
         tok = parts["tokenizer"]
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         return {"encoder_hidden_states": parts["text_encoder"](ids)[0]}
 
+    def unconditional(self, parts: Mapping[str, Any], device: Any, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The conditioning the pipeline uses for "no prompt" under classifier-free guidance (each tensor (1, ...)):
+        the empty prompt's encoding."""
+        return self.encode_prompt(parts, [""], device)
+
+    def added_conditioning(self, batch: int, resolution: int, device: Any) -> dict[str, Any]:
+        """Conditioning that does not come from the prompt (SDXL's size micro-conditioning); none here."""
+        return {}
+
+    def unet_kwargs(self, cond: Mapping[str, Any]) -> dict[str, Any]:
+        """The U-Net's keyword arguments for a conditioning dict (LCM's ``timestep_cond`` passes through)."""
+        return dict(cond)
+
     def resolution(self, unet_config: Mapping[str, Any], vae_scale_factor: int = 8) -> int:
-        """Default image size in pixels: the U-Net's latent size times the VAE's factor (SD-v1/v2-base 512, v2 768)."""
-        return int(unet_config["sample_size"]) * vae_scale_factor
+        """Default image size in pixels: the U-Net's latent size times the VAE's factor (SD-v1/v2-base 512, v2 768,
+        SDXL 1024)."""
+        size = unet_config["sample_size"]
+        return int(size if isinstance(size, int) else size[0]) * vae_scale_factor
 
     def prediction_type(self, scheduler_config: Mapping[str, Any]) -> str:
         """What the U-Net predicts, as the pipeline's scheduler says: ``epsilon`` (SD-v1) or ``v_prediction``."""
         return scheduler_config.get("prediction_type", "epsilon")
 
     def to_cache(self, cond: Mapping[str, Any]) -> dict[str, Any]:
-        """The tensors of a conditioning dict that a cache stores, under :attr:`cache_keys`."""
+        """The tensors of a prompt's conditioning that a cache stores, under :attr:`cache_keys`."""
         return {"emb": cond["encoder_hidden_states"]}
 
     def from_cache(self, item: Mapping[str, Any]) -> dict[str, Any]:
-        """The conditioning dict of a cached item or batch (the inverse of :meth:`to_cache`)."""
+        """The prompt's conditioning of a cached item or batch (the inverse of :meth:`to_cache`)."""
         return {"encoder_hidden_states": item["emb"]}
 
+    def dummy_conditioning(self, unet_config: Mapping[str, Any], batch: int, device: Any, dtype: Any) -> dict[str, Any]:
+        """Random conditioning of the right shapes for a U-Net of ``unet_config`` (profiling, checks)."""
+        import torch
 
-FAMILY_OBJECTS: dict[str, Family] = {"sd": Family()}
+        width = unet_config["cross_attention_dim"]
+        return {"encoder_hidden_states": torch.randn(batch, 77, width, device=device, dtype=dtype)}
+
+
+@dataclass(frozen=True)
+class SDXLFamily(Family):
+    """SDXL: two CLIP text encoders whose penultimate hidden states are concatenated (B, 77, 768 + 1280), the second
+    one's projected pooled output (``text_embeds``, (B, 1280)) and the size micro-conditioning (``time_ids``, (B, 6):
+    original size, crop top-left, target size) through ``added_cond_kwargs``.
+
+    Training uses the training resolution as original and target size and no crop, which is what the pipeline
+    passes at inference by default; the unconditional input is all zeros when the pipeline's
+    ``force_zeros_for_empty_prompt`` is set (SDXL-base's default), as the pipeline does.
+    """
+
+    name: str = "sdxl"
+    pipeline_class: str = "StableDiffusionXLPipeline"
+    text_components: tuple[str, ...] = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    cache_keys: tuple[str, ...] = ("emb", "pooled")
+    pipeline_kwargs: tuple[tuple[str, Any], ...] = (("add_watermarker", False),)  # the watermark would alter pixels
+
+    def encode_prompt(self, parts: Mapping[str, Any], texts: list[str], device: Any) -> dict[str, Any]:
+        """``{"encoder_hidden_states": (B, 77, D1 + D2), "text_embeds": (B, P)}`` as ``StableDiffusionXLPipeline``
+        encodes a prompt (penultimate layers, pooled projection of the second encoder)."""
+        import torch
+
+        hidden, pooled = [], None
+        for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            tok, enc = parts[tok_name], parts[enc_name]
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            out = enc(ids, output_hidden_states=True)
+            pooled = out[0]  # the projected pooled output of the second encoder (overwritten by it)
+            hidden.append(out.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def unconditional(self, parts: Mapping[str, Any], device: Any, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        import torch
+
+        cond = self.encode_prompt(parts, [""], device)
+        if (index or {}).get("force_zeros_for_empty_prompt", True):
+            cond = {k: torch.zeros_like(v) for k, v in cond.items()}
+        return cond
+
+    def added_conditioning(self, batch: int, resolution: int, device: Any) -> dict[str, Any]:
+        import torch
+
+        ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32, device=device)
+        return {"time_ids": ids.expand(batch, 6).clone()}
+
+    def unet_kwargs(self, cond: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs = {k: v for k, v in cond.items() if k not in ("text_embeds", "time_ids")}
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        return kwargs
+
+    def to_cache(self, cond: Mapping[str, Any]) -> dict[str, Any]:
+        return {"emb": cond["encoder_hidden_states"], "pooled": cond["text_embeds"]}
+
+    def from_cache(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        return {"encoder_hidden_states": item["emb"], "text_embeds": item["pooled"]}
+
+    def dummy_conditioning(self, unet_config: Mapping[str, Any], batch: int, device: Any, dtype: Any) -> dict[str, Any]:
+        import torch
+
+        time_dim = 6 * unet_config["addition_time_embed_dim"]
+        pooled = unet_config["projection_class_embeddings_input_dim"] - time_dim
+        size = self.resolution(unet_config)
+        return {**super().dummy_conditioning(unet_config, batch, device, dtype),
+                "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                **{k: v.to(dtype) for k, v in self.added_conditioning(batch, size, device).items()}}
+
+
+FAMILY_OBJECTS: dict[str, Family] = {"sd": Family(), "sdxl": SDXLFamily()}
 
 
 def family_of(unet_config: Mapping[str, Any]) -> Family:
-    """The family whose calling convention a U-Net config uses; SDXL-style (``text_time``) U-Nets are refused
-    until their family lands."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        raise UserError("SDXL-style U-Nets (two text encoders, text_time conditioning) are not supported yet; "
-                        f"supported: SD-v1.x, SD-v2.x and the mini world ({', '.join(FAMILIES)})")
+    """The family whose calling convention a U-Net config uses: SDXL for ``text_time`` added conditioning, else SD."""
+    kind = unet_config.get("addition_embed_type")
+    if kind == "text_time":
+        return FAMILY_OBJECTS["sdxl"]
+    if kind is not None:
+        raise UserError(f"U-Nets with addition_embed_type={kind!r} are not supported; supported: SD-v1.x, SD-v2.x, "
+                        f"SDXL and the mini world ({', '.join(FAMILIES)})")
     return FAMILY_OBJECTS["sd"]

@@ -10,6 +10,16 @@ File form (YAML or JSON), for example ``keep both pairs of the outermost down st
     down: [[0, 1], [0], [0], [0]]    # per down stage: kept pair indices, or null to drop the stage
     mid: true                        # keep the mid-block
     up: [[0, 2], [0, 2], [0, 2], [0, 1, 2]]
+
+SDXL-style teachers stack several transformer layers in one attention block (``transformer_layers_per_block``
+[1, 2, 10]). The optional ``depth`` key says which of them each kept block keeps (KOALA-style depth removal);
+per stage, ``null`` keeps all, a list of layer indices applies to every kept block of the stage, and a list of
+lists names the layers per kept block::
+
+    depth:
+      down: [null, null, [0, 1, 2, 3, 4]]   # innermost down stage: the first five of ten layers
+      mid: [0, 1, 2, 3, 4]                   # the mid-block's layers (null or absent: all)
+      up: [[0, 1, 2, 3, 4], null, null]
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from typing import Any
 from bksdm.errors import UserError
 
 Stage = tuple[int, ...] | None
+Depth = tuple[int, ...] | tuple[tuple[int, ...], ...] | None
+"""Kept transformer layers of a stage: None (all), one index tuple for every kept block, or one per kept block."""
 
 
 @dataclass(frozen=True)
@@ -32,16 +44,35 @@ class BlockSpec:
     down: tuple[Stage, ...]
     mid: bool
     up: tuple[Stage, ...]
+    depth: dict[str, Any] | None = None  # {"down": (Depth per stage), "mid": tuple | None, "up": (Depth per stage)}
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.down, self.mid, self.up, repr(self.depth)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["down"] = [list(s) if s is not None else None for s in self.down]
         d["up"] = [list(s) if s is not None else None for s in self.up]
+        if self.depth is None:
+            d.pop("depth")
+        else:
+            d["depth"] = {"down": [_depth_list(x) for x in self.depth["down"]], "mid": _depth_list(self.depth["mid"]),
+                          "up": [_depth_list(x) for x in self.depth["up"]]}
         return d
+
+    def stage_depth(self, path: str, stage: int, block: int) -> tuple[int, ...] | None:
+        """The teacher layer indices that kept block ``block`` (0-based among the kept) of ``path`` ('down'/'up')
+        stage ``stage`` keeps, or None for all of them."""
+        if self.depth is None:
+            return None
+        entry = self.depth[path][stage]
+        if entry is None or not entry or isinstance(entry[0], int):
+            return entry
+        return entry[block]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "spec") -> "BlockSpec":
-        allowed = {"name", "down", "mid", "up"}
+        allowed = {"name", "down", "mid", "up", "depth"}
         unknown = set(data) - allowed
         if unknown:
             raise UserError(f"{source}: unknown key(s) {sorted(unknown)}; a spec has keys {sorted(allowed)}")
@@ -65,7 +96,50 @@ class BlockSpec:
 
         if not isinstance(data["mid"], bool):
             raise UserError(f"{source}: 'mid' must be true or false")
-        return cls(name=str(data.get("name", source)), down=stages("down"), mid=data["mid"], up=stages("up"))
+        down, up = stages("down"), stages("up")
+        depth = _parse_depth(data.get("depth"), source, len(down), len(up))
+        return cls(name=str(data.get("name", source)), down=down, mid=data["mid"], up=up, depth=depth)
+
+
+def _indices(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def _depth_list(entry: Any) -> Any:
+    if entry is None:
+        return None
+    return [list(x) for x in entry] if entry and not isinstance(entry[0], int) else list(entry)
+
+
+def _parse_depth(value: Any, source: str, n_down: int, n_up: int) -> dict[str, Any] | None:
+    """The ``depth`` key of a spec file as tuples (None when absent); shapes checked, indices checked by derive."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"down", "mid", "up"}:
+        raise UserError(f"{source}: 'depth' must be a mapping with keys down, mid, up")
+
+    def entry(x: Any, where: str) -> Any:
+        if x is None:
+            return None
+        if _indices(x):
+            return tuple(x)
+        if isinstance(x, list) and x and all(_indices(b) for b in x):
+            return tuple(tuple(b) for b in x)
+        raise UserError(f"{source}: depth {where} = {x!r}; write null (all layers), a list of layer indices, "
+                        f"or one such list per kept block")
+
+    out: dict[str, Any] = {"mid": entry(value.get("mid"), "mid")}
+    if out["mid"] is not None and not isinstance(out["mid"][0], int):
+        raise UserError(f"{source}: depth mid is one list of layer indices")
+    for key, n in (("down", n_down), ("up", n_up)):
+        stages = value.get(key)
+        if stages is None:
+            out[key] = (None,) * n
+            continue
+        if not isinstance(stages, list) or len(stages) != n:
+            raise UserError(f"{source}: depth {key} needs one entry per stage ({n}), null for all layers")
+        out[key] = tuple(entry(x, f"{key}[{i}]") for i, x in enumerate(stages))
+    return out
 
 
 # The paper's students of a 4-stage teacher with two pairs per down stage and three per up stage.
@@ -80,18 +154,54 @@ BUILTIN_SPECS: dict[str, BlockSpec] = {
     # bk-small without the innermost down stage and the innermost up stage
     "bk-tiny": BlockSpec("bk-tiny", ((0,), (0,), (0,), None), False, (None, (0, 2), (0, 2), (0, 2))),
 }
+"""Students of SD-v1.x / v2.x (four stages)."""
 
 
-def load_spec(name_or_path: str | Path) -> BlockSpec:
-    """A built-in spec by name (``bk-base``, ``bk-small``, ``bk-tiny``) or a spec file (.yaml/.yml/.json)."""
+def _first(n: int) -> tuple[int, ...]:
+    return tuple(range(n))
+
+
+_XL_DOWN: tuple[Stage, ...] = ((0,), (0,), (0,))
+_XL_UP: tuple[Stage, ...] = ((0, 2), (0, 2), (0, 2))
+
+
+def _koala_depth(n: int, mid: bool) -> dict[str, Any]:
+    """The first ``n`` of the ten transformer layers in the innermost stage's kept blocks (and the mid-block)."""
+    return {"down": (None, None, _first(n)), "mid": _first(n) if mid else None, "up": (_first(n), None, None)}
+
+
+SDXL_SPECS: dict[str, BlockSpec] = {
+    # the BK-SDM rules on SDXL's three stages (transformer depth untouched)
+    "bk-base": BlockSpec("bk-base", _XL_DOWN, True, _XL_UP),
+    "bk-small": BlockSpec("bk-small", _XL_DOWN, False, _XL_UP),
+    # no bk-tiny: SDXL's innermost stage is wider (1280) than the one before it (640), so without it the up path's
+    # first block would take inputs of another width than any teacher block: nothing to initialise it from
+    # KOALA (arXiv 2312.04005): BK-style block removal and the innermost stage's depth 10 -> 6 (1B) / 5 (700M,
+    # mid-block removed); U-Net parameters 1,161M / 782M as published (docs/architecture.md)
+    "koala-1b": BlockSpec("koala-1b", _XL_DOWN, True, _XL_UP, _koala_depth(6, True)),
+    "koala-700m": BlockSpec("koala-700m", _XL_DOWN, False, _XL_UP, _koala_depth(5, False)),
+}
+"""Students of SDXL (three stages, transformer depth 1/2/10): built-in names resolve here for a 3-stage teacher."""
+
+
+def builtin_specs(n_stages: int = 4) -> dict[str, BlockSpec]:
+    """The built-in specs for a teacher with ``n_stages`` down stages (SDXL: 3, SD-v1/v2: 4)."""
+    return SDXL_SPECS if n_stages == 3 else BUILTIN_SPECS
+
+
+def load_spec(name_or_path: str | Path, teacher_config: dict[str, Any] | None = None) -> BlockSpec:
+    """A built-in spec by name (``bk-base``, ``bk-small``, ``bk-tiny``; for SDXL also ``koala-1b``,
+    ``koala-700m``) for ``teacher_config``'s number of stages (default four), or a spec file (.yaml/.yml/.json)."""
     key = str(name_or_path)
-    if key in BUILTIN_SPECS:
-        return BUILTIN_SPECS[key]
+    builtins = builtin_specs(len(teacher_config["down_block_types"]) if teacher_config else 4)
+    if key in builtins:
+        return builtins[key]
     path = Path(key)
     if path.suffix.lower() not in {".yaml", ".yml", ".json"}:
-        raise UserError(
-            f"unknown student {key!r}; use a built-in spec ({', '.join(BUILTIN_SPECS)}) or a spec file (.yaml or .json)"
-        )
+        known = ", ".join(builtins)
+        if key in SDXL_SPECS:
+            raise UserError(f"student {key!r} is a built-in spec for SDXL teachers; this teacher's are: {known}")
+        raise UserError(f"unknown student {key!r}; use a built-in spec ({known}) or a spec file (.yaml or .json)")
     if not path.is_file():
         raise UserError(f"spec file {key} does not exist")
     text = path.read_text()

@@ -42,7 +42,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
     if getattr(source, "streamed", False):
         raise UserError("cache needs a map-style dataset (an image folder or mini-world), not streamed webdataset shards")
     device = device or default_device()
-    vae, tokenizer, text_encoder = load_text_side(teacher, device)
+    vae, text_parts = load_text_side(teacher, device)
     family = family_of(read_unet_config(pipeline_folder(teacher, "teacher"))[0])
     for f in old:  # only now, when the teacher has loaded: a failed start keeps the old cache
         f.unlink()
@@ -74,7 +74,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
         x = torch.stack(pix).to(device)  # (b, F, 3, R, R)
         b, f = x.shape[:2]
         dist = vae.encode(x.flatten(0, 1).to(vae.dtype)).latent_dist
-        cond = family.to_cache(family.encode_prompt({"tokenizer": tokenizer, "text_encoder": text_encoder}, texts, device))
+        cond = family.to_cache(family.encode_prompt(text_parts, texts, device))
         cast = DTYPES[dtype]
         buf["mean"].append(dist.mean.unflatten(0, (b, f)).to("cpu", cast))
         buf["std"].append(dist.std.unflatten(0, (b, f)).to("cpu", cast))

@@ -25,6 +25,7 @@ class DistillConfig(TrainConfig):
     lambda_sd: float = 1.0  # task loss weight
     lambda_out: float = 1.0  # output-KD weight
     lambda_feat: float = 1.0  # feature-KD weight (summed over the spec's layer pairs)
+    feature_points: str = "blocks"  # where feature KD matches: blocks (BK-SDM's stage outputs) or self_attn (KOALA: every kept self-attention layer)
     caption_dropout: float = 0.0  # share of captions replaced by "" (paper: 0); trains the unconditional branch that guidance uses
     lambda_cfg: float = 0.0  # output KD on the classifier-free guided prediction at cfg_scale (paper: 0; both nets also run on "")
     cfg_scale: float = 7.5  # the guidance scale of lambda_cfg's term (the scale images are generated with)

@@ -137,3 +137,40 @@ def build_pipeline(words: list[str], max_length: int = 24, image_size: int = 32,
         scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def sdxl_unet_config(channels: tuple[int, ...] = (16, 32, 32), depth: tuple[int, ...] = (1, 2, 3), text_width: int = 32,
+                     pooled_width: int = 16, time_dim: int = 8, sample_size: int = 16, latent_channels: int = 4,
+                     groups: int = 4, heads: int = 2) -> dict[str, Any]:
+    """An SDXL-layout U-Net config scaled down: a plain outer stage, two attention stages with transformer depth
+    ``depth``, ``text_time`` added conditioning (pooled text embedding + six size ids)."""
+    return {
+        "act_fn": "silu", "attention_head_dim": heads, "block_out_channels": list(channels),
+        "cross_attention_dim": text_width, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 2,
+        "transformer_layers_per_block": list(depth), "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_dim, "projection_class_embeddings_input_dim": pooled_width + 6 * time_dim,
+        "in_channels": latent_channels, "out_channels": latent_channels, "norm_num_groups": groups,
+        "sample_size": sample_size, "use_linear_projection": True,
+    }
+
+
+def build_sdxl_pipeline(words: list[str], max_length: int = 24, image_size: int = 32, seed: int = 0,
+                        unet: dict[str, Any] | None = None, widths: tuple[int, int] = (16, 16), pooled_width: int = 16):
+    """A randomly initialised tiny ``StableDiffusionXLPipeline``: two word-level tokenizers, a CLIP text encoder and a
+    CLIP text encoder with projection (pooled output), an SDXL-layout U-Net and a tiny ``AutoencoderKL``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok, tok2 = make_tokenizer(words, max_length), make_tokenizer(words, max_length)
+    text = text_encoder(len(tok), max_length, widths[0])
+    cfg2 = {**text_encoder_config(len(tok2), max_length, widths[1]), "projection_dim": pooled_width}
+    text2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg2))
+    vae = AutoencoderKL(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
+                        latent_channels=4, sample_size=image_size)
+    ucfg = unet or sdxl_unet_config(text_width=sum(widths), pooled_width=pooled_width, sample_size=image_size // 2)
+    sched = EulerDiscreteScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "skip_prk_steps"})
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2,
+                                     unet=UNet2DConditionModel.from_config(ucfg), scheduler=sched, add_watermarker=False)

@@ -48,7 +48,8 @@ class DistillRecipe(Trainer):
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.teacher = FrozenTeacher(teacher_unet).to(self.acc.device, self.weight_dtype)
-        pairs = self.derivation.layer_pairs
+        # block outputs (BK-SDM) or the self-attention layers of the kept transformer layers (KOALA)
+        pairs = self.derivation.layer_pairs if cfg.feature_points == "blocks" else self.derivation.attn_pairs
         self.t_hooks = FeatureHooks(self.teacher.unet, [t for t, _ in pairs], "teacher")
         self.s_hooks = FeatureHooks(student, [s for _, s in pairs], "student")
         self.ema = None
@@ -109,19 +110,21 @@ class DistillRecipe(Trainer):
         cfg = self.cfg
         latents, cond = self.encode(batch, gen)
         noisy, t, target = noisy_inputs(self.noise_scheduler, latents, gen)
+        kw = self.family.unet_kwargs
         t_cond = {k: v.to(self.weight_dtype) for k, v in cond.items()}
-        t_pred = self.teacher(noisy.to(self.weight_dtype), t, **t_cond).sample.float()
+        t_pred = self.teacher(noisy.to(self.weight_dtype), t, **kw(t_cond)).sample.float()
         t_feats = [f.float() for f in self.t_hooks.pop()]
-        s_pred = self.student(noisy, t, **cond).sample.float()
+        s_pred = self.student(noisy, t, **kw(cond)).sample.float()
         s_feats = [f.float() for f in self.s_hooks.pop()]
         task = F.mse_loss(s_pred, target)
         out_kd = F.mse_loss(s_pred, t_pred)
         feat_kd = sum(F.mse_loss(s, tf) for s, tf in zip(s_feats, t_feats))
-        cfg_kd = self._guided_kd(noisy, t, s_pred, t_pred) if cfg.lambda_cfg > 0 else torch.zeros((), device=s_pred.device)
+        cfg_kd = self._guided_kd(noisy, t, cond, s_pred, t_pred) if cfg.lambda_cfg > 0 else torch.zeros((), device=s_pred.device)
         loss = cfg.lambda_sd * task + cfg.lambda_out * out_kd + cfg.lambda_feat * feat_kd + cfg.lambda_cfg * cfg_kd
         return {"loss": loss, "task": task, "out_kd": out_kd, "feat_kd": feat_kd, "cfg_kd": cfg_kd}
 
-    def _guided_kd(self, noisy: torch.Tensor, t: torch.Tensor, s_cond: torch.Tensor, t_cond: torch.Tensor) -> torch.Tensor:
+    def _guided_kd(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], s_cond: torch.Tensor,
+                   t_cond: torch.Tensor) -> torch.Tensor:
         """MSE between the student's and the teacher's classifier-free guided predictions at ``cfg_scale``:
         u + g (c - u), with u the prediction for the empty prompt. Guidance multiplies the error of the difference
         c - u by g; this term trains that difference directly (both networks run once more, on the empty prompt,
@@ -129,9 +132,10 @@ class DistillRecipe(Trainer):
         g = self.cfg.cfg_scale
         b = max(1, round(noisy.shape[0] * self.cfg.cfg_fraction))  # the first b rows: a cheaper, unbiased estimate
         noisy, t, s_cond, t_cond = noisy[:b], t[:b], s_cond[:b], t_cond[:b]
-        uncond = {k: v.expand(b, *v.shape[1:]) for k, v in self.empty_cond.items()}
-        t_unc = self.teacher(noisy.to(self.weight_dtype), t, **{k: v.to(self.weight_dtype) for k, v in uncond.items()}).sample.float()
-        s_unc = self.student(noisy, t, **uncond).sample.float()
+        uncond = self.unconditional({k: v[:b] for k, v in cond.items()})
+        kw = self.family.unet_kwargs
+        t_unc = self.teacher(noisy.to(self.weight_dtype), t, **kw({k: v.to(self.weight_dtype) for k, v in uncond.items()})).sample.float()
+        s_unc = self.student(noisy, t, **kw(uncond)).sample.float()
         self.t_hooks.pop(), self.s_hooks.pop()  # the block features of these extra calls are not distilled
         return F.mse_loss(s_unc + g * (s_cond - s_unc), t_unc + g * (t_cond - t_unc))
 
@@ -195,11 +199,11 @@ class DistillRecipe(Trainer):
         from bksdm.models import load_text_side, load_component
         from bksdm.report import image_grid
 
-        vae, tok, te = load_text_side(self.pipeline_dir)
+        vae, text = load_text_side(self.pipeline_dir)
         sched = load_component(self.pipeline_dir, "scheduler")
         rows = []
         for unet in (self.teacher.unet, self.final_unet()):
-            rows.append(generate_images(unet.float(), vae, tok, te, sched, self.cfg.sample_prompts,
+            rows.append(generate_images({"unet": unet.float(), "vae": vae, **text}, sched, self.cfg.sample_prompts,
                                         seeds=list(range(len(self.cfg.sample_prompts))), steps=self.cfg.sample_steps))
         self.teacher.unet.to(self.weight_dtype)
         path = self.out / "samples" / f"step-{self.step}.png"

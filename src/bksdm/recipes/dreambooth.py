@@ -42,7 +42,7 @@ def class_images(cfg: DreamBoothConfig, device: str) -> tuple[list[Image.Image],
     dataset's — and how many unreadable dataset rows were skipped."""
     from bksdm.pipelines import load_record
     from bksdm.generate import default_dtype, generate_images
-    from bksdm.models import load_components, pipeline_folder
+    from bksdm.models import generation_parts, load_components, pipeline_folder
 
     if cfg.class_dir.startswith("hf:"):
         return dataset_class_images(cfg)
@@ -53,12 +53,11 @@ def class_images(cfg: DreamBoothConfig, device: str) -> tuple[list[Image.Image],
     if missing:
         source = cfg.class_model or (load_record(pipeline_folder(cfg.model)) or {}).get("teacher") or cfg.model
         src = pipeline_folder(source, "class model")
-        parts = load_components(src)
+        parts = load_components(src, (*generation_parts(src), "scheduler"))
         dtype = default_dtype(device)  # fp16 on GPUs (the official run), bf16 on CPUs that have it
         for start in range(0, len(missing), 4):
             idx = missing[start:start + 4]
-            ims = generate_images(parts["unet"], parts["vae"], parts["tokenizer"], parts["text_encoder"], parts["scheduler"],
-                                  [cfg.class_prompt] * len(idx), seeds=[cfg.seed + i for i in idx], steps=cfg.class_steps,
+            ims = generate_images(parts, parts["scheduler"], [cfg.class_prompt] * len(idx), seeds=[cfg.seed + i for i in idx], steps=cfg.class_steps,
                                   resolution=cfg.resolution, dtype=dtype, device=device)
             for i, im in zip(idx, ims):
                 im.save(folder / f"{i:05d}.png")
@@ -127,8 +126,12 @@ class DreamBooth:
         self.classes, self.class_skipped = class_images(cfg, str(self.acc.device)) if cfg.with_prior else ([], 0)
         self.unet = load_component(self.folder, "unet")
         self.family = family_of(self.unet.config)
-        self.text_encoder = load_component(self.folder, "text_encoder")
-        self.tokenizer = load_component(self.folder, "tokenizer")
+        # the first text encoder is the one DreamBooth may train; an SDXL pipeline's second stays frozen
+        self.text_parts = {n: load_component(self.folder, n) for n in self.family.text_components}
+        for name, part in self.text_parts.items():
+            if name != "text_encoder" and isinstance(part, torch.nn.Module):
+                part.to(self.acc.device).float().eval().requires_grad_(False)
+        self.text_encoder = self.text_parts["text_encoder"]
         self.vae = load_component(self.folder, "vae").to(self.acc.device).eval().requires_grad_(False)
         self.noise = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler")
         self.unet.float()
@@ -171,8 +174,9 @@ class DreamBooth:
             dist = self.vae.encode(pixels.to(dev)).latent_dist
             latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev)) * self.vae.config.scaling_factor
         noisy, t, target = noisy_inputs(self.noise, latents, gen)
-        cond = self.family.encode_prompt({"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}, texts, dev)
-        pred = self.unet(noisy, t, **cond).sample.float()
+        cond = self.family.encode_prompt({**self.text_parts, "text_encoder": self.text_encoder}, texts, dev)
+        cond.update(self.family.added_conditioning(len(texts), self.cfg.resolution, dev))
+        pred = self.unet(noisy, t, **self.family.unet_kwargs(cond)).sample.float()
         b = self.cfg.batch_size
         instance = F.mse_loss(pred[:b], target[:b])
         terms = {"instance": instance}
@@ -225,14 +229,14 @@ class DreamBooth:
         final.mkdir(parents=True, exist_ok=True)
         unet, text = unwrap(self.acc.unwrap_model(self.unet)), unwrap(self.acc.unwrap_model(self.text_encoder))
         if self.cfg.lora:
-            from diffusers import StableDiffusionPipeline
+            import diffusers
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
             te = convert_state_dict_to_diffusers(get_peft_model_state_dict(text)) if self.cfg.train_text_encoder else None
             # the adapter configs travel in the file: without them a loader assumes alpha = rank (wrong for bk-sdm)
             meta = {m: lora_config(self.cfg.lora_preset, m, self.cfg.lora_rank).to_dict() for m in ("unet", "text_encoder")}
-            StableDiffusionPipeline.save_lora_weights(final, unet_lora_layers=convert_state_dict_to_diffusers(
+            getattr(diffusers, self.family.pipeline_class).save_lora_weights(final, unet_lora_layers=convert_state_dict_to_diffusers(
                 get_peft_model_state_dict(unet)), text_encoder_lora_layers=te, unet_lora_adapter_metadata=meta["unet"],
                 text_encoder_lora_adapter_metadata=meta["text_encoder"] if te else None)
         else:
@@ -269,14 +273,15 @@ def finetune(cfg: DreamBoothConfig) -> dict[str, Any]:
 
 def personalised_pipeline(model: str, out: str | Path, lora: bool):
     """The fine-tuned pipeline a run wrote (a full pipeline, or the base with its LoRA weights loaded)."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
-    from bksdm.models import import_own_components, pipeline_folder
+    from bksdm.models import import_own_components, pipeline_family, pipeline_folder
 
     final = Path(out) / "final"
     base = pipeline_folder(model) if lora else final
     import_own_components(base)
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    family = pipeline_family(base)
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base, **dict(family.pipeline_kwargs))
     if lora:
         pipe.load_lora_weights(final)
     pipe.set_progress_bar_config(disable=True)
@@ -324,7 +329,7 @@ def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[
         todo = [(path, prompt) for path, prompt in items if not image_complete(path)]
         for start in range(0, len(todo), 4):  # the shared sampling path: one seed and initial latent per image
             chunk = todo[start:start + 4]
-            images = generate_images(pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder, sampler, [t for _, t in chunk],
+            images = generate_images(pipe.components, sampler, [t for _, t in chunk],
                                      [prompt_seed(path.name, 0) for path, _ in chunk], steps, guidance,
                                      dtype=default_dtype(device), device=device)
             for (path, _), image in zip(chunk, images):

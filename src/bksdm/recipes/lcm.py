@@ -115,21 +115,23 @@ class LCMRecipe(Trainer):
         w_emb = S.guidance_embedding(w.cpu(), cfg.time_cond_proj_dim).to(dev) if self.target is not None else None
 
         skip0, out0 = S.boundary_scalings(start, scaling=cfg.timestep_scaling)
-        raw = self.student(noisy, start, timestep_cond=w_emb, **cond).sample.float()
+        kw = self.family.unet_kwargs
+        raw = self.student(noisy, start, timestep_cond=w_emb, **kw(cond)).sample.float()
         x0 = S.x0_and_eps(raw, start, noisy, self.alphas_cumprod, self.prediction_type)[0]
         pred = _bc(skip0, noisy) * noisy + _bc(out0, noisy) * x0
 
         with torch.no_grad():
             # teacher, conditional and unconditional in one batch, then one guided DDIM step to the end timestep
-            both = {k: torch.cat([v, self.empty_cond[k].expand_as(v)]).to(self.weight_dtype) for k, v in cond.items()}
-            t_out = self.teacher(torch.cat([noisy, noisy]).to(self.weight_dtype), torch.cat([start, start]), **both).sample.float()
+            uncond = self.unconditional(cond)
+            both = {k: torch.cat([v, uncond[k]]).to(self.weight_dtype) for k, v in cond.items()}
+            t_out = self.teacher(torch.cat([noisy, noisy]).to(self.weight_dtype), torch.cat([start, start]), **kw(both)).sample.float()
             x0_c, eps_c = S.x0_and_eps(t_out[:b], start, noisy, self.alphas_cumprod, self.prediction_type)
             x0_u, eps_u = S.x0_and_eps(t_out[b:], start, noisy, self.alphas_cumprod, self.prediction_type)
             wb = _bc(w, noisy)
             x_prev = self.solver.step(x0_c + wb * (x0_c - x0_u), eps_c + wb * (eps_c - eps_u), index)
             net = self.target if self.target is not None else unwrap(self.student)
             with torch.autocast(dev.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
-                t_raw = net(x_prev, end, timestep_cond=w_emb, **cond).sample.float()
+                t_raw = net(x_prev, end, timestep_cond=w_emb, **kw(cond)).sample.float()
             skip1, out1 = S.boundary_scalings(end, scaling=cfg.timestep_scaling)
             x0_t = S.x0_and_eps(t_raw, end, x_prev, self.alphas_cumprod, self.prediction_type)[0]
             target = _bc(skip1, x_prev) * x_prev + _bc(out1, x_prev) * x0_t
@@ -212,10 +214,10 @@ class LCMRecipe(Trainer):
         from bksdm.models import load_text_side
         from bksdm.report import image_grid
 
-        vae, tok, te = load_text_side(self.pipeline_dir)
+        vae, text = load_text_side(self.pipeline_dir)
         unet = unwrap(self.acc.unwrap_model(self.student)) if self.cfg.lora else self.final_unet()
         dtype = next(unet.parameters()).dtype
-        row = generate_images(unet.float(), vae, tok, te, lcm_scheduler(self.noise_scheduler.config),
+        row = generate_images({"unet": unet.float(), "vae": vae, **text}, lcm_scheduler(self.noise_scheduler.config),
                               self.cfg.sample_prompts, seeds=list(range(len(self.cfg.sample_prompts))),
                               steps=self.cfg.sample_steps, guidance=1.0 if self.cfg.lora else 7.5)
         unet.to(dtype)

@@ -1,0 +1,189 @@
+"""SDXL students: the family (two text encoders, pooled embedding, size conditioning), transformer-depth specs,
+self-attention feature KD, and compress -> distill -> generate -> LoRA DreamBooth -> diffusers on a tiny
+SDXL-layout pipeline. Full-size SDXL only on the meta device."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bksdm.arch import SDXL_SPECS, BlockSpec, derive, init_student_from_teacher, load_spec
+from bksdm.arch.derive import meta_unet
+from bksdm.arch.families import family_of, family_unet_config
+from bksdm.cli import main
+from bksdm.errors import UserError
+from tests.conftest import distill_cfg, one_line_error
+
+# the tiny teacher's depths are 1 / 2 / 3: this spec keeps one layer of stage 1 (its second), layers 0 and 2 of
+# the innermost stage and of the mid-block (moved: the student's layer 1 is the teacher's layer 2), and on the up
+# path 0 and 2 of the innermost stage's blocks and layer 1 of the next
+SPEC = {"name": "xl-tiny", "down": [[0], [0], [0]], "mid": True, "up": [[0, 2], [0, 2], [0, 2]],
+        "depth": {"down": [None, [1], [0, 2]], "mid": [0, 2], "up": [[0, 2], [1], None]}}
+
+
+def _count(cfg: dict) -> int:
+    return sum(p.numel() for p in meta_unet(cfg).parameters())
+
+
+def test_full_size_sdxl_and_published_students_count_exactly():
+    cfg = family_unet_config("sdxl")
+    assert _count(cfg) == 2_567_463_684  # SDXL-base 1.0's U-Net
+    counts = {n: _count(derive(cfg, s, with_keys=False).student_config) for n, s in SDXL_SPECS.items()}
+    # KOALA (arXiv 2312.04005): U-Nets of 1,161M and 782M parameters (millions cut, not rounded: 782.8M is "782M")
+    assert counts["koala-1b"] // 10**6 == 1161 and counts["koala-700m"] // 10**6 == 782
+    assert counts["bk-base"] > counts["bk-small"] > counts["koala-1b"] > counts["koala-700m"]
+
+
+def test_profile_arch_sdxl_counts_both_text_encoders():
+    from bksdm.profile import profile_models
+
+    rec = profile_models("sdxl", ["koala-700m"], [], latency=False)
+    assert rec[0]["unet_params"] == 2_567_463_684
+    assert rec[0]["text_encoder_params"] == 123_060_480 + 694_659_840  # CLIP ViT-L/14 + OpenCLIP bigG with projection
+    assert rec[1]["unet_params"] == 782_822_724
+    assert rec[0]["unet_gmacs"] > rec[1]["unet_gmacs"] > 0
+
+
+def test_depth_spec_maps_moved_layers_and_pairs_self_attention(tiny_sdxl_dir):
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir / "unet")
+    d = derive(dict(teacher.config), BlockSpec.from_dict(SPEC))
+    assert d.student_config["transformer_layers_per_block"] == [1, 1, 2]
+    student = init_student_from_teacher(teacher, d)
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    assert set(d.key_map) == set(s_sd)
+    for key, src in d.key_map.items():
+        assert torch.equal(s_sd[key], t_sd[src]), key
+    w = "attentions.0.transformer_blocks.{}.attn1.to_q.weight"
+    assert d.key_map["down_blocks.1." + w.format(0)] == "down_blocks.1." + w.format(1)
+    assert d.key_map["mid_block." + w.format(1)] == "mid_block." + w.format(2)
+    assert d.key_map["up_blocks.0." + w.format(1)] == "up_blocks.0." + w.format(2)
+    assert ("mid_block.attentions.0.transformer_blocks.2.attn1", "mid_block.attentions.0.transformer_blocks.1.attn1") in d.attn_pairs
+    assert len(d.attn_pairs) == 1 + 2 + 2 + 2 * 2 + 2 * 1  # down 1+2, mid 2, up: two blocks x 2, two blocks x 1
+    modules = dict(student.named_modules())
+    assert all(s in modules for _, s in d.attn_pairs)
+
+
+@pytest.mark.parametrize("depth,message", [
+    ({"down": [None, [2], None]}, "list layers of 0..1"),
+    ({"down": [[0], None, None]}, "has no attention blocks"),
+    ({"down": [None, None, [0]], "mid": [0, 1, 2]}, "keeps 3 mid-block layers"),
+])
+def test_bad_depth_specs_are_one_line(tiny_sdxl_dir, depth, message):
+    cfg = json.loads((tiny_sdxl_dir / "unet" / "config.json").read_text())
+    with pytest.raises(UserError, match=message):
+        derive(cfg, BlockSpec.from_dict({**SPEC, "depth": depth}))
+
+
+def test_builtin_names_follow_the_teacher():
+    sd, xl = family_unet_config("sd-v1"), family_unet_config("sdxl")
+    assert len(load_spec("bk-small", xl).down) == 3 and len(load_spec("bk-small", sd).down) == 4
+    with pytest.raises(UserError, match="built-in spec for SDXL"):
+        load_spec("koala-1b", sd)
+    with pytest.raises(UserError, match="unknown student 'bk-tiny'.*koala-700m"):
+        load_spec("bk-tiny", xl)  # SDXL's innermost stage is wider than the one before: no bk-tiny
+
+
+def test_conditioning_matches_the_sdxl_pipeline(tiny_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    family = family_of(pipe.unet.config)
+    texts = ["a red circle", "a blue square at the top"]
+    cond = family.encode_prompt(pipe.components, texts, "cpu")
+    embeds, _, pooled, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False)
+    torch.testing.assert_close(cond["encoder_hidden_states"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(cond["text_embeds"], pooled, rtol=0, atol=0)
+    ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, pipe.text_encoder_2.config.projection_dim)
+    torch.testing.assert_close(family.added_conditioning(2, 32, "cpu")["time_ids"], ids.expand(2, 6))
+    empty = family.unconditional(pipe.components, "cpu", {"force_zeros_for_empty_prompt": True})
+    assert all(torch.count_nonzero(v) == 0 for v in empty.values())  # what the pipeline passes as "no prompt"
+
+
+def _xl_cfg(teacher: Path, student: Path, out: Path, **kw):
+    return distill_cfg(teacher, out, student=str(student), **kw)
+
+
+@pytest.fixture(scope="module")
+def xl_student(tiny_sdxl_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("xl")
+    (path / "spec.json").write_text(json.dumps(SPEC))
+    assert main(["compress", "--teacher", str(tiny_sdxl_dir), "--student", str(path / "spec.json"), "--out",
+                 str(path / "student")]) == 0
+    return path / "student"
+
+
+def test_distill_self_attention_kd_resumes_exactly(tiny_sdxl_dir, xl_student, tmp_path):
+    from bksdm.recipes.distill import DistillRecipe
+
+    kw = dict(feature_points="self_attn", grad_accum=2, checkpoint_every=2, lambda_cfg=0.5, cfg_fraction=0.5,
+              caption_dropout=0.5)
+    full = DistillRecipe(_xl_cfg(tiny_sdxl_dir, xl_student, tmp_path / "a", **kw)).setup()
+    assert full.s_hooks.names == [s for _, s in full.derivation.attn_pairs]
+    full.train()
+    part = DistillRecipe(_xl_cfg(tiny_sdxl_dir, xl_student, tmp_path / "b", **kw)).setup()
+    part.cfg.max_steps = 2
+    part.train()
+    resumed = DistillRecipe(_xl_cfg(tiny_sdxl_dir, xl_student, tmp_path / "b", resume="latest", **kw)).setup()
+    resumed.train()
+    a, b = full.final_unet().state_dict(), resumed.final_unet().state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    rows = list(csv.DictReader(open(tmp_path / "a" / "logs" / "losses.csv")))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in csv.DictReader(open(tmp_path / "b" / "logs" / "losses.csv"))]
+    assert all(float(r[k]) > 0 for r in rows for k in ("task", "out_kd", "feat_kd", "cfg_kd"))
+    assert all(torch.count_nonzero(v) == 0 for v in full.empty_cond.values())  # SDXL's unconditional input
+
+
+def test_cached_equals_uncached(tiny_sdxl_dir, xl_student, tmp_path):
+    from bksdm.distill.loader import micro_batches
+    from bksdm.recipes.distill import DistillRecipe
+
+    assert main(["cache", "--teacher", str(tiny_sdxl_dir), "--data", "mini-world:8", "--out", str(tmp_path / "c"),
+                 "--resolution", "32", "--dtype", "fp32"]) == 0
+    plain = DistillRecipe(_xl_cfg(tiny_sdxl_dir, xl_student, tmp_path / "u", data="mini-world:8")).setup()
+    cached = DistillRecipe(_xl_cfg(tiny_sdxl_dir, xl_student, tmp_path / "k", cache=str(tmp_path / "c"))).setup()
+    b1 = next(micro_batches(plain.source, 7, False, 32, 4, 0, 1, 0))
+    b2 = next(micro_batches(cached.source, 7, False, 32, 4, 0, 1, 0))
+    assert set(b2) >= {"emb", "pooled"}
+    l1, l2 = plain.loss_step(b1, torch.Generator().manual_seed(0)), cached.loss_step(b2, torch.Generator().manual_seed(0))
+    for k in l1:
+        torch.testing.assert_close(l1[k], l2[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_generate_lora_dreambooth_and_diffusers_load(xl_student, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square at the top\na green triangle\n")
+    for bs in (1, 3):
+        assert main(["generate", "--model", str(xl_student), "--prompts", str(prompts), "--out", str(tmp_path / f"g{bs}"),
+                     "--steps", "2", "--scheduler", "euler", "--batch-size", str(bs), "--lossless"]) == 0
+    for name in ("00000.png", "00002.png"):  # an image does not depend on the batch it was drawn in
+        a, b = (Image.open(tmp_path / f"g{bs}" / "images" / name) for bs in (1, 3))
+        assert (np.asarray(a) == np.asarray(b)).all()
+    subj = tmp_path / "subj"
+    subj.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (200, 40 * i, 10)).save(subj / f"{i}.png")
+    assert main(["dreambooth", "--model", str(xl_student), "--instance-dir", str(subj), "--instance-prompt", "a red square",
+                 "--class-prompt", "a square", "--num-class-images", "2", "--class-steps", "2", "--resolution", "32",
+                 "--out", str(tmp_path / "db"), "--max-steps", "2", "--batch-size", "1", "--lora",
+                 "--mixed-precision", "no"]) == 0
+    lora = tmp_path / "db" / "final" / "pytorch_lora_weights.safetensors"
+    assert main(["generate", "--model", str(xl_student), "--lora", str(lora), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "gl"), "--steps", "2", "--scheduler", "euler", "--lossless"]) == 0
+    plain = Image.open(tmp_path / "g1" / "images" / "00000.png")
+    tuned = Image.open(tmp_path / "gl" / "images" / "00000.png")
+    assert (np.asarray(plain) != np.asarray(tuned)).any()  # the adapter was applied
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_student)  # no edits: plain diffusers
+    pipe.load_lora_weights(lora.parent)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red square", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
