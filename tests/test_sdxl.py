@@ -187,3 +187,26 @@ def test_generate_lora_dreambooth_and_diffusers_load(xl_student, tmp_path):
     pipe.load_lora_weights(lora.parent)
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red square", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+
+
+def test_inspect_shows_cut_transformer_layers(xl_student, capsys):
+    assert main(["inspect", str(xl_student)]) == 0
+    out = capsys.readouterr().out
+    assert "| mid_block | 3 -> 3 (transformer layers 3 -> 2) |" in out  # the mid-block keeps layers 0 and 2 of 3
+    assert "| up_blocks.0 | 6 -> 4 (transformer layers 9 -> 4) |" in out
+
+
+def test_sdxl_faults_are_one_line(tiny_sdxl_dir, xl_student, tmp_path, capsys):
+    # koala-1b keeps six of the innermost stage's layers; the tiny teacher has three
+    assert main(["compress", "--teacher", str(tiny_sdxl_dir), "--student", "koala-1b", "--out", str(tmp_path / "k")]) == 2
+    assert "list layers of 0..2" in one_line_error(capsys)
+    assert not (tmp_path / "k").exists()
+    assert main(["distill", "--teacher", str(tiny_sdxl_dir), "--student", str(xl_student), "--out", str(tmp_path / "d"),
+                 "feature_points=attention"]) == 2
+    assert "feature_points" in one_line_error(capsys)
+    assert main(["export", str(xl_student), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "SDXL" in one_line_error(capsys) and not (tmp_path / "x.safetensors").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**SPEC, "depth": {"down": [None, None]}}))
+    assert main(["compress", "--teacher", str(tiny_sdxl_dir), "--student", str(bad), "--out", str(tmp_path / "b")]) == 2
+    assert "depth down needs one entry per stage (3)" in one_line_error(capsys)

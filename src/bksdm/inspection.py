@@ -17,17 +17,20 @@ from bksdm.errors import UserError
 STAGE_PARTS = ("resnets", "attentions")
 
 
-def _stage_gmacs(unet, config: dict[str, Any], text_width: int) -> dict[str, float]:
+def _stage_gmacs(unet, config: dict[str, Any]) -> dict[str, float]:
     """GMACs per top-level stage (``down_blocks.0``, ``mid_block``, ...) of one U-Net call at batch 1."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from bksdm.arch.families import family_of
+
     size = config["sample_size"]
+    family = family_of(config)
     with torch.device("meta"):
-        x = torch.zeros(1, config["in_channels"], size, size)
-        emb, t = torch.zeros(1, 77, text_width), torch.full((1,), 500)
+        x, t = torch.zeros(1, config["in_channels"], size, size), torch.full((1,), 500)
+        cond = family.unet_kwargs(family.dummy_conditioning(config, 1, "meta", torch.float32))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        unet(x, t, emb)
+        unet(x, t, **cond)
     out = {}
     for name, ops in counter.get_flop_counts().items():
         stage = name.split(".", 1)[1] if "." in name else name
@@ -41,6 +44,11 @@ def _stages(unet) -> list[tuple[str, Any]]:
     if unet.mid_block is not None:
         stages.append(("mid_block", unet.mid_block))
     return stages + [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+
+
+def _layers(stage) -> int:
+    """Transformer layers in a stage's attention blocks (SDXL stacks up to ten per block)."""
+    return sum(len(a.transformer_blocks) for a in (getattr(stage, "attentions", None) or []))
 
 
 def _blocks(stage) -> list[str]:
@@ -63,9 +71,8 @@ def inspect_student(model: str, teacher: str | None = None) -> dict[str, Any]:
         teacher_cfg, _ = read_unet_config(resolve_model(str(source), "teacher"))
     except UserError as exc:
         raise UserError(f"{exc} (the teacher named in {folder / 'bksdm.json'}; pass --teacher to use another)") from None
-    width = teacher_cfg["cross_attention_dim"]
     t_unet, s_unet = meta_unet(teacher_cfg), meta_unet(student_cfg)
-    t_macs, s_macs = _stage_gmacs(t_unet, teacher_cfg, width), _stage_gmacs(s_unet, student_cfg, width)
+    t_macs, s_macs = _stage_gmacs(t_unet, teacher_cfg), _stage_gmacs(s_unet, student_cfg)
     # teacher stage -> student stage: the down path keeps its outer stages, the up path loses its innermost ones
     dropped = len(t_unet.up_blocks) - len(s_unet.up_blocks)
     match = {f"down_blocks.{i}": f"down_blocks.{i}" for i in range(len(s_unet.down_blocks))}
@@ -89,6 +96,8 @@ def inspect_student(model: str, teacher: str | None = None) -> dict[str, Any]:
         rows.append({
             "stage": name, "student_stage": s_name, "teacher_blocks": len(t_blocks), "student_blocks": len(s_blocks),
             "kept": kept, "removed": removed,
+            "teacher_layers": _layers(stage), "student_layers": _layers(student_stages[s_name]) if s_name else 0,
+            "attention_blocks": (sum(b.startswith("attentions") for b in t_blocks), sum(b.startswith("attentions") for b in s_blocks)),
             "teacher_params": count_params(stage), "student_params": count_params(student_stages[s_name]) if s_name else 0,
             "teacher_gmacs": t_macs.get(name, 0.0), "student_gmacs": s_macs.get(s_name, 0.0) if s_name else 0.0,
         })
@@ -106,7 +115,9 @@ def format_inspection(info: dict[str, Any]) -> str:
     for r in info["stages"]:
         removed = ("all" if r["student_stage"] is None else ", ".join(r["removed"]) or "-") if r["removed"] is not None \
             else (f"{r['teacher_blocks'] - r['student_blocks']} of {r['teacher_blocks']}" if r["student_stage"] else "all")
-        lines.append(f"| {r['stage']} | {r['teacher_blocks']} -> {r['student_blocks']} | {removed} | "
+        deep = (r["teacher_layers"], r["student_layers"]) != tuple(r["attention_blocks"])  # more than one layer per block
+        layers = f" (transformer layers {r['teacher_layers']} -> {r['student_layers']})" if deep else ""
+        lines.append(f"| {r['stage']} | {r['teacher_blocks']} -> {r['student_blocks']}{layers} | {removed} | "
                      f"{r['teacher_params']:,} -> {r['student_params']:,} | {r['teacher_gmacs']:.3f} -> {r['student_gmacs']:.3f} |")
     p, g = info["unet_params"], info["unet_gmacs"]
     lines += ["", f"U-Net: {p['teacher']:,} -> {p['student']:,} parameters, {g['teacher']:.3f} -> {g['student']:.3f} "
