@@ -157,9 +157,11 @@ def test_cached_equals_uncached(tiny_sdxl_dir, xl_student, tmp_path):
         torch.testing.assert_close(l1[k], l2[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_generate_lora_dreambooth_and_diffusers_load(xl_student, tmp_path):
+def test_generate_lora_dreambooth_and_diffusers_load(xl_student, tmp_path, metric_home):
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
+
+    from bksdm.recipes.evaluate import evaluate
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square at the top\na green triangle\n")
@@ -169,6 +171,9 @@ def test_generate_lora_dreambooth_and_diffusers_load(xl_student, tmp_path):
     for name in ("00000.png", "00002.png"):  # an image does not depend on the batch it was drawn in
         a, b = (Image.open(tmp_path / f"g{bs}" / "images" / name) for bs in (1, 3))
         assert (np.asarray(a) == np.asarray(b)).all()
+    res = evaluate(tmp_path / "g1" / "images", prompts, ["clip"], clip_name="bksdm-tiny-clip",
+                   clip_pretrained=str(metric_home / "tiny-clip.pt"))
+    assert res["images"] == 3 and -1 <= res["clip"] <= 1
     subj = tmp_path / "subj"
     subj.mkdir()
     for i in range(3):
