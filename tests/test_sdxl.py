@@ -215,3 +215,25 @@ def test_sdxl_faults_are_one_line(tiny_sdxl_dir, xl_student, tmp_path, capsys):
     bad.write_text(json.dumps({**SPEC, "depth": {"down": [None, None]}}))
     assert main(["compress", "--teacher", str(tiny_sdxl_dir), "--student", str(bad), "--out", str(tmp_path / "b")]) == 2
     assert "depth down needs one entry per stage (3)" in one_line_error(capsys)
+
+
+def test_size_conditioning_follows_the_picture(tiny_sdxl_dir, xl_student, tmp_path):
+    from PIL import Image
+
+    from bksdm.distill.data import size_ids
+    from bksdm.distill.loader import micro_batches
+    from bksdm.recipes.distill import DistillRecipe
+
+    # a 48x32 picture at 32 px: no resize, centre crop 8 px from the left (as diffusers' SDXL training script)
+    assert size_ids((48, 32), 32).tolist() == [32, 48, 0, 8, 32, 32]
+    assert size_ids((100, 50), 32).tolist() == [50, 100, 0, (64 - 32) // 2, 32, 32]  # resized to 64x32 first
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (48 + 8 * i, 32), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    (folder / "metadata.csv").write_text("file_name,text\n" + "".join(f"{i}.png,a blue square\n" for i in range(4)))
+    r = DistillRecipe(_xl_cfg(tiny_sdxl_dir, xl_student, tmp_path / "s", data=str(folder))).setup()
+    batch = next(micro_batches(r.source, 0, False, 32, 4, 0, 1, 0))
+    _, cond = r.encode(batch, torch.Generator().manual_seed(0))
+    assert sorted(cond["time_ids"][:, 1].tolist()) == [48, 56, 64, 72]  # each picture's own width
+    torch.testing.assert_close(cond["time_ids"], batch["size_ids"])

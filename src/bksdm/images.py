@@ -25,13 +25,16 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
     return files
 
 
+def short_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) after :func:`resize_short_side` to ``size``."""
+    scale = size / min(w, h)
+    return (w, h) if scale == 1 else (max(size, round(w * scale)), max(size, round(h * scale)))
+
+
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
     """Resize (bilinear) so the shorter side is ``size``; the aspect ratio is kept."""
-    w, h = image.size
-    scale = size / min(w, h)
-    if scale == 1:
-        return image
-    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    new = short_side_size(*image.size, size)
+    return image if new == image.size else image.resize(new, Image.BILINEAR)
 
 
 def pixels(image: Image.Image) -> torch.Tensor:

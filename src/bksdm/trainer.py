@@ -195,7 +195,7 @@ class Trainer:
                 eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
                 latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
                 cond = {k: v.float() for k, v in self.family.encode_prompt(self.text_parts, batch["text"], dev).items()}
-        cond.update(self.family.added_conditioning(latents.shape[0], self.cfg.resolution, dev))
+        cond.update(self.family.added_conditioning(latents.shape[0], self.cfg.resolution, dev, batch.get("size_ids")))
         if self.caption_dropout() > 0:  # drawn only when on, so runs without it keep their random stream
             drop = torch.rand(latents.shape[0], generator=gen) < self.caption_dropout()
             for k in self.empty_cond:

@@ -205,8 +205,9 @@ class Family:
         the empty prompt's encoding."""
         return self.encode_prompt(parts, [""], device)
 
-    def added_conditioning(self, batch: int, resolution: int, device: Any) -> dict[str, Any]:
-        """Conditioning that does not come from the prompt (SDXL's size micro-conditioning); none here."""
+    def added_conditioning(self, batch: int, resolution: int, device: Any, size_ids: Any = None) -> dict[str, Any]:
+        """Conditioning that does not come from the prompt (SDXL's size micro-conditioning from the data's
+        ``size_ids`` (B, 6), :func:`bksdm.distill.data.size_ids`); none here."""
         return {}
 
     def unet_kwargs(self, cond: Mapping[str, Any]) -> dict[str, Any]:
@@ -245,9 +246,9 @@ class SDXLFamily(Family):
     one's projected pooled output (``text_embeds``, (B, 1280)) and the size micro-conditioning (``time_ids``, (B, 6):
     original size, crop top-left, target size) through ``added_cond_kwargs``.
 
-    Training uses the training resolution as original and target size and no crop, which is what the pipeline
-    passes at inference by default; the unconditional input is all zeros when the pipeline's
-    ``force_zeros_for_empty_prompt`` is set (SDXL-base's default), as the pipeline does.
+    Training conditions on each picture's original size and crop offsets (``size_ids`` from the data or the
+    cache), DreamBooth and size-less data on the resolution with no crop; the unconditional input is all zeros when
+    the pipeline's ``force_zeros_for_empty_prompt`` is set (SDXL-base's default), as the pipeline does.
     """
 
     name: str = "sdxl"
@@ -279,9 +280,13 @@ class SDXLFamily(Family):
             cond = {k: torch.zeros_like(v) for k, v in cond.items()}
         return cond
 
-    def added_conditioning(self, batch: int, resolution: int, device: Any) -> dict[str, Any]:
+    def added_conditioning(self, batch: int, resolution: int, device: Any, size_ids: Any = None) -> dict[str, Any]:
+        """``time_ids`` (B, 6): the pictures' original size and crop when the data gives them (``size_ids``, as
+        diffusers' SDXL training script), else the resolution and no crop (what the pipeline passes by default)."""
         import torch
 
+        if size_ids is not None:
+            return {"time_ids": size_ids.to(device=device, dtype=torch.float32)}
         ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32, device=device)
         return {"time_ids": ids.expand(batch, 6).clone()}
 

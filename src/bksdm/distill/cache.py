@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bksdm.distill.data import BadSample, augment, open_source
+from bksdm.distill.data import BadSample, augment, open_source, size_ids
 from bksdm.errors import UserError, reading
 
 SHARD = 1024
@@ -47,7 +47,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
     for f in old:  # only now, when the teacher has loaded: a failed start keeps the old cache
         f.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    fields = ("mean", "std", *family.cache_keys, "index")
+    fields = ("mean", "std", *family.cache_keys, "size_ids", "index")
     n, skipped, shard, buf = len(source), [], 0, {k: [] for k in fields}
     flips = (False, True) if flip else (False,)
 
@@ -69,6 +69,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
             pix.append(torch.stack([augment(image, resolution, f) for f in flips]))
             texts.append(text)
             idx.append(i)
+            buf["size_ids"].append(size_ids(image.size, resolution)[None])  # float32 whatever --dtype: sizes exact
         if not idx:
             continue
         x = torch.stack(pix).to(device)  # (b, F, 3, R, R)
@@ -78,7 +79,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
         cast = DTYPES[dtype]
         buf["mean"].append(dist.mean.unflatten(0, (b, f)).to("cpu", cast))
         buf["std"].append(dist.std.unflatten(0, (b, f)).to("cpu", cast))
-        for key, value in cond.items():
+        for key, value in cond.items():  # size_ids went in above, per readable item
             buf[key].append(value.to("cpu", cast))
         buf["index"].extend(idx)
         if len(buf["index"]) >= SHARD:

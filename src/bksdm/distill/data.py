@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from bksdm.errors import UserError
-from bksdm.images import IMAGE_EXTENSIONS, pixels, resize_short_side
+from bksdm.images import IMAGE_EXTENSIONS, pixels, resize_short_side, short_side_size
 
 
 
@@ -246,10 +246,22 @@ def augment(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
     Returns (3, resolution, resolution) float in [-1, 1].
     """
     image = resize_short_side(image, resolution)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
+    left, top = _crop_origin(image.size, resolution)
     image = image.crop((left, top, left + resolution, top + resolution))
     return pixels(image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image)
+
+
+def _crop_origin(resized: tuple[int, int], resolution: int) -> tuple[int, int]:
+    return (resized[0] - resolution) // 2, (resized[1] - resolution) // 2
+
+
+def size_ids(size: tuple[int, int], resolution: int) -> torch.Tensor:
+    """SDXL's size micro-conditioning of a picture of ``size`` (width, height) under :func:`augment`: (original
+    height, original width, crop top, crop left, target height, target width), float32 (6,), as diffusers' SDXL
+    training script computes it (centre crop; a flip keeps the crop's offsets)."""
+    w, h = size
+    left, top = _crop_origin(short_side_size(w, h, resolution), resolution)
+    return torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32)
 
 
 class Order:

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 import torch
 
-from bksdm.distill.data import BadSample, Order, augment, positions
+from bksdm.distill.data import BadSample, Order, augment, positions, size_ids
 
 
 class _Positions(torch.utils.data.Dataset):
@@ -32,7 +32,7 @@ def _item(source, index: int, flip: bool, resolution: int) -> dict[str, Any]:
     if getattr(source, "is_cache", False):
         return source.item(index, flip)
     image, text = source.get(index)
-    return {"pixels": augment(image, resolution, flip), "text": text}
+    return {"pixels": augment(image, resolution, flip), "text": text, "size_ids": size_ids(image.size, resolution)}
 
 
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -49,8 +49,9 @@ def micro_batches(source, seed: int, flip: bool, resolution: int, batch: int, ra
                   start_micro: int, num_workers: int = 0) -> Iterator[dict[str, Any]]:
     """Endless micro-batches for process ``rank`` starting at micro-batch ``start_micro``.
 
-    Each batch is a dict with ``pixels`` (B, 3, R, R) and ``text`` (list), or, from a cache, ``mean``/``std``
-    (B, C, h, w) and ``emb`` (B, L, D); plus ``skipped``, the count of unreadable items left out.
+    Each batch is a dict with ``pixels`` (B, 3, R, R), ``text`` (list) and ``size_ids`` (B, 6), or, from a cache,
+    ``mean``/``std`` (B, C, h, w), the family's cached conditioning (``emb`` (B, L, D), ...) and ``size_ids`` when
+    the cache has them; plus ``skipped``, the count of unreadable items left out.
     """
     if getattr(source, "streamed", False):
         yield from _streamed(source, seed, flip, resolution, batch, rank, world, start_micro)
@@ -73,7 +74,8 @@ def _streamed(source, seed, flip, resolution, batch, rank, world, start_micro):
         if pos in wanted:
             try:
                 image, text = source.decode(raw)
-                items.append({"pixels": augment(image, resolution, order.item(pos)[1]), "text": text})
+                items.append({"pixels": augment(image, resolution, order.item(pos)[1]), "text": text,
+                              "size_ids": size_ids(image.size, resolution)})
             except BadSample:
                 items.append(None)
         if pos == wanted.stop - 1:
