@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import subprocess
 import sys
 import time
@@ -67,9 +68,11 @@ def main(argv=None) -> None:
                    str(a.resolution), "--no-flip", "--dtype", "fp32", "--batch-size", str(a.batch)])
     base, ours = a.workdir / f"baseline-{a.arch}", a.workdir / f"bksdm-{a.arch}"
     run(common + ["--out", str(base), "--overwrite", "fused_adam=false", "ema_foreach=false"])
-    run(common + ["--out", str(ours), "--overwrite", "--cache", str(cache)])
     lb, rb = rates(base)
+    shutil.rmtree(base)  # a full-size run's checkpoint and final pipeline: tens of GB that nothing reads again
+    run(common + ["--out", str(ours), "--overwrite", "--cache", str(cache)])
     lo, ro = rates(ours)
+    shutil.rmtree(ours)
     sb, so = steady_rate(rb, a.batch), steady_rate(ro, a.batch)
     print(f"machine: {machine()}")
     print(f"{a.arch} (random weights) -> {a.student}, {a.resolution} px, batch {a.batch}, {a.steps} steps, "

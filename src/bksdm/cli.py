@@ -341,14 +341,14 @@ def _progress(a: argparse.Namespace) -> int:
 @command("demo", "the whole BK-SDM method in the mini world, offline on a CPU in minutes: writes a report")
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-demo", help="output folder (report.md, pictures, models)")
-    p.add_argument("--steps", type=int, default=400, help="distillation steps")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps")
     p.add_argument("--images", type=int, default=300, help="generated images per model for the metrics")
     p.add_argument("--curve-images", type=int, default=100, help="images per checkpoint for the fidelity-vs-step curve")
     p.add_argument("--student", default="bk-small", help="spec to compress the mini teacher with")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
-    p.add_argument("--paper-recipe", action="store_true", help="undo the demo's departures from the paper's method "
-                   "(caption dropout, learning-rate decay); keep only the CPU-scale changes")
+    p.add_argument("--paper-recipe", action="store_true", help="undo the demo's departure from the paper's loss "
+                   "(guided output KD); keep only the CPU-scale changes")
     p.add_argument("--lcm", action="store_true", help="then LCM-distil the student and score it at 1, 2, 4, 8 steps")
     p.add_argument("--lcm-steps", type=int, default=300, help="LCM distillation steps (with --lcm)")
 

@@ -102,7 +102,7 @@ PAPER_METHOD = {"lambda_cfg": 0.0}
 ``configs/distill_mini.yaml`` are only the changes a few-minute CPU run needs (batch, learning rate, no EMA)."""
 
 
-def demo(out: str | Path = "bksdm-demo", steps: int = 400, images: int = 300, student: str = "bk-small",
+def demo(out: str | Path = "bksdm-demo", steps: int = 300, images: int = 300, student: str = "bk-small",
          teacher: str | None = None, gen_steps: int = 25, curve_images: int = 100, paper_recipe: bool = False,
          lcm: bool = False, lcm_steps: int = 300) -> dict[str, Any]:
     """Compress the mini teacher, distil the student, generate, evaluate, profile, score every checkpoint, and write
