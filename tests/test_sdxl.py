@@ -237,3 +237,22 @@ def test_size_conditioning_follows_the_picture(tiny_sdxl_dir, xl_student, tmp_pa
     _, cond = r.encode(batch, torch.Generator().manual_seed(0))
     assert sorted(cond["time_ids"][:, 1].tolist()) == [48, 56, 64, 72]  # each picture's own width
     torch.testing.assert_close(cond["time_ids"], batch["size_ids"])
+
+
+def test_lcm_on_an_sdxl_student(tiny_sdxl_dir, xl_student, tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    from bksdm.lcm.config import LCMConfig
+    from bksdm.recipes.lcm import LCMRecipe
+
+    cfg = LCMConfig().update(dict(model=str(xl_student), teacher=str(tiny_sdxl_dir), data="mini-world:8",
+                                  out=str(tmp_path / "l"), resolution=32, batch_size=2, max_steps=2, mixed_precision="no",
+                                  num_workers=0, report_to="none", gradient_checkpointing=False, time_cond_proj_dim=16), "test")
+    r = LCMRecipe(cfg).setup()
+    last = r.train()
+    assert set(last) >= {"loss", "mse"} and last["loss"] > 0
+    assert all(torch.count_nonzero(v) == 0 for v in r.empty_cond.values())  # the teacher's guidance: SDXL's zeros
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "l" / "final")
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 16
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, height=32, width=32).images[0].size == (32, 32)
