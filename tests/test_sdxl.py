@@ -37,6 +37,14 @@ def test_full_size_sdxl_and_published_students_count_exactly():
     # KOALA (arXiv 2312.04005): U-Nets of 1,161M and 782M parameters (millions cut, not rounded: 782.8M is "782M")
     assert counts["koala-1b"] // 10**6 == 1161 and counts["koala-700m"] // 10**6 == 782
     assert counts["bk-base"] > counts["bk-small"] > counts["koala-1b"] > counts["koala-700m"]
+    # SSD-1B (arXiv 2401.02677: a "1.3B parameter UNet"): our spec yields exactly the layout public loaders build
+    # SSD-1B's U-Net with: per-block depths, and a mid-block without attention
+    public = {**cfg, "mid_block_type": "UNetMidBlock2D", "transformer_layers_per_block": [[1], [2, 2], [4, 4]],
+              "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1]}
+    ours = derive(cfg, SDXL_SPECS["ssd-1b"], with_keys=False).student_config
+    assert {k: v.shape for k, v in meta_unet(ours).state_dict().items()} == \
+        {k: v.shape for k, v in meta_unet(public).state_dict().items()}
+    assert counts["ssd-1b"] == 1_331_334_404 and counts["ssd-1b"] // 10**8 == 13
 
 
 def test_profile_arch_sdxl_counts_both_text_encoders():
@@ -79,6 +87,24 @@ def test_bad_depth_specs_are_one_line(tiny_sdxl_dir, depth, message):
     cfg = json.loads((tiny_sdxl_dir / "unet" / "config.json").read_text())
     with pytest.raises(UserError, match=message):
         derive(cfg, BlockSpec.from_dict({**SPEC, "depth": depth}))
+
+
+def test_mid_block_without_attention_keeps_its_resnets(tiny_sdxl_dir):
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir / "unet")
+    spec = BlockSpec.from_dict({**SPEC, "mid": "resnets", "depth": {**SPEC["depth"], "mid": None}})
+    d = derive(dict(teacher.config), spec)
+    student = init_student_from_teacher(teacher, d)
+    assert d.student_config["mid_block_type"] == "UNetMidBlock2D"
+    assert not any(k.startswith("mid_block.attentions") for k in student.state_dict())
+    t_sd = teacher.state_dict()
+    for key, value in student.state_dict().items():
+        if key.startswith("mid_block"):
+            assert key.startswith("mid_block.resnets") and torch.equal(value, t_sd[key]), key
+    assert not any(p[1].startswith("mid_block") for p in d.attn_pairs)
+    with pytest.raises(UserError, match="must be true, false or resnets"):
+        BlockSpec.from_dict({**SPEC, "mid": "attention"})
 
 
 def test_builtin_names_follow_the_teacher():

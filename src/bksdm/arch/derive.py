@@ -149,6 +149,8 @@ def _validate(spec: BlockSpec, cfg: dict[str, Any]) -> tuple[list[int], list[int
             )
     if spec.mid and cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
         raise UserError(f"{where} keeps the mid-block but the teacher has none; set mid: false")
+    if spec.mid == "resnets" and cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise UserError(f"{where} keeps the mid-block's ResBlocks only; that needs a teacher mid-block with attention")
     return kept_down, kept_up
 
 
@@ -169,10 +171,10 @@ def _kept_layers(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kep
                     continue
                 out[(f"{path}_blocks", s, j)] = _check_layers(chosen, depths[t][k], f"{where}: depth {path}[{t}] block {j}")
     mid = None
-    if spec.mid:
+    if spec.mid is True:
         mid = _check_layers(spec.depth["mid"] if spec.depth else None, t_mid, f"{where}: depth mid")
     elif spec.depth and spec.depth["mid"] is not None:
-        raise UserError(f"{where} names mid-block layers but drops the mid-block")
+        raise UserError(f"{where} names mid-block layers but drops the mid-block or its attention")
     return out, mid
 
 
@@ -196,6 +198,8 @@ def _student_config(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], 
     out["layers_per_block"] = counts[0] if len(set(counts)) == 1 else counts
     if not spec.mid:
         out["mid_block_type"] = None
+    elif spec.mid == "resnets":
+        out["mid_block_type"] = "UNetMidBlock2D"  # diffusers builds it without attention inside this U-Net
     else:
         out["mid_block_type"] = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if isinstance(cfg.get("transformer_layers_per_block", 1), int) and spec.depth is None:
@@ -283,6 +287,7 @@ def _maps(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: l
             (pairs_down if path == "down_blocks" else pairs_up).append(pair)
     if spec.mid:
         modules.append(("mid_block", "mid_block"))
+    if spec.mid is True:
         transformer("mid_block.attentions.0", "mid_block.attentions.0", mid_layers)
     down_attn = [p for p in attn if p[1].startswith("down_blocks")]
     mid_attn = [p for p in attn if p[1].startswith("mid_block")]

@@ -8,7 +8,7 @@ File form (YAML or JSON), for example ``keep both pairs of the outermost down st
 
     name: outer-heavy
     down: [[0, 1], [0], [0], [0]]    # per down stage: kept pair indices, or null to drop the stage
-    mid: true                        # keep the mid-block
+    mid: true                        # keep the mid-block (false: drop it; resnets: keep its ResBlocks only)
     up: [[0, 2], [0, 2], [0, 2], [0, 1, 2]]
 
 SDXL-style teachers stack several transformer layers in one attention block (``transformer_layers_per_block``
@@ -42,7 +42,7 @@ class BlockSpec:
 
     name: str
     down: tuple[Stage, ...]
-    mid: bool
+    mid: bool | str  # True, False, or "resnets": the ResBlocks without the attention block (SSD-1B)
     up: tuple[Stage, ...]
     depth: dict[str, Any] | None = None  # {"down": (Depth per stage), "mid": tuple | None, "up": (Depth per stage)}
 
@@ -94,8 +94,8 @@ class BlockSpec:
                     raise UserError(f"{source}: {key}[{i}] = {st!r}; write a non-empty list of pair indices, or null to drop the stage")
             return tuple(out)
 
-        if not isinstance(data["mid"], bool):
-            raise UserError(f"{source}: 'mid' must be true or false")
+        if not isinstance(data["mid"], bool) and data["mid"] != "resnets":
+            raise UserError(f"{source}: 'mid' must be true, false or resnets (its ResBlocks without the attention)")
         down, up = stages("down"), stages("up")
         depth = _parse_depth(data.get("depth"), source, len(down), len(up))
         return cls(name=str(data.get("name", source)), down=down, mid=data["mid"], up=up, depth=depth)
@@ -180,6 +180,12 @@ SDXL_SPECS: dict[str, BlockSpec] = {
     # mid-block removed); U-Net parameters 1,161M / 782M as published (docs/architecture.md)
     "koala-1b": BlockSpec("koala-1b", _XL_DOWN, True, _XL_UP, _koala_depth(6, True)),
     "koala-700m": BlockSpec("koala-700m", _XL_DOWN, False, _XL_UP, _koala_depth(5, False)),
+    # SSD-1B (Segmind; Gupta et al., arXiv 2401.02677): every block kept, the innermost stage's depth 10 -> 4 in
+    # the encoder and in the decoder's first two blocks, the next decoder stage 2/1/1, the mid-block's attention
+    # removed; 1,331M U-Net parameters ("1.3B")
+    "ssd-1b": BlockSpec("ssd-1b", ((0, 1),) * 3, "resnets", ((0, 1, 2),) * 3,
+                        {"down": (None, None, _first(4)), "mid": None,
+                         "up": ((_first(4), _first(4), _first(10)), (_first(2), _first(1), _first(1)), None)}),
 }
 """Students of SDXL (three stages, transformer depth 1/2/10): built-in names resolve here for a 3-stage teacher."""
 
