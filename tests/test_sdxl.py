@@ -225,6 +225,9 @@ def test_inspect_shows_cut_transformer_layers(xl_student, capsys):
     out = capsys.readouterr().out
     assert "| mid_block | 3 -> 3 (transformer layers 3 -> 2) |" in out  # the mid-block keeps layers 0 and 2 of 3
     assert "| up_blocks.0 | 6 -> 4 (transformer layers 9 -> 4) |" in out
+    card = (xl_student / "README.md").read_text()  # the model card names the cut layers and the family
+    assert "transformer layers kept per stage (down, mid, up): [null, [1], [0, 2]], [0, 2]" in card
+    assert "- stable-diffusion-xl" in card
 
 
 def test_sdxl_faults_are_one_line(tiny_sdxl_dir, xl_student, tmp_path, capsys):

@@ -4,6 +4,7 @@ model, tags) and a body that says which blocks were removed, what it saved and h
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ def removed_blocks(teacher_config: dict[str, Any], module_map: list[list[str]]) 
     return [name for name, _ in teacher.named_modules() if BLOCK.match(name) and name not in kept]
 
 
+_MID = {True: "kept", False: "removed", "resnets": "kept without its attention"}
+
+
 def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config: dict[str, Any],
                      params: dict[str, int], training: dict[str, Any] | None = None,
                      metrics: dict[str, float] | None = None, samples: str | None = None) -> Path:
@@ -36,7 +40,8 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", license=None,
                          base_model=teacher if re.match(r"^[\w.-]+/[\w.-]+$", teacher) else None,
                          tags=["bk-sdm", "knowledge-distillation", "block-removal", "stable-diffusion",
-                               "text-to-image", "diffusers", f"bksdm-{spec['name']}"])
+                               "text-to-image", "diffusers", f"bksdm-{spec['name']}"]
+                         + (["stable-diffusion-xl"] if teacher_config.get("addition_embed_type") == "text_time" else []))
     t, s = params["teacher_unet"], params["student_unet"]
     lines = [
         f"# {spec['name']} student of {teacher or 'its teacher'}",
@@ -52,7 +57,10 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
         "## Architecture",
         "",
         f"- Block-removal spec `{spec['name']}`: down stages keep pairs {spec['down']}, mid-block "
-        f"{'kept' if spec['mid'] else 'removed'}, up stages keep {spec['up']}.",
+        f"{_MID[spec['mid']]}, up stages keep {spec['up']}"
+        + ("; transformer layers kept per stage (down, mid, up): "
+           + ", ".join(json.dumps(spec["depth"][k]) for k in ("down", "mid", "up")) + " (null: all)" if spec.get("depth") else "")
+        + ".",
         f"- Removed teacher blocks ({len(removed)}): " + (", ".join(f"`{b}`" for b in removed) or "none") + ".",
         f"- U-Net parameters: {s:,} (teacher {t:,}; {100 * (1 - s / t):.1f}% fewer).",
         "- Student initialised from the teacher's weights (every student tensor from one teacher tensor of the same "
