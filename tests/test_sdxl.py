@@ -285,3 +285,35 @@ def test_lcm_on_an_sdxl_student(tiny_sdxl_dir, xl_student, tmp_path):
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 16
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, height=32, width=32).images[0].size == (32, 32)
+
+
+def test_mini_teacher_recipe_trains_an_sdxl_layout_teacher(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    import bksdm.mini.model  # noqa: F401  (the world's VAE class, named in the folder's model_index.json)
+    from bksdm.mini.config import TeacherConfig
+    from bksdm.recipes import mini_teacher
+
+    seen = []
+    real = mini_teacher._conditioning
+
+    def spy(family, parts, texts, batch):
+        cond = real(family, parts, texts, batch)
+        seen.append((list(texts), {k: v.detach().clone() for k, v in cond.items()}))
+        return cond
+
+    monkeypatch.setattr(mini_teacher, "_conditioning", spy)
+    cfg = TeacherConfig(out=str(tmp_path / "t"), steps=3, batch_size=8, log_every=1, save_every=0, family="sdxl", seed=3)
+    result = mini_teacher.train_teacher(cfg)
+    assert result["final_loss"] == result["final_loss"]  # not NaN
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "t" / "final")
+    assert pipe.unet.config.transformer_layers_per_block == [1, 2, 2] and pipe.unet.config.in_channels == 12
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # a dropped caption trains the all-zeros input SDXL pipelines guide with; the others their prompt's encoding
+    dropped = [(i, cond) for texts, cond in seen for i, text in enumerate(texts) if text == ""]
+    kept = [(i, cond) for texts, cond in seen for i, text in enumerate(texts) if text != ""]
+    assert dropped and kept  # seed 3 drops some of the 24 captions (10% each): both cases are checked
+    for i, cond in dropped:
+        assert torch.count_nonzero(cond["encoder_hidden_states"][i]) == 0 and torch.count_nonzero(cond["text_embeds"][i]) == 0
+    assert all(torch.count_nonzero(cond["encoder_hidden_states"][i]) > 0 for i, cond in kept)
+    assert all(cond["time_ids"].tolist()[0] == [32, 32, 0, 0, 32, 32] for _, cond in kept)

@@ -40,6 +40,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "dtype": {"choices": PRECISIONS}, "dtypes": {"choices": PRECISIONS},
     "scheduler": {"choices": tuple(SCHEDULERS)},
     "feature_points": {"choices": ("blocks", "self_attn")},
+    "family": {"choices": ("sd", "sdxl")},
     "mixed_precision": {"choices": ("no", "fp16", "bf16")},
     "init": {"choices": ("teacher", "random")},
     "report_to": {"choices": ("tensorboard", "wandb", "none")},

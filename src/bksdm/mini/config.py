@@ -25,6 +25,7 @@ class TeacherConfig(Config):
     start_index: int = 0  # first world index: continuations see new pictures (avoid 1,100,000+ and 5,000,000+)
     prediction: str = "v_prediction"  # v_prediction (SD-v2's target; the shipped teacher) or epsilon (SD-v1's)
     fresh_text: int = 0  # with init_from: replace the text encoder by a new one of this many layers
+    family: str = "sd"  # sd (the shipped teacher's SD-v1 layout) or sdxl (two text encoders, size ids, transformer depth 2)
     overwrite: bool = False  # replace a teacher already in out (without it, one there is refused)
 
     def validate(self) -> "TeacherConfig":

@@ -156,21 +156,27 @@ def sdxl_unet_config(channels: tuple[int, ...] = (16, 32, 32), depth: tuple[int,
 
 
 def build_sdxl_pipeline(words: list[str], max_length: int = 24, image_size: int = 32, seed: int = 0,
-                        unet: dict[str, Any] | None = None, widths: tuple[int, int] = (16, 16), pooled_width: int = 16):
+                        unet: dict[str, Any] | None = None, widths: tuple[int, int] = (16, 16), pooled_width: int = 16,
+                        vae: Any = None, text_layers: int = 2, text_embed_std: float | None = None):
     """A randomly initialised tiny ``StableDiffusionXLPipeline``: two word-level tokenizers, a CLIP text encoder and a
-    CLIP text encoder with projection (pooled output), an SDXL-layout U-Net and a tiny ``AutoencoderKL``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    CLIP text encoder with projection (pooled output), an SDXL-layout U-Net and ``vae`` (default: a tiny
+    ``AutoencoderKL``; the mini teacher's recipe passes the world's space-to-depth VAE)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tok, tok2 = make_tokenizer(words, max_length), make_tokenizer(words, max_length)
-    text = text_encoder(len(tok), max_length, widths[0])
-    cfg2 = {**text_encoder_config(len(tok2), max_length, widths[1]), "projection_dim": pooled_width}
+    text = text_encoder(len(tok), max_length, widths[0], text_layers, text_embed_std)
+    cfg2 = {**text_encoder_config(len(tok2), max_length, widths[1], text_layers), "projection_dim": pooled_width}
     text2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg2))
-    vae = AutoencoderKL(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
-                        latent_channels=4, sample_size=image_size)
+    if text_embed_std is not None:
+        with torch.no_grad():
+            for emb in (text2.text_model.embeddings.token_embedding, text2.text_model.embeddings.position_embedding):
+                emb.weight.normal_(0.0, text_embed_std)
+    vae = vae or AutoencoderKL(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+                               up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
+                               latent_channels=4, sample_size=image_size)
     ucfg = unet or sdxl_unet_config(text_width=sum(widths), pooled_width=pooled_width, sample_size=image_size // 2)
-    sched = EulerDiscreteScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "skip_prk_steps"})
+    sched = PNDMScheduler.from_config(SCHEDULER_CONFIG)  # the mini world's sampler, as the SD-layout pipeline's
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2,
                                      unet=UNet2DConditionModel.from_config(ucfg), scheduler=sched, add_watermarker=False)

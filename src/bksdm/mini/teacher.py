@@ -22,6 +22,10 @@ TEACHER_UNET = dict(channels=(32, 64, 64, 64), cross_attention_dim=64, groups=8,
 TEXT_LAYERS = 4
 TEXT_EMBED_STD = 1.0  # the shipped text encoder's initial embedding scale (see bksdm.mini.model.text_encoder)
 VAE_SHIFT = 0.75  # about the mean pixel value of world pictures in [-1, 1]: centres the latents
+SDXL_TEACHER_UNET = dict(channels=(32, 64, 64), depth=(1, 2, 2), text_width=64, pooled_width=32, latent_channels=12,
+                         sample_size=16, groups=8, heads=4)
+"""An SDXL-layout mini teacher (``mini-teacher family=sdxl``): transformer depth 2 in both attention stages, two
+32-wide text encoders, the same world and VAE as the shipped SD-layout one."""
 
 
 def to_tensor(images) -> torch.Tensor:

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from bksdm.arch.families import family_of
-from bksdm.mini.model import SpaceToDepthVAE, build_pipeline, text_encoder, unet_config
+from bksdm.errors import UserError
+from bksdm.mini.model import SpaceToDepthVAE, build_pipeline, build_sdxl_pipeline, sdxl_unet_config, text_encoder, unet_config
 from bksdm.mini.config import TeacherConfig
-from bksdm.mini.teacher import TEACHER_UNET, TEXT_EMBED_STD, TEXT_LAYERS, VAE_SHIFT, save_teacher, world_batch
+from bksdm.mini.teacher import (SDXL_TEACHER_UNET, TEACHER_UNET, TEXT_EMBED_STD, TEXT_LAYERS, VAE_SHIFT, save_teacher,
+                                world_batch)
 from bksdm.mini.world import WORDS, ShapesWorld
 from bksdm.training import noisy_inputs
 
@@ -39,7 +41,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     ``start_index`` offsets the world indices so a continuation sees new pictures; ``fresh_text`` (with ``init``)
     replaces the text encoder by a new one of that many layers.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.training_utils import EMAModel
 
     cfg.validate()
@@ -48,21 +50,30 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     init, fresh_text = (Path(cfg.init_from) if cfg.init_from else None), cfg.fresh_text
     torch.manual_seed(seed)
     if init is not None:
-        pipe = StableDiffusionPipeline.from_pretrained(init, dtype=torch.float32)
+        import bksdm.mini.model  # noqa: F401  (its VAE class, named in the folder's model_index.json)
+
+        cls = StableDiffusionXLPipeline if cfg.family == "sdxl" else StableDiffusionPipeline
+        pipe = cls.from_pretrained(init, dtype=torch.float32)
         vae_cfg = {k: v for k, v in pipe.vae.config.items() if not k.startswith("_")}
         pipe.vae = SpaceToDepthVAE(**{**vae_cfg, "shift": VAE_SHIFT})
+        if fresh_text and cfg.family == "sdxl":
+            raise UserError("fresh_text replaces the SD layout's one text encoder; an SDXL teacher has two")
         if fresh_text:
             tc = pipe.text_encoder.config
             pipe.text_encoder = text_encoder(tc.vocab_size, tc.max_position_embeddings, tc.hidden_size, fresh_text,
                                              TEXT_EMBED_STD)
+    elif cfg.family == "sdxl":
+        pipe = _sdxl_teacher(seed)
     else:
         pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET), text_layers=TEXT_LAYERS,
                               vae_shift=VAE_SHIFT, text_embed_std=TEXT_EMBED_STD)
     pipe.scheduler.register_to_config(prediction_type=prediction)
-    unet, text, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
+    unet, vae = pipe.unet, pipe.vae
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     family = family_of(unet.config)
-    params = list(unet.parameters()) + list(text.parameters())
+    parts = {n: getattr(pipe, n) for n in family.text_components}
+    texts_nets = [p for n, p in parts.items() if n.startswith("text_encoder")]
+    params = list(unet.parameters()) + [p for net in texts_nets for p in net.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ema = EMAModel(params, decay=ema_decay)  # warm-up decay min(ema_decay, (1 + n) / (10 + n)), as distill's
@@ -73,7 +84,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
         noisy, t, target = noisy_inputs(noise_sched, latents, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = unet(noisy, t, **family.encode_prompt({"tokenizer": tok, "text_encoder": text}, texts, "cpu")).sample
+            pred = unet(noisy, t, **family.unet_kwargs(_conditioning(family, parts, texts, latents.shape[0]))).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,6 +102,32 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     _save_ema(pipe, ema, params, out / "final", {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "bf16_autocast": bf16,
                              "prediction": prediction, "seconds": round(time.time() - t0, 1), "history": history})
     return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-log_every:])) if losses else None}
+
+
+def _sdxl_teacher(seed: int):
+    """A new SDXL-layout mini teacher: :data:`SDXL_TEACHER_UNET`, the world's VAE, two text encoders."""
+    u = SDXL_TEACHER_UNET
+    ucfg = sdxl_unet_config(channels=u["channels"], depth=u["depth"], text_width=u["text_width"],
+                            pooled_width=u["pooled_width"], sample_size=u["sample_size"],
+                            latent_channels=u["latent_channels"], groups=u["groups"], heads=u["heads"])
+    half = u["text_width"] // 2
+    return build_sdxl_pipeline(WORDS, seed=seed, unet=ucfg, widths=(half, half), pooled_width=u["pooled_width"],
+                               vae=SpaceToDepthVAE(sample_size=32, shift=VAE_SHIFT), text_layers=TEXT_LAYERS,
+                               text_embed_std=TEXT_EMBED_STD)
+
+
+def _conditioning(family, parts: dict, texts: list[str], batch: int) -> dict:
+    """The prompts' conditioning for training. A dropped caption ("") becomes what the pipeline will pass for
+    "no prompt" under guidance: the empty prompt's encoding (SD), all zeros (SDXL's force_zeros_for_empty_prompt)."""
+    cond = family.encode_prompt(parts, texts, "cpu")
+    empty = [i for i, text in enumerate(texts) if text == ""]
+    if empty:
+        unc = family.unconditional(parts, "cpu", {"force_zeros_for_empty_prompt": True})
+        for key, value in unc.items():
+            cond[key] = cond[key].clone()
+            cond[key][empty] = value.to(cond[key].dtype)
+    cond.update(family.added_conditioning(batch, 32, "cpu"))
+    return cond
 
 
 def _save_ema(pipe, ema, params: list[torch.nn.Parameter], out: Path, info: dict) -> None:
