@@ -84,7 +84,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
         noisy, t, target = noisy_inputs(noise_sched, latents, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = unet(noisy, t, **family.unet_kwargs(_conditioning(family, parts, texts, latents.shape[0]))).sample
+            pred = unet(noisy, t, **family.unet_kwargs(teacher_conditioning(family, parts, texts, latents.shape[0]))).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,7 +116,7 @@ def _sdxl_teacher(seed: int):
                                text_embed_std=TEXT_EMBED_STD)
 
 
-def _conditioning(family, parts: dict, texts: list[str], batch: int) -> dict:
+def teacher_conditioning(family, parts: dict, texts: list[str], batch: int) -> dict:
     """The prompts' conditioning for training. A dropped caption ("") becomes what the pipeline will pass for
     "no prompt" under guidance: the empty prompt's encoding (SD), all zeros (SDXL's force_zeros_for_empty_prompt)."""
     cond = family.encode_prompt(parts, texts, "cpu")
