@@ -318,3 +318,13 @@ def test_mini_teacher_recipe_trains_an_sdxl_layout_teacher(tmp_path, monkeypatch
         assert torch.count_nonzero(cond["encoder_hidden_states"][i]) == 0 and torch.count_nonzero(cond["text_embeds"][i]) == 0
     assert all(torch.count_nonzero(cond["encoder_hidden_states"][i]) > 0 for i, cond in kept)
     assert all(cond["time_ids"].tolist()[0] == [32, 32, 0, 0, 32, 32] for _, cond in kept)
+
+
+def test_mini_teacher_family_faults(tmp_path, capsys):
+    from bksdm.mini.teacher import ASSET
+
+    assert main(["mini-teacher", "--out", str(tmp_path / "a"), "family=sdxxl"]) == 2
+    assert "family 'sdxxl' is not one of sd, sdxl" in one_line_error(capsys)
+    assert main(["mini-teacher", "--out", str(tmp_path / "b"), "--init-from", str(ASSET), "family=sdxl", "--steps", "1"]) == 2
+    assert "is not a sdxl-layout teacher" in one_line_error(capsys)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "final").exists()

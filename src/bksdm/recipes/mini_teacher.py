@@ -52,6 +52,10 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     if init is not None:
         import bksdm.mini.model  # noqa: F401  (its VAE class, named in the folder's model_index.json)
 
+        from bksdm.models import pipeline_family, pipeline_folder
+
+        if pipeline_family(pipeline_folder(str(init), "teacher")).name != cfg.family:
+            raise UserError(f"init_from {init} is not a {cfg.family}-layout teacher; pass family= to match it")
         cls = StableDiffusionXLPipeline if cfg.family == "sdxl" else StableDiffusionPipeline
         pipe = cls.from_pretrained(init, dtype=torch.float32)
         vae_cfg = {k: v for k, v in pipe.vae.config.items() if not k.startswith("_")}
