@@ -84,7 +84,7 @@ def test_teacher_recipe_trains_a_checksummed_v_prediction_pipeline(tmp_path):
     pipe = load_teacher(tmp_path / "t" / "final")  # every trainer's result in OUT/final; verifies its checksums
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert json.loads((tmp_path / "t" / "final" / "training.json").read_text())["prediction"] == "v_prediction"
-    own = heldout_mse(pipe.unet, pipe.unet, pipe.tokenizer, pipe.text_encoder, pipe.vae, dict(pipe.scheduler.config), 8)
+    own = heldout_mse(pipe.unet, pipe.unet, {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder}, pipe.vae, dict(pipe.scheduler.config), 8)
     assert own["teacher_mse"] == 0 and own["heldout_mse"] > 0
 
 
@@ -103,6 +103,25 @@ def test_ablation_summary_and_ordering():
     assert "- bk-small, teacher_mse: **does not hold**: no gain from + output KD to + output & feature KD." in md
     assert "- bk-small, fidelity: **does not hold**: no gain from random init to teacher init;" in md  # all equal
     assert "0.7050 (0.0100)" in md  # + output & feature KD: mean of 0.70 and 0.71, spread 0.01
+
+
+def test_sdxl_ablation_verdicts_need_a_gap_beyond_the_seed_spread():
+    from bksdm.recipes.mini import SDXL_VARIANTS, ablation_markdown, compare, summarise
+
+    fid = {"+ output KD": (0.50, 0.52), "+ block feature KD": (0.60, 0.64), "+ self-attention feature KD": (0.70, 0.71)}
+    rows = [{"family": "sdxl", "student": "koala-mini", "variant": v, "seed": seed, "heldout_mse": 0.04 + 0.001 * seed,
+             "teacher_mse": 0.02, "fidelity": fid[v][seed], "mini_fid": 100.0 - 10 * k}
+            for k, v in enumerate(SDXL_VARIANTS) for seed in (0, 1)]
+    s = summarise(rows)
+    c = compare(s, "koala-mini", "fidelity", "+ self-attention feature KD", "+ block feature KD")
+    assert c["gain"] == pytest.approx(0.085) and c["separated"]  # 0.085 > both spreads (0.04, 0.01)
+    c = compare(s, "koala-mini", "mini_fid", "+ self-attention feature KD", "+ block feature KD")
+    assert c["gain"] == pytest.approx(10.0) and c["separated"]  # lower mini-FID is better
+    assert not compare(s, "koala-mini", "heldout_mse", "+ block feature KD", "+ output KD")["separated"]  # equal means
+    md = ablation_markdown(rows, 200)
+    assert "- koala-mini, fidelity: **+ self-attention feature KD** is better by 0.085 (beyond the seed spread)." in md
+    assert "- koala-mini, heldout_mse: + self-attention feature KD vs + block feature KD: **no separation**" in md
+    assert "paper's ordering" not in md
 
 
 @pytest.mark.slow

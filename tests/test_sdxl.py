@@ -328,3 +328,37 @@ def test_mini_teacher_family_faults(tmp_path, capsys):
     assert main(["mini-teacher", "--out", str(tmp_path / "b"), "--init-from", str(ASSET), "family=sdxl", "--steps", "1"]) == 2
     assert "is not a sdxl-layout teacher" in one_line_error(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "final").exists()
+
+
+def test_ablate_family_sdxl_compares_feature_points(tmp_path):
+    """`bksdm ablate --family sdxl` on a (barely trained) SDXL-layout mini teacher: a KOALA-style student, the three
+    rows, every metric measured, the spec recorded, resumable, and an SD ablation folder refused."""
+    from bksdm.mini.config import TeacherConfig
+    from bksdm.recipes.mini import SDXL_VARIANTS, ablate
+    from bksdm.recipes.mini_teacher import train_teacher
+
+    train_teacher(TeacherConfig(out=str(tmp_path / "t"), steps=1, batch_size=4, log_every=1, save_every=0, family="sdxl"))
+    teacher = str(tmp_path / "t" / "final")
+    out = tmp_path / "abl"
+    assert main(["ablate", "--family", "sdxl", "--out", str(out), "--teacher", teacher, "--steps", "2", "--seeds", "0",
+                 "--images", "4", "--gen-steps", "2"]) == 0
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [r["variant"] for r in rows] == list(SDXL_VARIANTS) and {r["family"] for r in rows} == {"sdxl"}
+    for r in rows:
+        assert all(np.isfinite(r[m]) for m in ("heldout_mse", "teacher_mse", "fidelity", "mini_fid"))
+    student = json.loads((out / "init" / "koala-mini" / "unet" / "config.json").read_text())
+    assert student["transformer_layers_per_block"] == [1, 2, 1] and student["mid_block_type"] is None
+    assert json.loads((out / "specs" / "koala-mini.json").read_text())["depth"]["down"] == [None, None, [0]]
+    feat = {}
+    for r in rows:
+        run = next((out / "runs").glob(f"koala-mini-{r['variant'].replace(' ', '_')}-0"))
+        feat[r["variant"]] = [float(x["feat_kd"] or 0) for x in csv.DictReader(open(run / "logs" / "losses.csv"))]
+        recipe = json.loads((run / "config.json").read_text())
+        assert recipe["feature_points"] == SDXL_VARIANTS[r["variant"]].get("feature_points", "blocks")
+        assert (recipe["lambda_feat"] == 0) == (r["variant"] == "+ output KD") and recipe["lambda_cfg"] == 0
+    assert feat["+ block feature KD"] != feat["+ self-attention feature KD"]  # different layers distilled
+    md = (out / "ablation.md").read_text()
+    assert "KOALA" in md and len([line for line in md.splitlines() if line.startswith("- koala-mini, ")]) == 12
+    assert ablate(out, steps=2, seeds=(0,), images=4, teacher=teacher, gen_steps=2, family="sdxl") == rows  # resumed
+    with pytest.raises(UserError, match="holds an ablation of family sdxl"):
+        ablate(out, steps=2, seeds=(0,), images=4, family="sd")

@@ -366,15 +366,19 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
-@command("ablate", "appendix Table 3 in the mini world: init and KD variants x students x seeds")
+@command("ablate", "mini-world ablations: appendix Table 3 (init and KD variants), or KOALA's feature points (--family sdxl)")
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-ablation", help="output folder (ablation.json, ablation.md); resumable")
+    p.add_argument("--family", choices=["sd", "sdxl"], default="sd",
+                   help="sd: Table 3's rows on the SD-layout teacher; sdxl: output KD vs + block vs + self-attention "
+                        "feature KD on the SDXL-layout teacher")
     p.add_argument("--steps", type=int, default=50, help="distillation steps of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--students", nargs="+", default=["bk-small", "bk-tiny"])
+    p.add_argument("--students", nargs="+", default=None,
+                   help="built-in names or spec files (default: bk-small bk-tiny; --family sdxl: koala-mini)")
     p.add_argument("--images", type=int, default=100, help="generated images per run for fidelity and mini-FID")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
-    p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
+    p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one of --family)")
     p.add_argument("--guided", action="store_true", help="a fifth row: + guided output KD (the demo's recipe)")
 
 
@@ -382,7 +386,7 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 def _ablate(a: argparse.Namespace) -> int:
     from bksdm.recipes.mini import ablate, ablation_markdown
 
-    rows = ablate(a.out, a.steps, tuple(a.seeds), tuple(a.students), a.images, a.teacher, a.gen_steps, a.guided)
+    rows = ablate(a.out, a.steps, tuple(a.seeds), a.students, a.images, a.teacher, a.gen_steps, a.guided, a.family)
     print(ablation_markdown(rows, a.steps))
     return 0
 

@@ -81,10 +81,11 @@ def mini_fid(images: list[Image.Image], reference: list[Image.Image], net: C.Qua
 
 
 @torch.no_grad()
-def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_config: dict, count: int = 256,
+def heldout_mse(unet, teacher_unet, text_parts: dict, vae, scheduler_config: dict, count: int = 256,
                 batch: int = 64) -> dict[str, float]:
     """MSE to the training target (epsilon or v, as ``scheduler_config`` says) and MSE to the teacher's prediction
-    on ``count`` fixed held-out (image, timestep, noise) triples."""
+    on ``count`` fixed held-out (image, timestep, noise) triples. ``text_parts``: the family's text components by
+    name (SD: tokenizer, text_encoder; SDXL: both pairs), as :attr:`Family.text_components`."""
     from diffusers import DDPMScheduler
 
     from bksdm.mini.teacher import to_tensor
@@ -100,11 +101,13 @@ def heldout_mse(unet, teacher_unet, tokenizer, text_encoder, vae, scheduler_conf
         samples = [world.sample(HELDOUT_START + start + i) for i in range(n)]
         lat = vae.encode(to_tensor([s[0] for s in samples])).latent_dist.mode() * vae.config.scaling_factor
         x, t, target = noisy_inputs(sched, lat, gen)
-        cond = family.encode_prompt({"tokenizer": tokenizer, "text_encoder": text_encoder}, [s[1] for s in samples], "cpu")
-        pred = unet(x, t, **cond).sample.float()
+        cond = family.encode_prompt(text_parts, [s[1] for s in samples], "cpu")
+        cond.update(family.added_conditioning(n, samples[0][0].size[1], "cpu"))  # SDXL: size ids of 32 px pictures
+        kwargs = family.unet_kwargs(cond)
+        pred = unet(x, t, **kwargs).sample.float()
         err.append(((pred - target) ** 2).mean(dim=(1, 2, 3)))
         if teacher_unet is not None:
-            dist.append(((pred - teacher_unet(x, t, **cond).sample.float()) ** 2).mean(dim=(1, 2, 3)))
+            dist.append(((pred - teacher_unet(x, t, **kwargs).sample.float()) ** 2).mean(dim=(1, 2, 3)))
     out = {"heldout_mse": float(torch.cat(err).mean())}
     if dist:
         out["teacher_mse"] = float(torch.cat(dist).mean())

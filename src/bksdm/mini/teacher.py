@@ -12,11 +12,15 @@ from pathlib import Path
 
 import torch
 
+from bksdm.arch.spec import BlockSpec
 from bksdm.images import pixels
 from bksdm.mini.world import ShapesWorld
 from bksdm.errors import UserError
 
 ASSET = Path(__file__).parent / "assets" / "teacher"
+SDXL_ASSET = Path(__file__).parent / "assets" / "teacher_sdxl"
+ASSETS = {"sd": ASSET, "sdxl": SDXL_ASSET}
+"""The shipped teachers by family: SD-v1 layout (the demo's) and SDXL layout (``bksdm ablate --family sdxl``)."""
 CHECKSUMS = "checksums.json"
 TEACHER_UNET = dict(channels=(32, 64, 64, 64), cross_attention_dim=64, groups=8, heads=4)
 TEXT_LAYERS = 4
@@ -26,6 +30,12 @@ SDXL_TEACHER_UNET = dict(channels=(32, 64, 64), depth=(1, 2, 2), text_width=64, 
                          sample_size=16, groups=8, heads=4)
 """An SDXL-layout mini teacher (``mini-teacher family=sdxl``): transformer depth 2 in both attention stages, two
 32-wide text encoders, the same world and VAE as the shipped SD-layout one."""
+KOALA_MINI = BlockSpec("koala-mini", down=((0,), (0,), (0,)), mid=False, up=((0, 2), (0, 2), (0, 2)),
+                       depth={"down": (None, None, (0,)), "mid": None, "up": ((0,), None, None)})
+"""KOALA-700M's rules on the SDXL-layout mini teacher: BK-style block removal (each down stage keeps its first
+block, each up stage its first and last), the mid-block removed, and the innermost stage's transformer depth
+halved (2 -> 1, as KOALA cuts SDXL's 10 -> 5) while the stage before keeps its depth 2."""
+MINI_SPECS = {"koala-mini": KOALA_MINI}
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -65,9 +75,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def teacher_path(path: Path | None = None) -> Path:
-    """The shipped teacher folder (or ``path``), after verifying every weight file's sha256."""
-    path = Path(path) if path else ASSET
+def teacher_path(path: Path | None = None, family: str = "sd") -> Path:
+    """The shipped teacher folder of ``family`` ('sd' or 'sdxl'; or ``path``), after verifying every weight
+    file's sha256."""
+    path = Path(path) if path else ASSETS[family]
     sums_file = path / CHECKSUMS
     if not sums_file.is_file():
         raise UserError(f"no mini teacher at {path} (missing {CHECKSUMS}); train one with `bksdm mini-teacher --out DIR`")
@@ -78,10 +89,11 @@ def teacher_path(path: Path | None = None) -> Path:
     return path
 
 
-def load_teacher(path: Path | None = None, dtype: torch.dtype = torch.float32):
-    """The mini teacher as a ``StableDiffusionPipeline`` (fp32 by default; weights ship in fp16)."""
-    from diffusers import StableDiffusionPipeline
+def load_teacher(path: Path | None = None, dtype: torch.dtype = torch.float32, family: str = "sd"):
+    """A mini teacher as the pipeline its folder names (``StableDiffusionPipeline`` or
+    ``StableDiffusionXLPipeline``; fp32 by default, weights ship in fp16)."""
+    from diffusers import DiffusionPipeline
 
     import bksdm.mini.model  # noqa: F401  (diffusers loads the VAE class only from an imported module)
 
-    return StableDiffusionPipeline.from_pretrained(teacher_path(path), dtype=dtype)
+    return DiffusionPipeline.from_pretrained(teacher_path(path, family), dtype=dtype)

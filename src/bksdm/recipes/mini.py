@@ -28,22 +28,26 @@ def _prompt_file(path: Path, count: int, seed: int = 0) -> Path:
 
 
 def _components(folder: Path):
-    from bksdm.models import load_components
+    """U-Net, VAE, scheduler and the family's text components of a pipeline folder."""
+    from bksdm.models import generation_parts, load_components
 
-    return load_components(folder)
+    return load_components(folder, (*generation_parts(folder), "scheduler"))
 
 
 def _float(parts: dict) -> dict:
-    for n in ("unet", "text_encoder"):
-        parts[n] = parts[n].float().eval()
+    for n in ("unet", "text_encoder", "text_encoder_2"):
+        if n in parts:
+            parts[n] = parts[n].float().eval()
     return parts
 
 
 def heldout(p: dict, teacher_unet, count: int = 256) -> dict[str, float]:
     """Held-out MSE and MSE to the teacher of loaded components ``p`` (see :func:`_components`)."""
+    from bksdm.arch.families import family_of
     from bksdm.mini.metrics import heldout_mse
 
-    return heldout_mse(p["unet"], teacher_unet, p["tokenizer"], p["text_encoder"], p["vae"], dict(p["scheduler"].config), count)
+    text = {n: p[n] for n in family_of(p["unet"].config).text_components}
+    return heldout_mse(p["unet"], teacher_unet, text, p["vae"], dict(p["scheduler"].config), count)
 
 
 def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int = 25) -> dict[str, float]:
@@ -265,35 +269,71 @@ GUIDED_VARIANT = {"+ guided output KD (demo recipe)": {"lambda_cfg": 1.0}}
 _METRICS = ("heldout_mse", "teacher_mse", "fidelity", "mini_fid")
 
 
+SDXL_VARIANTS: dict[str, dict[str, Any]] = {  # KOALA's question: which features to distil (all teacher-initialised)
+    "+ output KD": {"lambda_feat": 0.0, "lambda_cfg": 0.0},
+    "+ block feature KD": {"lambda_cfg": 0.0, "feature_points": "blocks"},
+    "+ self-attention feature KD": {"lambda_cfg": 0.0, "feature_points": "self_attn"},
+}
+"""``bksdm ablate --family sdxl``: BK-SDM's feature points (every kept block's output) against KOALA's (every kept
+self-attention layer's output), with output KD alone as the reference; the paper's loss (no guided KD)."""
+FAMILY_STUDENTS = {"sd": ("bk-small", "bk-tiny"), "sdxl": ("koala-mini",)}
+
+
+def _student_source(out: Path, student: str) -> str:
+    """A student name or spec file for ``compress``: the mini specs (:data:`bksdm.mini.teacher.MINI_SPECS`) are
+    written to ``out/specs/NAME.json`` first (a record of what was compressed)."""
+    from bksdm.mini.teacher import MINI_SPECS
+
+    if student not in MINI_SPECS:
+        return student
+    path = out / "specs" / f"{student}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(MINI_SPECS[student].to_dict(), indent=1))
+    return str(path)
+
+
 def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int, ...] = (0, 1, 2),
-           students: tuple[str, ...] = ("bk-small", "bk-tiny"), images: int = 100, teacher: str | None = None,
-           gen_steps: int = 25, guided: bool = False) -> list[dict[str, Any]]:
-    """Every variant x student x seed at a fixed step budget; writes ``ablation.json`` and ``ablation.md``."""
+           students: tuple[str, ...] | None = None, images: int = 100, teacher: str | None = None,
+           gen_steps: int = 25, guided: bool = False, family: str = "sd") -> list[dict[str, Any]]:
+    """Every variant x student x seed at a fixed step budget; writes ``ablation.json`` and ``ablation.md``.
+
+    ``family="sd"``: appendix Table 3's rows (:data:`VARIANTS`) on the shipped SD-layout teacher; ``"sdxl"``: the
+    feature points (:data:`SDXL_VARIANTS`) on the shipped SDXL-layout teacher with a KOALA-style student."""
     from bksdm.compress import compress
+    from bksdm.errors import UserError
     from bksdm.mini.teacher import teacher_path
 
+    if family not in FAMILY_STUDENTS:
+        raise UserError(f"unknown family {family!r}; the mini world has teachers for: {', '.join(FAMILY_STUDENTS)}")
+    if guided and family != "sd":
+        raise UserError("--guided adds a row to the SD ablation (Table 3); the SDXL one compares feature points")
+    students = tuple(students) if students else FAMILY_STUDENTS[family]
+    variants = SDXL_VARIANTS if family == "sdxl" else {**VARIANTS, **(GUIDED_VARIANT if guided else {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher_dir = teacher_path(Path(teacher) if teacher else None)
-    t_unet = _float(_components(teacher_dir))["unet"]
-    prompts = _prompt_file(out / "prompts.txt", images)
     done_file = out / "ablation.json"
     rows: list[dict[str, Any]] = json.loads(done_file.read_text()) if done_file.is_file() else []
+    other = {r.get("family", "sd") for r in rows} - {family}
+    if other:
+        raise UserError(f"{out} holds an ablation of family {other.pop()}; choose another --out for --family {family}")
+    teacher_dir = teacher_path(Path(teacher) if teacher else None, family)
+    t_unet = _float(_components(teacher_dir))["unet"]
+    prompts = _prompt_file(out / "prompts.txt", images)
     done = {(r["student"], r["variant"], r["seed"]) for r in rows}
     for student in students:
-        init = out / "init" / student
+        init = out / "init" / Path(student).stem
         if not (init / "model_index.json").is_file():
             shutil.rmtree(init, ignore_errors=True)
-            compress(str(teacher_dir), student, init)
-        for variant, overrides in {**VARIANTS, **(GUIDED_VARIANT if guided else {})}.items():
+            compress(str(teacher_dir), _student_source(out, student), init)
+        for variant, overrides in variants.items():
             for seed in seeds:
                 if (student, variant, seed) in done:
                     continue  # resumable: finished runs are kept
-                run = out / "runs" / f"{student}-{variant.replace(' ', '_').replace('&', 'and')}-{seed}"
+                run = out / "runs" / f"{Path(student).stem}-{variant.replace(' ', '_').replace('&', 'and')}-{seed}"
                 shutil.rmtree(run, ignore_errors=True)
                 t0 = time.time()
                 distill_run(teacher_dir, init, run, steps, seed=seed, **overrides)
-                rec = {"student": student, "variant": variant, "seed": seed, "steps": steps}
+                rec = {"family": family, "student": student, "variant": variant, "seed": seed, "steps": steps}
                 rec.update(heldout(_float(_components(run / "final")), t_unet))
                 rec.update(score(run / "final", prompts, run / "eval", steps=gen_steps))
                 rec["seconds"] = round(time.time() - t0, 1)
@@ -339,19 +379,50 @@ def ordering_holds(summary: list[dict[str, Any]], student: str, metric: str = "h
     return not ordering_breaks(summary, student, metric)
 
 
+def compare(summary: list[dict[str, Any]], student: str, metric: str, a: str, b: str) -> dict[str, Any]:
+    """Variant ``a`` against ``b`` on ``metric``: the gain of ``a`` (positive: ``a`` is better; lower is better
+    except for prompt fidelity) and whether it exceeds both variants' seed spreads (max - min over seeds)."""
+    sa, sb = (next(s for s in summary if s["student"] == student and s["variant"] == v) for v in (a, b))
+    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    gain = sign * (sa[metric] - sb[metric])
+    return {"gain": gain, "separated": abs(gain) > max(sa[metric + "_spread"], sb[metric + "_spread"])}
+
+
+def _compare_line(summary: list[dict[str, Any]], student: str, metric: str, a: str, b: str) -> str:
+    c = compare(summary, student, metric, a, b)
+    if not c["separated"]:
+        return f"- {student}, {metric}: {a} vs {b}: **no separation** (difference {abs(c['gain']):.4g}, inside the seed spread)."
+    winner = a if c["gain"] > 0 else b
+    return f"- {student}, {metric}: **{winner}** is better by {abs(c['gain']):.4g} (beyond the seed spread)."
+
+
 def ablation_markdown(rows: list[dict[str, Any]], steps: int) -> str:
     summary = summarise(rows)
     minutes = sum(r.get("seconds", 0) for r in rows) / 60
-    lines = [f"# Ablation in the mini world (appendix Table 3 in miniature): {steps} distillation steps", "",
+    sdxl = any(r.get("family") == "sdxl" for r in rows)
+    title = "KOALA's feature points on the SDXL-layout teacher" if sdxl else "appendix Table 3 in miniature"
+    lines = [f"# Ablation in the mini world ({title}): {steps} distillation steps", "",
              f"Mean over seeds, with the spread (max - min) in brackets. {len(rows)} runs, {minutes:.1f} min of "
              "distillation and scoring in all.", "",
              "| student | variant | seeds | held-out MSE | MSE to teacher | prompt fidelity | mini-FID |", "|---|---|---|---|---|---|---|"]
     for s in summary:
         cells = [f"{s[m]:.4f} ({s[m + '_spread']:.4f})" if m != "mini_fid" else f"{s[m]:.1f} ({s[m + '_spread']:.1f})" for m in _METRICS]
         lines.append(f"| {s['student']} | {s['variant']} | {s['seeds']} | " + " | ".join(cells) + " |")
+    students = list(dict.fromkeys(s["student"] for s in summary))
+    if sdxl:
+        out_kd, blocks, attn = SDXL_VARIANTS
+        lines += ["", "KOALA's finding: distilling the self-attention layers' outputs beats distilling the blocks' "
+                  "outputs. A difference counts only when it exceeds both rows' seed spreads.", ""]
+        for student in students:
+            for metric in _METRICS:
+                lines.append(_compare_line(summary, student, metric, attn, blocks))
+            for metric in _METRICS:
+                for variant in (attn, blocks):
+                    lines.append(_compare_line(summary, student, metric, variant, out_kd))
+        return "\n".join(lines) + "\n"
     lines += ["", "The paper's ordering: random init, teacher init, + output KD, + output & feature KD, each better than "
               "the one before (lower errors and mini-FID, higher fidelity).", ""]
-    for student in dict.fromkeys(s["student"] for s in summary):
+    for student in students:
         for metric in _METRICS:
             breaks = ordering_breaks(summary, student, metric)
             verdict = "**holds**" if not breaks else "**does not hold**: no gain from " + "; ".join(f"{a} to {b}" for a, b in breaks)
