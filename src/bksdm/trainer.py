@@ -198,9 +198,7 @@ class Trainer:
         cond.update(self.family.added_conditioning(latents.shape[0], self.cfg.resolution, dev, batch.get("size_ids")))
         if self.caption_dropout() > 0:  # drawn only when on, so runs without it keep their random stream
             drop = torch.rand(latents.shape[0], generator=gen) < self.caption_dropout()
-            for k in self.empty_cond:
-                v = cond[k]
-                v[drop.to(v.device)] = self.empty_cond[k].to(v.dtype)
+            cond = self.family.drop_rows(cond, drop.to(dev), self.empty_cond)
         return latents, cond
 
     @property

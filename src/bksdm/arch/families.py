@@ -205,6 +205,16 @@ class Family:
         the empty prompt's encoding."""
         return self.encode_prompt(parts, [""], device)
 
+    def drop_rows(self, cond: Mapping[str, Any], rows: Any, unconditional: Mapping[str, Any]) -> dict[str, Any]:
+        """``cond`` with the batch rows ``rows`` (a (B,) bool mask or an index list) replaced by ``unconditional``
+        (:meth:`unconditional`, each tensor (1, ...)): caption dropout and dropped captions train what guidance
+        will pass for "no prompt". Keys ``unconditional`` lacks (size ids) are kept; tensors are copied."""
+        out = dict(cond)
+        for key, value in unconditional.items():
+            out[key] = cond[key].clone()
+            out[key][rows] = value.to(device=cond[key].device, dtype=cond[key].dtype)
+        return out
+
     def added_conditioning(self, batch: int, resolution: int, device: Any, size_ids: Any = None) -> dict[str, Any]:
         """Conditioning that does not come from the prompt (SDXL's size micro-conditioning from the data's
         ``size_ids`` (B, 6), :func:`bksdm.distill.data.size_ids`); none here."""

@@ -126,10 +126,7 @@ def teacher_conditioning(family, parts: dict, texts: list[str], batch: int) -> d
     cond = family.encode_prompt(parts, texts, "cpu")
     empty = [i for i, text in enumerate(texts) if text == ""]
     if empty:
-        unc = family.unconditional(parts, "cpu", {"force_zeros_for_empty_prompt": True})
-        for key, value in unc.items():
-            cond[key] = cond[key].clone()
-            cond[key][empty] = value.to(cond[key].dtype)
+        cond = family.drop_rows(cond, empty, family.unconditional(parts, "cpu", {"force_zeros_for_empty_prompt": True}))
     cond.update(family.added_conditioning(batch, 32, "cpu"))
     return cond
 
