@@ -362,3 +362,14 @@ def test_ablate_family_sdxl_compares_feature_points(tmp_path):
     assert ablate(out, steps=2, seeds=(0,), images=4, teacher=teacher, gen_steps=2, family="sdxl") == rows  # resumed
     with pytest.raises(UserError, match="holds an ablation of family sdxl"):
         ablate(out, steps=2, seeds=(0,), images=4, family="sd")
+
+
+def test_ablate_family_faults_are_one_line(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(["ablate", "--family", "sdxl", "--guided", "--out", str(out)]) == 2
+    assert "--guided adds a row to the SD ablation" in one_line_error(capsys)
+    assert main(["ablate", "--family", "sdxl", "--teacher", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "no mini teacher at" in one_line_error(capsys)
+    assert main(["ablate", "--family", "sdxxl", "--out", str(out)]) == 2
+    assert "--family 'sdxxl' is not one of sd, sdxl" in one_line_error(capsys)
+    assert not out.exists()  # nothing written before the inputs are checked

@@ -309,14 +309,14 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
         raise UserError("--guided adds a row to the SD ablation (Table 3); the SDXL one compares feature points")
     students = tuple(students) if students else FAMILY_STUDENTS[family]
     variants = SDXL_VARIANTS if family == "sdxl" else {**VARIANTS, **(GUIDED_VARIANT if guided else {})}
+    teacher_dir = teacher_path(Path(teacher) if teacher else None, family)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     done_file = out / "ablation.json"
     rows: list[dict[str, Any]] = json.loads(done_file.read_text()) if done_file.is_file() else []
     other = {r.get("family", "sd") for r in rows} - {family}
     if other:
         raise UserError(f"{out} holds an ablation of family {other.pop()}; choose another --out for --family {family}")
-    teacher_dir = teacher_path(Path(teacher) if teacher else None, family)
+    out.mkdir(parents=True, exist_ok=True)
     t_unet = _float(_components(teacher_dir))["unet"]
     prompts = _prompt_file(out / "prompts.txt", images)
     done = {(r["student"], r["variant"], r["seed"]) for r in rows}
