@@ -373,3 +373,21 @@ def test_ablate_family_faults_are_one_line(tmp_path, capsys):
     assert main(["ablate", "--family", "sdxxl", "--out", str(out)]) == 2
     assert "--family 'sdxxl' is not one of sd, sdxl" in one_line_error(capsys)
     assert not out.exists()  # nothing written before the inputs are checked
+
+
+def test_shipped_sdxl_teacher_generates_at_the_pipeline_default_guidance():
+    from diffusers import StableDiffusionXLPipeline
+
+    from bksdm.generate import generate_images
+    from bksdm.mini.teacher import SDXL_ASSET, load_teacher
+
+    pipe = load_teacher(family="sdxl")  # verifies the checksums
+    assert isinstance(pipe, StableDiffusionXLPipeline) and pipe.unet.config.transformer_layers_per_block == [1, 2, 2]
+    assert sum(f.stat().st_size for f in SDXL_ASSET.rglob("*.safetensors")) < 10 * 2**20
+    parts = {n: getattr(pipe, n) for n in ("unet", "vae", *family_of(pipe.unet.config).text_components)}
+
+    def image(guidance):
+        return np.asarray(generate_images(parts, pipe.scheduler, ["a large red circle at the top left"], [0], 2, guidance)[0])
+
+    default, five, paper = image(None), image(5.0), image(7.5)
+    assert np.array_equal(default, five) and not np.array_equal(default, paper)  # StableDiffusionXLPipeline's 5.0

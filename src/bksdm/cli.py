@@ -227,7 +227,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="MS-COCO csv (file_name, caption) or a text file, one prompt a line")
     p.add_argument("--out", required=True, help="output folder (images/ and images_256/)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (paper: 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (paper: 7.5)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                   "pipeline's, SD 7.5 as the paper, SDXL 5.0)")
     p.add_argument("--scheduler", default="pndm", help="pndm (paper), ddim, euler, dpm, lcm (a `bksdm lcm` model: "
                    "--steps 4; with a guidance-embedding U-Net there is no classifier-free batch doubling)")
     p.add_argument("--lora", default=None, help="a LoRA file fused into the model first (LCM-LoRA: --scheduler lcm "
@@ -318,7 +319,7 @@ def _progress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"])
     p.add_argument("--fid-ref", help="pytorch-fid .npz or a folder of real images")
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: SD 7.5, SDXL 5.0)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", help="default: RUN/progress")
     _metric_weight_args(p)

@@ -120,10 +120,11 @@ def family_pipeline(parts: dict[str, Any], scheduler):
 
 @torch.no_grad()
 def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds: list[int],
-                    steps: int = 25, guidance: float = 7.5, resolution: int | None = None,
+                    steps: int = 25, guidance: float | None = None, resolution: int | None = None,
                     dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[Image.Image]:
     """Generate one image per (prompt, seed) with the family's diffusers pipeline assembled from ``parts`` (``unet``,
-    ``vae``, the family's tokenizers and text encoders by name, as :func:`bksdm.models.load_components` gives them)."""
+    ``vae``, the family's tokenizers and text encoders by name, as :func:`bksdm.models.load_components` gives them);
+    ``guidance`` None: the family's default (:attr:`Family.guidance`, SD 7.5, SDXL 5.0)."""
     pipe, family = family_pipeline(parts, scheduler)
     unet = parts["unet"]
     pipe.set_progress_bar_config(disable=True)
@@ -133,7 +134,8 @@ def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds:
     latents = initial_latents(seeds, (unet.config.in_channels, size // factor, size // factor))
     # per-image generators for samplers that draw noise while stepping (LCM): an image never depends on its batch
     gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
-    out = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+    out = pipe(prompts, height=size, width=size, num_inference_steps=steps,
+               guidance_scale=family.guidance if guidance is None else guidance,
                latents=latents.to(device, dtype), output_type="pil", generator=gens)
     return out.images
 
@@ -162,7 +164,7 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
-def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, guidance: float = 7.5,
+def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, guidance: float | None = None,
              scheduler: str = "pndm", resolution: int | None = None, batch_size: int = 4, seed: int = 0,
              save_size: int | None = 256, dtype: str | None = None, device: str | None = None,
              limit: int | None = None, lossless: bool = False, lora: str | None = None) -> dict[str, Any]:

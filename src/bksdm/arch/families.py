@@ -191,6 +191,9 @@ class Family:
     pipeline_kwargs: tuple[tuple[str, Any], ...] = (("safety_checker", None), ("feature_extractor", None),
                                                     ("requires_safety_checker", False))
     """Constructor arguments besides the components (no safety checker: generation for evaluation)."""
+    guidance: float = 7.5
+    """The classifier-free guidance scale images are generated with unless one is given: the family's diffusers
+    pipeline default (SD: 7.5, the paper's; SDXL: 5.0)."""
 
     def encode_prompt(self, parts: Mapping[str, Any], texts: list[str], device: Any) -> dict[str, Any]:
         """The prompt's conditioning: ``{"encoder_hidden_states": (B, L, D)}``. ``parts`` holds the loaded
@@ -266,6 +269,7 @@ class SDXLFamily(Family):
     text_components: tuple[str, ...] = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     cache_keys: tuple[str, ...] = ("emb", "pooled")
     pipeline_kwargs: tuple[tuple[str, Any], ...] = (("add_watermarker", False),)  # the watermark would alter pixels
+    guidance: float = 5.0  # StableDiffusionXLPipeline's default: SDXL's zeros unconditional input is farther away
 
     def encode_prompt(self, parts: Mapping[str, Any], texts: list[str], device: Any) -> dict[str, Any]:
         """``{"encoder_hidden_states": (B, 77, D1 + D2), "text_embeds": (B, P)}`` as ``StableDiffusionXLPipeline``

@@ -289,7 +289,7 @@ def personalised_pipeline(model: str, out: str | Path, lora: bool):
 
 
 def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[str] | None = None, lora: bool = False,
-          images_per_prompt: int = 4, steps: int = 25, guidance: float = 7.5, dino: str | None = None,
+          images_per_prompt: int = 4, steps: int = 25, guidance: float | None = None, dino: str | None = None,
           clip_name: str = "ViT-B-32", clip_pretrained: str = "openai", device: str | None = None,
           identifier: str = IDENTIFIER, scheduler: str = "dpm", **overrides: Any) -> dict[str, Any]:
     """Fine-tune, generate (4 images x 25 prompts) and score every subject; finished work is skipped on rerun.
