@@ -119,7 +119,8 @@ def test_sdxl_ablation_verdicts_need_a_gap_beyond_the_seed_spread():
     assert c["gain"] == pytest.approx(10.0) and c["separated"]  # lower mini-FID is better
     assert not compare(s, "koala-mini", "heldout_mse", "+ block feature KD", "+ output KD")["separated"]  # equal means
     md = ablation_markdown(rows, 200)
-    assert "- koala-mini, fidelity: **+ self-attention feature KD** is better by 0.085 (beyond the seed spread)." in md
+    assert ("- koala-mini, fidelity: + self-attention feature KD vs + block feature KD: **+ self-attention feature KD** "
+            "is better by 0.085 (beyond the seed spread).") in md
     assert "- koala-mini, heldout_mse: + self-attention feature KD vs + block feature KD: **no separation**" in md
     assert "paper's ordering" not in md
 

@@ -390,10 +390,10 @@ def compare(summary: list[dict[str, Any]], student: str, metric: str, a: str, b:
 
 def _compare_line(summary: list[dict[str, Any]], student: str, metric: str, a: str, b: str) -> str:
     c = compare(summary, student, metric, a, b)
+    head = f"- {student}, {metric}: {a} vs {b}:"
     if not c["separated"]:
-        return f"- {student}, {metric}: {a} vs {b}: **no separation** (difference {abs(c['gain']):.4g}, inside the seed spread)."
-    winner = a if c["gain"] > 0 else b
-    return f"- {student}, {metric}: **{winner}** is better by {abs(c['gain']):.4g} (beyond the seed spread)."
+        return f"{head} **no separation** (difference {abs(c['gain']):.4g}, inside the seed spread)."
+    return f"{head} **{a if c['gain'] > 0 else b}** is better by {abs(c['gain']):.4g} (beyond the seed spread)."
 
 
 def ablation_markdown(rows: list[dict[str, Any]], steps: int) -> str:
