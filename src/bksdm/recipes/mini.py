@@ -300,11 +300,11 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
     ``family="sd"``: appendix Table 3's rows (:data:`VARIANTS`) on the shipped SD-layout teacher; ``"sdxl"``: the
     feature points (:data:`SDXL_VARIANTS`) on the shipped SDXL-layout teacher with a KOALA-style student."""
     from bksdm.compress import compress
+    from bksdm.config import check_value
     from bksdm.errors import UserError
     from bksdm.mini.teacher import teacher_path
 
-    if family not in FAMILY_STUDENTS:
-        raise UserError(f"unknown family {family!r}; the mini world has teachers for: {', '.join(FAMILY_STUDENTS)}")
+    check_value("family", family)  # the CLI checked it already; API callers get the same message
     if guided and family != "sd":
         raise UserError("--guided adds a row to the SD ablation (Table 3); the SDXL one compares feature points")
     students = tuple(students) if students else FAMILY_STUDENTS[family]

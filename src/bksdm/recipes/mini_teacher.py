@@ -111,11 +111,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
 def _sdxl_teacher(seed: int):
     """A new SDXL-layout mini teacher: :data:`SDXL_TEACHER_UNET`, the world's VAE, two text encoders."""
     u = SDXL_TEACHER_UNET
-    ucfg = sdxl_unet_config(channels=u["channels"], depth=u["depth"], text_width=u["text_width"],
-                            pooled_width=u["pooled_width"], sample_size=u["sample_size"],
-                            latent_channels=u["latent_channels"], groups=u["groups"], heads=u["heads"])
     half = u["text_width"] // 2
-    return build_sdxl_pipeline(WORDS, seed=seed, unet=ucfg, widths=(half, half), pooled_width=u["pooled_width"],
+    return build_sdxl_pipeline(WORDS, seed=seed, unet=sdxl_unet_config(**u), widths=(half, half), pooled_width=u["pooled_width"],
                                vae=SpaceToDepthVAE(sample_size=32, shift=VAE_SHIFT), text_layers=TEXT_LAYERS,
                                text_embed_std=TEXT_EMBED_STD)
 
