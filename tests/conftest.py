@@ -27,6 +27,14 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=why))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_notes():
+    """Each test sees every note it causes (bksdm prints a note once per process)."""
+    from bksdm.errors import reset_notes
+
+    reset_notes()
+
+
 def one_line_error(capsys) -> str:
     """The CLI's stderr, checked to be one line without a traceback (how every user error must look)."""
     err = capsys.readouterr().err.strip()

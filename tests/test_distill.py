@@ -282,7 +282,7 @@ def test_hugging_face_datasets_feed_distill_and_resume_exactly(tiny_teacher_dir,
                      *FAST, *extra]) == 0
     assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", f"hf:{disk}", "--out", str(tmp_path / "c"),
                  "--resolution", "32", "--image-column", "picture", "--caption-column", "caption"]) == 0
-    assert "cached 7 of 8 items (1 unreadable skipped)" in capsys.readouterr().out
+    assert "cached 7 of 8 items (1 skipped: 1 not an image)" in capsys.readouterr().out
     assert main(["distill", "--teacher", str(tiny_teacher_dir), "--data", f"hf:{disk}", "--out", str(tmp_path / "x"), *FAST]) == 2
     err = one_line_error(capsys)
     assert "no column 'image'" in err and "image_column=" in err

@@ -154,7 +154,7 @@ def test_bad_input(tiny_teacher_dir, subject_dir, tmp_path, capsys):
     assert "--class-prompt" in one_line_error(capsys)
     (subject_dir / "broken.jpg").write_bytes(b"\x00\x01 not an image")
     assert _ft(tiny_teacher_dir, subject_dir, tmp_path / "o") == 2
-    assert "broken.jpg cannot be read" in one_line_error(capsys)
+    assert "broken.jpg cannot be used: not an image" in one_line_error(capsys)
 
 
 def test_data_order_walks_shuffled_epochs_like_the_official_script():

@@ -204,7 +204,7 @@ def test_bad_captions_are_skipped_and_counted(tiny_teacher_dir, tmp_path, capsys
 def test_all_unreadable_data_stops_instead_of_hanging(tiny_teacher_dir, tmp_path, capsys):
     data = _folder(tmp_path, 4, broken={0, 1, 2, 3})
     _fails(capsys, ["distill", "--teacher", str(tiny_teacher_dir), "--data", str(data), "--out", str(tmp_path / "run"),
-                    "--max-steps", "2", *FAST], "micro-batches", "all unreadable")
+                    "--max-steps", "2", *FAST], "micro-batches", "all unusable")
 
 
 def test_resume_is_exact_when_whole_micro_batches_were_unreadable(tiny_teacher_dir, tmp_path):

@@ -119,8 +119,8 @@ def test_is_of_identical_predictions_is_one(metric_home, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(metric_home))
     from bksdm.recipes.evaluate import evaluate
 
-    _write([ShapesWorld().sample(0)[0]] * 10, tmp_path / "same")
-    res = evaluate(tmp_path / "same", _prompts_txt(tmp_path, 10), ["is"], size=64)
+    _write([ShapesWorld().sample(0)[0]] * 20, tmp_path / "same")
+    res = evaluate(tmp_path / "same", _prompts_txt(tmp_path, 20), ["is"], size=64)
     assert res["is"] == pytest.approx(1.0, abs=1e-9)
 
 
@@ -154,17 +154,17 @@ def test_bad_input(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(_prompts_txt(tmp_path, 3)),
                  "--metrics", "is"]) == 2
     assert "has 2 of the 3 images" in one_line_error(capsys)
-    np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.zeros((64, 64)))
+    np.savez(tmp_path / "good.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     assert main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(_prompts_txt(tmp_path, 2)),
-                 "--metrics", "fid", "--fid-ref", str(tmp_path / "wrong.npz"), "--inception-weights", "/nope.pth"]) == 2
+                 "--metrics", "fid", "--fid-ref", str(tmp_path / "good.npz"), "--inception-weights", "/nope.pth"]) == 2
     assert "/nope.pth do not exist" in one_line_error(capsys)
 
 
 def test_offline_metric_weights_fail_fast(tmp_path, capsys, monkeypatch, metric_home):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _write([ShapesWorld().sample(0)[0]] * 2, tmp_path / "two")
-    prompts = _prompts_txt(tmp_path, 2)
+    _write([ShapesWorld().sample(0)[0]] * 20, tmp_path / "two")  # IS needs 20 (2 per split)
+    prompts = _prompts_txt(tmp_path, 20)
     for metric, needle in [("fid", "--inception-weights"), ("is", "--isc-weights"), ("clip", "--clip-pretrained")]:
         t0 = time.time()
         code = main(["evaluate", "--images", str(tmp_path / "two"), "--prompts", str(prompts), "--metrics", metric,

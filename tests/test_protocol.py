@@ -13,7 +13,7 @@ from bksdm.cli import main
 from bksdm.mini.world import ShapesWorld
 
 
-def _coco_folder(root, n: int = 14, size: int = 64):
+def _coco_folder(root, n: int = 20, size: int = 64):
     """An official-looking im256 folder: ``COCO_val2014_*.jpg`` files (JPEG 75) and the prompt csv naming them."""
     world = ShapesWorld(seed=5)
     folder = root / "im256"

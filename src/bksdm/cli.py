@@ -135,7 +135,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (
     for name in (n for n in cls.fields() if n not in skip):
         default = getattr(cls(), name)
         flag = "--" + name.replace("_", "-")
-        help_ = f"{docs.get(name, '')} (default: {default!r})".strip()
+        help_ = f"{docs.get(name, '')} (default: {default!r})".strip().replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
             p.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_)
             continue
@@ -216,7 +216,9 @@ def _cache(a: argparse.Namespace) -> int:
     rec = build_cache(a.teacher, a.data, a.out, a.resolution, not a.no_flip, a.dtype, a.batch_size, overwrite=a.overwrite,
                       data_options={"image_column": a.image_column, "caption_column": a.caption_column,
                                     "split": a.data_split})
-    print(f"cached {rec['cached']} of {rec['items']} items ({len(rec['skipped'])} unreadable skipped) into {a.out}")
+    from bksdm.skips import Skips
+
+    print(f"cached {rec['cached']} of {rec['items']} items ({Skips(rec['skipped']).summary()}) into {a.out}")
     return 0
 
 
@@ -495,13 +497,19 @@ def _threads_set_by_caller() -> bool:
     return "OMP_NUM_THREADS" in os.environ
 
 
+THREADS_HELP = ("CPU threads for torch: a number, or auto (default; also BKSDM_THREADS): the cores other processes "
+                "leave free, so a busy machine causes no slowdown cliff")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bksdm", description="BK-SDM: block-removed, distilled Stable Diffusion")
-    parser.add_argument("--threads", default=None, help="CPU threads for torch: a number, or auto (default; also "
-                        "BKSDM_THREADS): the cores other processes leave free, so a busy machine causes no slowdown cliff")
+    parser.add_argument("--threads", default=None, help=THREADS_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add_arguments, _) in _COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_, description=help_))
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_arguments(p)
+        # also after the command name, where users type it; SUPPRESS keeps a value given before the name
+        p.add_argument("--threads", default=argparse.SUPPRESS, help=THREADS_HELP)
     return parser
 
 

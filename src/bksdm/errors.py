@@ -57,3 +57,22 @@ def check_output(path: str | Path, kind: str = "folder") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"output {p} cannot be created: {parent} is not writable")
     return p
+
+
+_NOTED: set[str] = set()
+
+
+def note(message: str) -> None:
+    """One line to standard error about a decision made for the user (a column read under another name, samples
+    grouped another way, a statistic of few images), so nothing is altered silently: ``bksdm: note: ...``. The
+    same message is printed once per process (a source reopened per epoch, a metric per checkpoint)."""
+    import sys
+
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"bksdm: note: {message}", file=sys.stderr)
+
+
+def reset_notes() -> None:
+    """Print every note again (a new run in the same process: tests, notebooks)."""
+    _NOTED.clear()

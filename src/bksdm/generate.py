@@ -36,7 +36,7 @@ def read_prompts(path: str | Path) -> list[tuple[str, str]]:
         raise UserError(f"prompt file {p} does not exist")
     try:
         if p.suffix.lower() != ".csv":
-            lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
             out = [(f"{i:05d}.jpg", ln, i + 1) for i, ln in enumerate(lines)]
         else:
             out = _read_prompt_csv(p)
@@ -53,7 +53,7 @@ def read_prompts(path: str | Path) -> list[tuple[str, str]]:
 
 def _read_prompt_csv(p: Path) -> list[tuple[str, str, int]]:
     out = []
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's "CSV UTF-8") is not a name
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         text_col = "caption" if "caption" in cols else "text" if "text" in cols else None

@@ -23,6 +23,7 @@ import torch
 from bksdm.config import TrainConfig
 from bksdm.distill.checkpoints import checkpoints
 from bksdm.errors import UserError, check_output, reading
+from bksdm.skips import Skips, Unusable
 from bksdm.training import check_precision, fresh_accelerator_state, unwrap
 
 MAX_EMPTY_MICRO_BATCHES = 50
@@ -42,6 +43,7 @@ class Trainer:
         self.step = 0
         self.micro = 0  # micro-batches consumed (with fully unreadable ones, more than step x grad_accum)
         self.skipped = 0
+        self.skips = Skips()  # the same items by reason (bksdm.skips): in the summary, checkpoints and model card
 
     # ------------------------------------------------------------------ what a recipe supplies
     def pipeline_source(self) -> str:
@@ -226,13 +228,15 @@ class Trainer:
         self.student.train()
         for batch in batches:
             self.skipped += batch["skipped"]
+            for reason, detail in batch["skip_reasons"]:
+                self.skips.add(Unusable(reason, detail))
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.micro * acc.num_processes + acc.process_index)
             self.micro += 1
             if "pixels" not in batch and "mean" not in batch:  # every item of this micro-batch was unreadable
                 empty += 1
                 if empty >= MAX_EMPTY_MICRO_BATCHES:
                     raise UserError(f"the last {empty} micro-batches ({empty * cfg.batch_size} items) of {cfg.data or cfg.cache} "
-                                    f"were all unreadable ({self.skipped} skipped in all); check the data")
+                                    f"were all unusable ({self.skips.summary()}); check the data")
                 continue
             empty = 0
             with acc.accumulate(self.student):
@@ -269,6 +273,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if self.skips.total:  # what was left out, and why, before the run's result
+            self.acc.print(f"data: {self.skips.summary()} (samples: an item is counted each time it is drawn)")
         return self.finish(last)
 
     def _log(self, values: dict[str, float]) -> None:
@@ -294,7 +300,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
-            state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "processes": self.acc.num_processes}
+            state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "skip_reasons": dict(self.skips),
+                     "processes": self.acc.num_processes}
             self.save_extra(tmp)
             self.save_weights(tmp)
             (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -338,6 +345,8 @@ class Trainer:
             self.acc.load_state(str(path))
             self.load_extra(path)
         self.step, self.skipped = step, skipped
+        self.skips = Skips()
+        self.skips.update_from(state.get("skip_reasons", {}))
         self.micro = int(state.get("micro", step * self.cfg.grad_accum))  # older checkpoints: no skipped batches
         self.acc.print(f"resumed from {path} at step {self.step}")
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from bksdm.distill.data import BadSample, augment, open_source, size_ids
 from bksdm.errors import UserError, reading
+from bksdm.skips import Skips
 
 SHARD = 1024
 
@@ -26,7 +27,8 @@ SHARD = 1024
 def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip: bool = True, dtype: str = "fp16",
                 batch: int = 16, device: str | None = None, overwrite: bool = False,
                 data_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Encode every item of ``data`` once; returns the index record. Unreadable items are skipped and counted.
+    """Encode every item of ``data`` once; returns the index record. Unusable items are skipped and counted by
+    reason (``skipped``: {reason: count}; ``skipped_items``: {index: reason}).
     An existing cache in ``out`` is refused unless ``overwrite`` (then its shards and index are replaced)."""
     from safetensors.torch import save_file
 
@@ -48,7 +50,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
         f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     fields = ("mean", "std", *family.cache_keys, "size_ids", "index")
-    n, skipped, shard, buf = len(source), [], 0, {k: [] for k in fields}
+    n, skips, skipped, shard, buf = len(source), Skips(), {}, 0, {k: [] for k in fields}
     flips = (False, True) if flip else (False,)
 
     def flush():
@@ -63,10 +65,11 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
         for i in range(start, min(n, start + batch)):
             try:
                 image, text = source.get(i)
+                pix.append(torch.stack([augment(image, resolution, f) for f in flips]))
             except BadSample as exc:
-                skipped.append(str(exc))
+                skips.add(exc)
+                skipped[i] = exc.reason
                 continue
-            pix.append(torch.stack([augment(image, resolution, f) for f in flips]))
             texts.append(text)
             idx.append(i)
             buf["size_ids"].append(size_ids(image.size, resolution)[None])  # float32 whatever --dtype: sizes exact
@@ -86,8 +89,9 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
             flush()
     flush()
     if shard == 0:
-        raise UserError(f"dataset {data} gave no readable items to cache")
-    record = {"items": n, "cached": n - len(skipped), "skipped": skipped, "resolution": resolution, "flip": flip,
+        raise UserError(f"dataset {data} gave no usable items to cache ({skips.summary()})")
+    record = {"items": n, "cached": n - len(skipped), "skipped": dict(skips), "skipped_items": skipped,
+              "resolution": resolution, "flip": flip,
               "dtype": dtype, "teacher": str(teacher), "data": str(data), "shards": shard}
     (out / "index.json").write_text(json.dumps(record, indent=1))
     return record
@@ -120,8 +124,9 @@ class CacheSource:
         return self.info["items"]
 
     def item(self, index: int, flip: bool) -> dict[str, torch.Tensor]:
-        if index not in self._where:
-            raise BadSample(f"item {index} was skipped when the cache was built")
+        if index not in self._where:  # its reason, as the cache recorded it (older caches: none)
+            reason = self.info.get("skipped_items", {}).get(str(index), "skipped when the cache was built")
+            raise BadSample(reason, f"item {index} (cache)")
         s, row = self._where[index]
         if s not in self._shards:
             from safetensors.torch import load_file

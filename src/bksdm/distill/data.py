@@ -3,12 +3,18 @@
 Sources (``open_source``):
 
 * an image folder with ``metadata.csv`` or ``metadata.jsonl`` holding ``file_name`` and ``text`` columns (the
-  layout of the public LAION-Aesthetics 212K subset and of Hugging Face ``imagefolder``);
-* webdataset tar shards (``data/{00000..00099}.tar`` or a folder of ``.tar`` files): image + ``txt``, streamed;
+  layout of the public LAION-Aesthetics 212K subset and of Hugging Face ``imagefolder``; a byte-order mark is
+  fine; ``caption`` or ``prompt`` is read, with a note, when ``text`` is absent; ``caption_column`` names another);
+* webdataset tar shards (``data/{00000..00099}.tar`` or a folder of ``.tar`` files): image + ``txt``, streamed
+  (sample names with dots, ``img.001.jpg``, are grouped by the name up to the last dot, with a note);
 * ``mini-world`` / ``mini-world:N`` — the procedural shapes world (:mod:`bksdm.mini.world`);
 * ``hf:PATH_OR_NAME`` — a Hugging Face ``datasets`` dataset: a ``save_to_disk`` folder, parquet files, or a hub
   name (the cache only when offline), with ``image_column`` / ``caption_column``; map-style, or streamed;
 * any Python object with ``__len__`` and ``get(i) -> (PIL.Image, str)`` (:class:`PairSource`).
+
+Pictures are opened by :func:`bksdm.images.open_image` (orientation, modes, transparency, size limits); an item
+that cannot be used raises :class:`BadSample` (:class:`bksdm.skips.Unusable`) with its reason, and the loader
+skips it and counts it by reason.
 
 Order: sample position ``p`` of the run maps to item ``perm_e[p % n]`` with ``perm_e`` a seeded permutation for
 epoch ``e = p // n``; process ``r`` of ``W`` takes positions ``m*B*W + r*B + j`` of micro-batch ``m``. Positions
@@ -18,7 +24,6 @@ depend only on the step, so a resumed run reads exactly what an uninterrupted on
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -26,13 +31,30 @@ from typing import Any, Iterator, Protocol
 import torch
 from PIL import Image
 
-from bksdm.errors import UserError
-from bksdm.images import IMAGE_EXTENSIONS, pixels, resize_short_side, short_side_size
+from bksdm.errors import UserError, note
+from bksdm.images import IMAGE_EXTENSIONS, open_image, pixels, resize_short_side, short_side_size
+from bksdm.skips import Unusable
+
+BadSample = Unusable
+"""An unusable item (a bad picture, a missing or undecodable caption): skipped and counted with its reason."""
+
+CAPTION_KEYS = ("text", "caption", "prompt")
+"""Caption column names a metadata file may use: ``text`` (Hugging Face ``imagefolder``) is the default; when it is
+absent and exactly one of the others is there, that one is read and a one-line note says so."""
 
 
-
-class BadSample(Exception):
-    """An unreadable or corrupt item: skipped and counted, never fatal."""
+def caption_key(columns: list[str], wanted: str, where: str, option: str = "caption_column") -> str:
+    """The caption column of ``where`` among ``columns``: ``wanted`` when present; else, when ``wanted`` is the
+    default (``text``) and exactly one other of :data:`CAPTION_KEYS` is present, that one (with a note); else a
+    one-line error naming the columns found and ``option``."""
+    if wanted in columns:
+        return wanted
+    others = [k for k in CAPTION_KEYS if k in columns]
+    if wanted == CAPTION_KEYS[0] and len(others) == 1:
+        note(f"{where} has no {wanted!r} column; reading captions from {others[0]!r}")
+        return others[0]
+    raise UserError(f"{where} has no caption column {wanted!r} (it has {', '.join(map(str, columns)) or 'none'}); "
+                    f"rename it or set {option}=NAME")
 
 
 class PairSource(Protocol):
@@ -41,35 +63,48 @@ class PairSource(Protocol):
     def get(self, index: int) -> tuple[Image.Image, str]: ...
 
 
-class ImageFolderSource:
-    """``folder/metadata.{csv,jsonl}`` with ``file_name`` and ``text``; images relative to the folder."""
+def read_metadata(folder: Path) -> tuple[list[dict[str, Any]], list[str], str]:
+    """Rows, columns and file name of ``folder/metadata.csv`` or ``metadata.jsonl`` (UTF-8, a byte-order mark
+    allowed, as Excel writes "CSV UTF-8"); undecodable bytes become surrogates, so one bad row costs one row."""
+    open_text = dict(encoding="utf-8-sig", errors="surrogateescape")
+    if (folder / "metadata.csv").is_file():
+        with open(folder / "metadata.csv", newline="", **open_text) as f, _no_field_limit():
+            reader = csv.DictReader(f)
+            return list(reader), list(reader.fieldnames or []), "metadata.csv"
+    if (folder / "metadata.jsonl").is_file():
+        rows, columns = [], {}
+        with open(folder / "metadata.jsonl", **open_text) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict) or "file_name" not in row:
+                    raise UserError(f"{folder}/metadata.jsonl line {n} is not a JSON object with file_name") from None
+                rows.append(row)
+                columns.update(dict.fromkeys(row))
+        return rows, list(columns), "metadata.jsonl"
+    raise UserError(f"{folder} has no metadata.csv or metadata.jsonl (columns file_name, text)")
 
-    def __init__(self, folder: str | Path):
+
+class ImageFolderSource:
+    """``folder/metadata.{csv,jsonl}`` with ``file_name`` and a caption column (``text``, see :func:`caption_key`);
+    images relative to the folder, opened by :func:`bksdm.images.open_image`."""
+
+    def __init__(self, folder: str | Path, caption_column: str = "text"):
         self.folder = Path(folder)
-        # undecodable bytes become surrogates instead of an exception, so one bad caption costs one row
-        open_text = dict(encoding="utf-8", errors="surrogateescape")
-        rows: list[tuple[str, str]] = []
-        if (self.folder / "metadata.csv").is_file():
-            with open(self.folder / "metadata.csv", newline="", **open_text) as f, _no_field_limit():
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or not {"file_name", "text"} <= set(reader.fieldnames):
-                    raise UserError(f"{self.folder}/metadata.csv needs columns file_name and text (has {reader.fieldnames})")
-                rows = [(r["file_name"] or "", r["text"] or "") for r in reader]
-        elif (self.folder / "metadata.jsonl").is_file():
-            for n, line in enumerate(open(self.folder / "metadata.jsonl", **open_text), 1):
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                        rows.append((r["file_name"], r.get("text") or ""))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(f"{self.folder}/metadata.jsonl line {n} is not a JSON object with file_name and text") from None
-        else:
-            raise UserError(f"{self.folder} has no metadata.csv or metadata.jsonl (columns file_name, text)")
-        if not rows:
+        rows, columns, fname = read_metadata(self.folder)
+        if "file_name" not in columns:
+            raise UserError(f"{self.folder}/{fname} needs a file_name column (it has {', '.join(columns) or 'none'})")
+        key = caption_key(columns, caption_column, f"{self.folder}/{fname}")
+        # a caption that is absent from its row (jsonl) or not text is that row's fault, skipped with its reason
+        self.rows = [(str(r.get("file_name") or ""), r.get(key)) for r in rows]
+        if not self.rows:
             raise UserError(f"dataset {self.folder} is empty (its metadata lists no images)")
-        if all(_bad_row(*r) == "not UTF-8" for r in rows):
+        if all(_bad_row(*r) == "not UTF-8" for r in self.rows):
             raise UserError(f"{self.folder}'s metadata is not UTF-8 text; re-save it as UTF-8")
-        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -77,24 +112,24 @@ class ImageFolderSource:
     def get(self, index: int) -> tuple[Image.Image, str]:
         name, text = self.rows[index]
         if why := _bad_row(name, text):
-            raise BadSample(f"row {index}: {why}")
-        try:
-            with Image.open(self.folder / name) as im:
-                return im.convert("RGB"), text
-        except Exception as exc:
-            raise BadSample(f"{name}: {type(exc).__name__}") from None
+            raise BadSample(why, f"row {index}", name)
+        return open_image(self.folder / name, name), text
 
 
 CSV_FIELD_LIMIT = 131_072
 """The csv module's default field limit: a longer caption is not a caption (a broken quote swallowed lines)."""
 
 
-def _bad_row(name: str, text: str) -> str | None:
-    """Why a metadata row cannot be used (undecodable bytes, an over-long caption), or None."""
+def _bad_row(name: str, text: Any) -> str | None:
+    """Why a metadata row cannot be used (no caption, undecodable bytes, an over-long caption), or None."""
+    if text is None:
+        return "no caption"
+    if not isinstance(text, str):
+        return "caption is not text"
     if any("\udc80" <= ch <= "\udcff" for ch in name + text):
         return "not UTF-8"
     if len(text) > CSV_FIELD_LIMIT:
-        return f"caption of {len(text):,} characters (limit {CSV_FIELD_LIMIT:,})"
+        return "caption too long"
     return None
 
 
@@ -124,41 +159,97 @@ class MiniWorldSource:
         return image, text
 
 
+CAPTION_MEMBERS = ("txt", "caption", "text")
+"""Tar members read as the caption, by extension, in this order (webdataset's convention is ``txt``)."""
+
+
 class WebDatasetSource:
-    """Tar shards of (image, ``txt``) streamed in shard order; only this process's positions are decoded."""
+    """Tar shards of (image, ``txt``) streamed in shard order; only this process's positions are decoded.
+
+    Members are grouped into samples as webdataset groups them (consecutive members sharing the name up to the
+    first dot of the file name: ``000001.jpg``, ``000001.txt``), except where that is plainly wrong: when sample
+    names themselves contain dots (``img.001.jpg``, ``img.001.txt``, ``img.002.jpg``, ...), webdataset would merge
+    several pictures into one sample; such a group is split by the name up to the last dot instead, and a
+    one-line note says so."""
 
     streamed = True
 
     def __init__(self, urls: list[str]):
         self.urls = urls
+        self._noted = False
 
-    def samples(self) -> Iterator[dict[str, bytes]]:
-        import webdataset as wds
+    def samples(self) -> Iterator[dict[str, Any]]:
+        from webdataset.tariterators import tar_file_expander, url_opener
 
         while True:  # epochs
             got = False
-            for sample in wds.WebDataset(self.urls, shardshuffle=False, empty_check=False):
+            members = tar_file_expander(url_opener({"url": u} for u in self.urls), eof_value=None)
+            for sample in self._grouped(members):
                 got = True
                 yield sample
             if not got:
                 raise UserError(f"webdataset {self.urls[0]} ... holds no samples")
 
+    def _grouped(self, members: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        group: list[tuple[str, str, bytes]] = []  # (member name, extension, bytes) sharing webdataset's key
+        key = None
+        for m in members:
+            name = m["fname"]
+            base = name.rsplit("/", 1)[-1]
+            first = name[: len(name) - len(base)] + base.split(".", 1)[0]
+            if "." not in base:
+                continue  # not a sample member (webdataset drops these too)
+            if first != key and group:
+                yield from self._split(key, group)
+                group = []
+            key = first
+            group.append((name, base.rsplit(".", 1)[-1].lower(), m["data"]))
+        if group:
+            yield from self._split(key, group)
+
+    def _split(self, key: str, group: list[tuple[str, str, bytes]]) -> Iterator[dict[str, Any]]:
+        exts = [e for _, e, _ in group]
+        if len(set(exts)) == len(exts):  # the usual case: one member per extension under webdataset's key
+            yield {"__key__": key, **{e: d for _, e, d in group}}
+            return
+        if not self._noted:
+            self._noted = True
+            note(f"webdataset {self.urls[0]}: sample names contain dots ({group[0][0]}); "
+                 "grouping members by the name up to the last dot")
+        sample: dict[str, Any] = {}  # two pictures or captions under one webdataset key: the names hold dots
+        for name, ext, data in group:
+            stem = name.rsplit(".", 1)[0]
+            if sample and sample["__key__"] != stem:
+                yield sample
+                sample = {}
+            sample.setdefault("__key__", stem)
+            sample[ext] = data
+        if sample:
+            yield sample
+
     @staticmethod
     def decode(sample: dict[str, Any]) -> tuple[Image.Image, str]:
-        key = next((k[1:] for k in IMAGE_EXTENSIONS if k[1:] in sample), None)
-        if key is None or "txt" not in sample:
-            raise BadSample(f"{sample.get('__key__')}: needs an image and a txt member")
-        try:
-            image = Image.open(io.BytesIO(sample[key])).convert("RGB")
-        except Exception as exc:
-            raise BadSample(f"{sample.get('__key__')}: {type(exc).__name__}") from None
-        text = sample["txt"].decode() if isinstance(sample["txt"], bytes) else str(sample["txt"])
-        return image, text
+        key = sample.get("__key__")
+        ext = next((k[1:] for k in IMAGE_EXTENSIONS if k[1:] in sample), None)
+        caption = next((k for k in CAPTION_MEMBERS if k in sample), None)
+        if ext is None:
+            raise BadSample("no image member", str(key))
+        if caption is None:
+            raise BadSample("no caption", str(key))
+        text = sample[caption]
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                raise BadSample("not UTF-8", f"{key}.{caption}") from None
+        return open_image(sample[ext], f"{key}.{ext}"), str(text)
 
 
 class HFDatasetSource:
     """A Hugging Face ``datasets`` dataset of (image, caption) rows. Images are decoded here, not by ``datasets``,
-    so an unreadable one is skipped and counted like everywhere else. ``streaming``: read in order, like tar shards."""
+    so an unreadable one is skipped and counted like everywhere else; a cell that holds only a remote or chained
+    path (``zip://...::hf://...``) is fetched by ``datasets``' own ``Image.decode_example``, as ``datasets`` would.
+    ``streaming``: read in order, like tar shards."""
 
     def __init__(self, spec: str, image_column: str = "image", caption_column: str | None = "text", split: str = "train",
                  streaming: bool = False):
@@ -166,7 +257,7 @@ class HFDatasetSource:
 
         from bksdm.errors import reading
 
-        self.image_column, self.caption_column, self.streamed = image_column, caption_column, streaming
+        self.image_column, self.streamed = image_column, streaming
         path = Path(spec).expanduser()
         with reading(spec, "dataset", "pass a save_to_disk folder, parquet files or a hub dataset name (cached when offline)"):
             if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -181,10 +272,10 @@ class HFDatasetSource:
             else:
                 ds = datasets.load_dataset(spec, split=split, streaming=streaming)
         columns = list(ds.column_names or [])
-        missing = [c for c in (image_column, caption_column) if c is not None and c not in columns]
-        if missing:
-            raise UserError(f"dataset {spec} has no column {missing[0]!r} (it has {', '.join(columns)}); "
-                            f"set image_column= / caption_column=")
+        if image_column not in columns:
+            raise UserError(f"dataset {spec} has no column {image_column!r} (it has {', '.join(columns)}); "
+                            f"set image_column=")
+        self.caption_column = None if caption_column is None else caption_key(columns, caption_column, f"dataset {spec}")
         if isinstance(ds.features.get(image_column), datasets.Image):  # keep the bytes: we decode (and skip) ourselves
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.ds = ds
@@ -193,30 +284,52 @@ class HFDatasetSource:
         return len(self.ds)
 
     def get(self, index: int) -> tuple[Image.Image, str]:
-        return self.decode(self.ds[index])
+        return self.decode(self.ds[index], f"row {index}")
 
     def samples(self) -> Iterator[dict[str, Any]]:
         while True:  # epochs
             yield from self.ds
 
-    def decode(self, row: dict[str, Any]) -> tuple[Image.Image, str]:
+    def decode(self, row: dict[str, Any], name: str = "row") -> tuple[Image.Image, str]:
         value = row.get(self.image_column)
         text = row.get(self.caption_column) if self.caption_column is not None else ""  # None: images only
-        if not isinstance(text, str):
-            raise BadSample(f"caption {text!r} is not text")
-        try:
-            if isinstance(value, dict):  # datasets' undecoded Image: bytes, or a path
-                value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-            elif isinstance(value, (bytes, bytearray)):
-                value = Image.open(io.BytesIO(value))
-            return value.convert("RGB"), text
-        except Exception as exc:
-            raise BadSample(f"image: {type(exc).__name__}") from None
+        if why := _bad_row("", text):
+            raise BadSample(why, name)
+        if isinstance(value, str):  # a column of paths
+            value = {"path": value, "bytes": None}
+        if isinstance(value, dict):  # datasets' undecoded Image: bytes, a local path, or a remote / chained one
+            path = value.get("path")
+            if value.get("bytes"):
+                value = value["bytes"]
+            elif path and Path(path).is_file():
+                value = Path(path)
+            elif path:
+                value = _fetched(value, f"{name} ({path})")
+            else:
+                raise BadSample("no image", name)
+        if value is None:
+            raise BadSample("no image", name)
+        return open_image(value, name), text
+
+
+def _fetched(value: dict[str, Any], name: str) -> Image.Image:
+    """A remote or chained image path opened by ``datasets`` itself (its ``xopen``, tokens and URL chains)."""
+    import datasets
+
+    try:
+        return datasets.Image().decode_example(value)
+    except FileNotFoundError:
+        raise BadSample("missing file", name) from None
+    except Exception as exc:
+        from bksdm.errors import short
+
+        raise BadSample("cannot be fetched", name, short(exc, 80)) from None
 
 
 def open_source(spec: str | Any, **options: Any) -> Any:
     """A source from a CLI string (see module docstring) or an object already implementing the interface;
-    ``options`` (image_column, caption_column, split, streaming) apply to ``hf:`` datasets."""
+    ``options`` (image_column, caption_column, split, streaming) apply to ``hf:`` datasets, ``caption_column`` to
+    image folders too."""
     if not isinstance(spec, str):
         return spec
     if spec.startswith("hf:"):
@@ -237,7 +350,7 @@ def open_source(spec: str | Any, **options: Any) -> Any:
         tars = sorted(str(p) for p in path.glob("*.tar"))
         if tars:
             return WebDatasetSource(tars)
-    return ImageFolderSource(path)
+    return ImageFolderSource(path, options.get("caption_column") or "text")
 
 
 def augment(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:

@@ -9,6 +9,10 @@ import torch
 from bksdm.distill.data import BadSample, Order, augment, positions, size_ids
 
 
+SKIP = "skip"
+"""The key that marks a skipped item in a micro-batch (its value: the reason)."""
+
+
 class _Positions(torch.utils.data.Dataset):
     """Item ``k`` of this process's stream = sample position ``positions(start + k // B, ...)[k % B]``."""
 
@@ -19,25 +23,40 @@ class _Positions(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 10**12  # endless: the recipe stops at max_steps
 
-    def __getitem__(self, k: int) -> dict[str, Any] | None:
+    def __getitem__(self, k: int) -> dict[str, Any]:
         pos = positions(self.start + k // self.batch, self.batch, self.rank, self.world)[k % self.batch]
         index, flip = self.order.item(pos)
         try:
             return _item(self.source, index, flip, self.resolution)
-        except BadSample:
-            return None
+        except BadSample as exc:
+            return _skip(exc, f"item {index}")
+
+
+def _skip(exc: BadSample, where: str) -> dict[str, Any]:
+    """A skipped item's place in a micro-batch: its reason travels with it (from loader workers too)."""
+    return {SKIP: exc.reason, "detail": exc.detail or where}
 
 
 def _item(source, index: int, flip: bool, resolution: int) -> dict[str, Any]:
     if getattr(source, "is_cache", False):
         return source.item(index, flip)
     image, text = source.get(index)
-    return {"pixels": augment(image, resolution, flip), "text": text, "size_ids": size_ids(image.size, resolution)}
+    return _pixels_item(image, text, flip, resolution, f"item {index}")
 
 
-def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    good = [it for it in items if it is not None]
-    out: dict[str, Any] = {"skipped": len(items) - len(good)}
+def _pixels_item(image, text: str, flip: bool, resolution: int, where: str) -> dict[str, Any]:
+    try:
+        pixels = augment(image, resolution, flip)
+    except BadSample as exc:  # too thin or too small for the crop: name the item, the picture cannot
+        raise BadSample(exc.reason, where, exc.info) from None
+    return {"pixels": pixels, "text": text, "size_ids": size_ids(image.size, resolution)}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the usable items; ``skipped`` counts the others and ``skip_reasons`` lists (reason, detail) pairs."""
+    good = [it for it in items if SKIP not in it]
+    out: dict[str, Any] = {"skipped": len(items) - len(good),
+                           "skip_reasons": [(it[SKIP], it["detail"]) for it in items if SKIP in it]}
     if good:
         for key in good[0]:
             vals = [it[key] for it in good]
@@ -51,7 +70,8 @@ def micro_batches(source, seed: int, flip: bool, resolution: int, batch: int, ra
 
     Each batch is a dict with ``pixels`` (B, 3, R, R), ``text`` (list) and ``size_ids`` (B, 6), or, from a cache,
     ``mean``/``std`` (B, C, h, w), the family's cached conditioning (``emb`` (B, L, D), ...) and ``size_ids`` when
-    the cache has them; plus ``skipped``, the count of unreadable items left out.
+    the cache has them; plus ``skipped``, the count of unusable items left out, and ``skip_reasons``, their
+    (reason, detail) pairs.
     """
     if getattr(source, "streamed", False):
         yield from _streamed(source, seed, flip, resolution, batch, rank, world, start_micro)
@@ -65,7 +85,7 @@ def micro_batches(source, seed: int, flip: bool, resolution: int, batch: int, ra
 def _streamed(source, seed, flip, resolution, batch, rank, world, start_micro):
     """Webdataset: walk the stream in order, decode only this process's positions from ``start_micro`` on."""
     order = Order(1, seed, flip)  # only the flip part is used: a stream has no permutation
-    items: list[dict[str, Any] | None] = []
+    items: list[dict[str, Any]] = []
     micro = start_micro
     wanted = positions(micro, batch, rank, world)
     for pos, raw in enumerate(source.samples()):
@@ -74,10 +94,9 @@ def _streamed(source, seed, flip, resolution, batch, rank, world, start_micro):
         if pos in wanted:
             try:
                 image, text = source.decode(raw)
-                items.append({"pixels": augment(image, resolution, order.item(pos)[1]), "text": text,
-                              "size_ids": size_ids(image.size, resolution)})
-            except BadSample:
-                items.append(None)
+                items.append(_pixels_item(image, text, order.item(pos)[1], resolution, str(raw.get("__key__", pos))))
+            except BadSample as exc:
+                items.append(_skip(exc, f"sample {pos}"))
         if pos == wanted.stop - 1:
             yield collate(items)
             items, micro = [], micro + 1

@@ -65,7 +65,7 @@ class DreamBoothConfig(Config):
         if self.lora_preset not in LORA_PRESETS:
             raise UserError(f"lora_preset={self.lora_preset!r}; choose from {', '.join(LORA_PRESETS)}")
         if self.with_prior and not self.class_prompt:
-            raise UserError("prior preservation needs --class-prompt (e.g. 'a dog'), or pass --with-prior false")
+            raise UserError("prior preservation needs --class-prompt (e.g. 'a dog'), or turn it off with --no-with-prior (with_prior=false)")
         from bksdm.training import check_precision  # here: the CLI builds its parser from this class without torch
 
         check_precision(self.mixed_precision)

@@ -11,7 +11,8 @@ from pathlib import Path
 from PIL import Image
 
 from bksdm.errors import UserError
-from bksdm.images import list_images
+from bksdm.images import check_crop, list_images, open_image
+from bksdm.skips import Unusable
 
 IDENTIFIER = "sks11df"  # BK-SDM scripts/finetune_*.sh and generate_after_*_ft.sh
 SUBJECT_CLASSES: dict[str, str] = {
@@ -50,16 +51,21 @@ def prompts(class_name: str, live: bool, identifier: str = IDENTIFIER) -> list[s
     return [p.format(identifier, class_name) for p in (LIVE_PROMPTS if live else OBJECT_PROMPTS)]
 
 
-def load_subject_images(folder: str | Path) -> list[Image.Image]:
-    """Every image of a subject folder, RGB; an error naming the folder if it is empty or an image is unreadable."""
+def load_subject_images(folder: str | Path, resolution: int | None = None) -> list[Image.Image]:
+    """Every image of a subject folder through :func:`bksdm.images.open_image` (upright, RGB); with ``resolution``,
+    each must also give a square training crop (:func:`bksdm.images.check_crop`). An error naming the folder if
+    it is empty, or the picture and the reason if one cannot be used: a subject has few photos, each chosen."""
     files = list_images(folder, "subject folder")
     images = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-        except Exception as exc:
-            raise UserError(f"subject image {f} cannot be read ({type(exc).__name__}); remove or replace it") from None
+            im = open_image(f)
+            if resolution:
+                check_crop(im.size, resolution, f.name)
+        except Unusable as exc:
+            raise UserError(f"subject image {f} cannot be used: {exc.reason}" + (f" ({exc.info})" if exc.info else "")
+                            + "; remove or replace it") from None
+        images.append(im)
     return images
 
 

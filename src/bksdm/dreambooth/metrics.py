@@ -83,4 +83,7 @@ def subject_scores(generated: list[Image.Image], prompts: list[str], real: list[
 
 
 def load_images(paths: list[Path]) -> list[Image.Image]:
-    return [Image.open(p).convert("RGB") for p in paths]
+    """Generated images to score, through the shared opener (an unusable one is refused in one line)."""
+    from bksdm.evaluate.metrics import opened
+
+    return list(opened(paths))

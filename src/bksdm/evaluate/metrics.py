@@ -22,17 +22,28 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bksdm.errors import UserError
-from bksdm.images import list_images
+from bksdm.errors import UserError, note
+from bksdm.images import list_images, open_image
+from bksdm.skips import Skips, Unusable
 
 
-
-
-
-def load_images(paths: Iterable[Path], size: int | None = None) -> Iterable[Image.Image]:
-    """RGB images, squashed to ``size`` x ``size`` (bicubic, PIL's default filter) when not that size already."""
+def opened(paths: Iterable[Path], skips: Skips | None = None, keep: tuple[str, ...] = ()) -> Iterable[Image.Image]:
+    """Every picture of ``paths`` through :func:`bksdm.images.open_image`. An unusable one is skipped and counted in
+    ``skips`` (a folder of real pictures), or, without ``skips`` (generated images being scored, where leaving one
+    out would change the sample), refused in one line naming the file."""
     for p in paths:
-        im = Image.open(p).convert("RGB")
+        try:
+            yield open_image(p, keep=keep)
+        except Unusable as exc:
+            if skips is None:
+                raise UserError(f"image {p} cannot be used ({exc.reason}); delete it and generate it again "
+                                f"(bksdm generate redraws missing images)") from None
+            skips.add(exc)
+
+
+def load_images(paths: Iterable[Path], size: int | None = None, skips: Skips | None = None) -> Iterable[Image.Image]:
+    """RGB images, squashed to ``size`` x ``size`` (bicubic, PIL's default filter) when not that size already."""
+    for im in opened(paths, skips):
         yield im.resize((size, size), Image.BICUBIC) if size and im.size != (size, size) else im
 
 
@@ -47,11 +58,11 @@ def official_resize(image: Image.Image, size: int) -> Image.Image:
     return Image.open(buf).convert("RGB")
 
 
-def official_images(paths: Iterable[Path], size: int) -> Iterable[Image.Image]:
-    """:func:`official_resize` of every file (the route of the official real-image statistics)."""
-    for p in paths:
-        with Image.open(p) as im:
-            yield official_resize(im, size)
+def official_images(paths: Iterable[Path], size: int, skips: Skips | None = None) -> Iterable[Image.Image]:
+    """:func:`official_resize` of every file (the route of the official real-image statistics); grayscale and CMYK
+    pictures are resized in their own mode, as the reference script resized them."""
+    for im in opened(paths, skips, keep=("L", "CMYK")):
+        yield official_resize(im, size)
 
 
 def reference_order(paths: Iterable[Path]) -> list[Path]:
@@ -61,10 +72,16 @@ def reference_order(paths: Iterable[Path]) -> list[Path]:
 
 
 def _uint8_batches(images: Iterable[Image.Image], batch: int) -> Iterable[torch.Tensor]:
-    """(B, 3, H, W) uint8 views (channels-last memory, as torch-fidelity's ``pil_to_tensor`` gives them)."""
+    """(B, 3, H, W) uint8 views (channels-last memory, as torch-fidelity's ``pil_to_tensor`` gives them). A batch
+    holds pictures of one size: unsquashed pictures (``--size 0``) of another size start a new batch (the networks
+    resize each picture to 299 px themselves)."""
     buf: list[np.ndarray] = []
     for im in images:
-        buf.append(np.asarray(im, dtype=np.uint8))
+        a = np.asarray(im, dtype=np.uint8)
+        if buf and a.shape != buf[0].shape:
+            yield torch.from_numpy(np.stack(buf)).permute(0, 3, 1, 2)
+            buf = []
+        buf.append(a)
         if len(buf) == batch:
             yield torch.from_numpy(np.stack(buf)).permute(0, 3, 1, 2)
             buf = []
@@ -75,7 +92,7 @@ def _uint8_batches(images: Iterable[Image.Image], batch: int) -> Iterable[torch.
 @torch.no_grad()
 def inception_features(images: Iterable[Image.Image], model, batch: int = 50, device: str = "cpu") -> np.ndarray:
     """(N, 2048) pytorch-fid pool features of PIL images."""
-    feats = []
+    feats = [np.zeros((0, 2048), dtype=np.float32)]  # no image: (0, 2048), refused by the statistics
     for x in _uint8_batches(images, batch):
         # contiguous, as torchvision's ToTensor in pytorch-fid's loader: a channels-last input picks other CPU
         # convolution kernels and moves FID in the 7th digit
@@ -84,12 +101,30 @@ def inception_features(images: Iterable[Image.Image], model, batch: int = 50, de
     return np.concatenate(feats).astype(np.float64)
 
 
-def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def stats(features: np.ndarray, what: str = "FID") -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), covariance (D, D)) of (N, D) features, as pytorch-fid computes them. A covariance needs N >= 2
+    (one line otherwise, where NaN statistics would make the matrix square root hang); N <= D gives a singular
+    covariance and a Frechet distance biased high, which a note says; non-finite features are refused."""
+    n, d = features.shape
+    if n < 2:
+        raise UserError(f"{what} needs at least 2 images for a covariance (got {n}); the protocol uses 30,000")
+    if not np.isfinite(features).all():
+        raise UserError(f"{what}: the feature network gave non-finite features for these images")
+    if n <= d:
+        note(f"{what} of {n} images: fewer than the {d} feature dimensions + 1, so the covariance is singular "
+             f"and the distance is biased high (compare only runs with the same count; the protocol uses 30,000)")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+    check_finite(mu, sigma, str(path))
     np.savez(path, mu=mu, sigma=sigma)
+
+
+def check_finite(mu: np.ndarray, sigma: np.ndarray, what: str) -> None:
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"FID statistics {what} are not finite (NaN or inf); rebuild them from at least 2 images "
+                        f"with `bksdm fid-stats`")
 
 
 def load_stats(path: str | Path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -103,27 +138,61 @@ def load_stats(path: str | Path, dim: int | None = None) -> tuple[np.ndarray, np
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or (dim and mu.shape[0] != dim):
         raise UserError(f"{p} has mu {mu.shape} and sigma {sigma.shape}; expected ({dim or 'D'},) and "
                         f"({dim or 'D'}, {dim or 'D'}) for this feature network")
+    check_finite(mu, sigma, str(p))
     return mu, sigma
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    from pytorch_fid.fid_score import calculate_frechet_distance
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Frechet distance ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) between two Gaussians: pytorch-fid's
+    ``calculate_frechet_distance`` (Dougal Sutherland's stable version) step for step, so the value is the same
+    to the last bit, with scipy's ``sqrtm`` called the way SciPy >= 1.18 accepts (pytorch-fid passes ``disp=False``,
+    which 1.18 removes). Non-finite statistics are refused first (``sqrtm`` of a NaN matrix does not return)."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise UserError(f"FID statistics of different sizes: {mu1.shape[0]} and {mu2.shape[0]} features")
+    check_finite(mu1, sigma1, "of the images")
+    check_finite(mu2, sigma2, "of the reference")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():  # product almost singular: pytorch-fid's offset
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):  # numerical error may leave a small imaginary component
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise UserError(f"FID is undefined for these images (imaginary component {np.max(np.abs(covmean.imag)):.3g} "
+                            f"in the covariance square root): use more images (the protocol uses 30,000; fewer than "
+                            f"the feature dimensions make the covariance singular)")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
-    try:
-        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
-    except ValueError as exc:  # pytorch-fid's "Imaginary component": covariances too singular for sqrtm
-        raise UserError(f"FID is undefined for these images ({exc}): use more images (the protocol uses 30,000; "
-                        f"fewer than the 2,048 feature dimensions make the covariance singular)") from None
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """``scipy.linalg.sqrtm(a)`` with no keyword: the same matrix before and after SciPy 1.18 (which drops ``disp``
+    and, from 1.20, the error estimate); its ill-conditioning warning is the caller's business (the offset above)."""
+    import warnings
+
+    from scipy import linalg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        out = linalg.sqrtm(a)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def folder_stats(folder: str | Path, model, size: int | None = 256, batch: int = 50, device: str = "cpu",
-                 lossless: bool = False):
-    """pytorch-fid statistics of every image in ``folder`` at ``size`` (the paper: val2014 at 256).
+                 lossless: bool = False, skips: Skips | None = None):
+    """pytorch-fid statistics of every usable image in ``folder`` at ``size`` (the paper: val2014 at 256); unusable
+    files are skipped and counted in ``skips`` (a new tally when None; a note says what was skipped and why).
 
     Default: the official route (:func:`official_resize`); ``lossless``: a bicubic resize in memory, no JPEG."""
     files = list_images(folder)
-    images = load_images(files, size) if lossless or not size else official_images(files, size)
-    return stats(inception_features(images, model, batch, device))
+    skips = Skips() if skips is None else skips
+    images = load_images(files, size, skips) if lossless or not size else official_images(files, size, skips)
+    features = inception_features(images, model, batch, device)
+    if skips.total:
+        note(f"{folder}: {len(features)} of {len(files)} images used; {skips.summary()}")
+    return stats(features, f"FID statistics of {folder}")
 
 
 @torch.no_grad()
@@ -132,7 +201,10 @@ def inception_score(images: Iterable[Image.Image], model, batch: int = 50, split
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     logits = torch.cat([model(x.to(device))[0].cpu() for x in _uint8_batches(images, batch)])
-    res = isc_features_to_metric(logits, splits=min(splits, len(logits)))
+    if len(logits) < 2 * splits:
+        raise UserError(f"IS needs at least {2 * splits} images (2 per split of {splits}: a split of one image scores "
+                        f"exactly 1); got {len(logits)}")
+    res = isc_features_to_metric(logits, splits=splits)
     return {"is": res["inception_score_mean"], "is_std": res["inception_score_std"]}
 
 

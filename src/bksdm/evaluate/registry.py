@@ -14,6 +14,7 @@ from typing import Any, Callable
 from bksdm.errors import UserError
 
 FID, IS, IS_STD, CLIP, FIDELITY, MINI_FID = "fid", "is", "is_std", "clip", "fidelity", "mini_fid"
+IS_SPLITS = 10  # torch-fidelity's and the paper's
 
 
 @dataclass
@@ -99,10 +100,13 @@ def _fid(x: EvalInputs) -> dict[str, float]:
 
     if not x.fid_ref:
         raise UserError("fid needs --fid-ref: a pytorch-fid .npz (mu, sigma) or a folder of real images")
+    if len(x.paths) < 2:  # before any network loads; M.stats says it again for any other caller
+        raise UserError(f"FID needs at least 2 images for a covariance (got {len(x.paths)}); the protocol uses 30,000")
+    ref = Path(x.fid_ref)
+    stored = None if ref.is_dir() else M.load_stats(ref, 2048)  # a bad file fails before any network runs
     net = _fid_net(x)
     mu, sigma = M.stats(M.inception_features(M.load_images(M.reference_order(x.paths), x.size), net, x.batch, x.device))
-    ref = Path(x.fid_ref)
-    mu2, sigma2 = real_statistics(ref, x) if ref.is_dir() else M.load_stats(ref, mu.shape[0])
+    mu2, sigma2 = real_statistics(ref, x) if stored is None else stored
     return {FID: M.frechet_distance(mu, sigma, mu2, sigma2)}
 
 
@@ -111,8 +115,11 @@ def _is(x: EvalInputs) -> dict[str, float]:
     from bksdm.evaluate import metrics as M
     from bksdm.evaluate.weights import isc_inception
 
+    if len(x.paths) < 2 * IS_SPLITS:  # before the network loads; M.inception_score says it again for other callers
+        raise UserError(f"IS needs at least {2 * IS_SPLITS} images (2 per split of {IS_SPLITS}: a split of one image "
+                        f"scores exactly 1); got {len(x.paths)}")
     res = M.inception_score(M.load_images(M.reference_order(x.paths), x.size), isc_inception(x.isc_weights, x.device),
-                            x.batch, device=x.device)
+                            x.batch, IS_SPLITS, device=x.device)
     return {IS: res["is"], IS_STD: res["is_std"]}
 
 

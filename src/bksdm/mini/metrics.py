@@ -77,7 +77,7 @@ def mini_fid(images: list[Image.Image], reference: list[Image.Image], net: C.Qua
     net = net or C.load()
     f1 = net.features(_tensor(images)).double().numpy()
     f2 = net.features(_tensor(reference)).double().numpy()
-    return frechet_distance(*stats(f1), *stats(f2))
+    return frechet_distance(*stats(f1, "mini-FID"), *stats(f2, "mini-FID"))
 
 
 @torch.no_grad()
@@ -118,7 +118,9 @@ def heldout_mse(unet, teacher_unet, text_parts: dict, vae, scheduler_config: dic
 def _loaded(x: R.EvalInputs) -> tuple[list[Image.Image], C.QuadrantNet]:
     """The generated images and the classifier, read once per evaluation however many mini metrics ask."""
     if "mini" not in x.cache:
-        x.cache["mini"] = ([Image.open(p).convert("RGB") for p in x.paths], C.load())
+        from bksdm.evaluate.metrics import opened
+
+        x.cache["mini"] = (list(opened(x.paths)), C.load())
     return x.cache["mini"]
 
 

@@ -158,7 +158,7 @@ class DistillRecipe(Trainer):
             final = self.out / "final"
             copy_pipeline(self.pipeline_dir, final)
             self.final_unet().save_pretrained(final / "unet", safe_serialization=True)
-            record = {"teacher": self.cfg.teacher, **self.derivation.record(), "distill": {"steps": self.step}}
+            record = {"teacher": self.cfg.teacher, **self.derivation.record(), "distill": {"steps": self.step, "skipped": dict(self.skips)}}
             record.pop("key_map")
             write_record(final, record)
             grid = self.sample_grid() if self.cfg.sample_prompts else None
@@ -184,7 +184,7 @@ class DistillRecipe(Trainer):
             "caption dropout": cfg.caption_dropout,
             "precision": cfg.mixed_precision, "ema": f"decay {cfg.ema_decay} (weights shipped)" if cfg.ema else "off",
             "init": "teacher weights" if cfg.init == "teacher" else "random",
-            "skipped unreadable items": self.skipped,
+            "unusable samples skipped": self.skips.summary(examples=False),
         }
         final_losses = {f"final {k} loss": v for k, v in last.items() if k in TERMS}
         write_model_card(final, record, dict(self.teacher.unet.config), params, training, final_losses or None,

@@ -8,7 +8,9 @@ generates 4 images per evaluation prompt and scores DINO / CLIP-I / CLIP-T besid
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import resource
 import shutil
 import time
@@ -22,7 +24,9 @@ from PIL import Image
 
 from bksdm.dreambooth.config import DreamBoothConfig, lora_config
 from bksdm.dreambooth.dataset import IDENTIFIER
-from bksdm.errors import UserError, check_output
+from bksdm.errors import UserError, check_output, note
+from bksdm.images import IMAGE_EXTENSIONS, check_crop, open_image
+from bksdm.skips import Skips, Unusable
 from bksdm.models import default_device
 from bksdm.training import fresh_accelerator_state, noisy_inputs
 
@@ -37,9 +41,15 @@ def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
     return pixels(image.crop((x, y, x + size, y + size)))
 
 
-def class_images(cfg: DreamBoothConfig, device: str) -> tuple[list[Image.Image], int]:
-    """The prior-preservation images — those in class_dir plus any missing ones, generated now (resumable), or a
-    dataset's — and how many unreadable dataset rows were skipped."""
+GENERATED_CLASS_IMAGE = re.compile(r"^\d{5}\.png$")
+"""How generated class images are named (``00000.png``, ...): a broken file of this name is from an interrupted
+run and is drawn again; any other file in the class folder is the user's and is never changed."""
+
+
+def class_images(cfg: DreamBoothConfig, device: str) -> tuple[list[Image.Image], Skips]:
+    """The prior-preservation images: the usable pictures already in ``class_dir`` (any image file, the user's own
+    included, in name order), and only the shortfall generated there (resumable; each file written whole, then
+    renamed into place), or a dataset's (``hf:``). Returns them and what was skipped, by reason."""
     from bksdm.pipelines import load_record
     from bksdm.generate import default_dtype, generate_images
     from bksdm.models import generation_parts, load_components, pipeline_folder
@@ -48,45 +58,74 @@ def class_images(cfg: DreamBoothConfig, device: str) -> tuple[list[Image.Image],
         return dataset_class_images(cfg)
     folder = Path(cfg.class_dir or Path(cfg.out) / "class_images")
     folder.mkdir(parents=True, exist_ok=True)
-    have = sorted(folder.glob("*.png"))
-    missing = [i for i in range(cfg.num_class_images) if not (folder / f"{i:05d}.png").exists()]
-    if missing:
+    images, skips = _usable_class_images(folder, cfg)
+    missing = cfg.num_class_images - len(images)
+    if missing > 0:
         source = cfg.class_model or (load_record(pipeline_folder(cfg.model)) or {}).get("teacher") or cfg.model
         src = pipeline_folder(source, "class model")
         parts = load_components(src, (*generation_parts(src), "scheduler"))
         dtype = default_dtype(device)  # fp16 on GPUs (the official run), bf16 on CPUs that have it
-        for start in range(0, len(missing), 4):
-            idx = missing[start:start + 4]
-            ims = generate_images(parts, parts["scheduler"], [cfg.class_prompt] * len(idx), seeds=[cfg.seed + i for i in idx], steps=cfg.class_steps,
-                                  resolution=cfg.resolution, dtype=dtype, device=device)
+        free = (i for i in range(10**5) if not (folder / f"{i:05d}.png").exists())
+        todo = [next(free) for _ in range(missing)]
+        print(f"class images: {len(images)} usable in {folder}; generating {missing}")
+        for start in range(0, len(todo), 4):
+            idx = todo[start:start + 4]
+            ims = generate_images(parts, parts["scheduler"], [cfg.class_prompt] * len(idx), seeds=[cfg.seed + i for i in idx],
+                                  steps=cfg.class_steps, resolution=cfg.resolution, dtype=dtype, device=device)
             for i, im in zip(idx, ims):
-                im.save(folder / f"{i:05d}.png")
-        have = sorted(folder.glob("*.png"))
-    return [Image.open(p).convert("RGB") for p in have[: cfg.num_class_images]], 0
+                tmp = folder / f".tmp-{i:05d}.png"  # hidden: never read as a class image if the run stops here
+                im.save(tmp)
+                os.replace(tmp, folder / f"{i:05d}.png")
+        images, skips = _usable_class_images(folder, cfg)  # in name order, as a rerun will read them
+    if skips.total:
+        note(f"class images in {folder}: {skips.summary()}")
+    return images, skips
 
 
-def dataset_class_images(cfg: DreamBoothConfig) -> tuple[list[Image.Image], int]:
-    """The first ``num_class_images`` readable images of a Hugging Face dataset (``class_dir: hf:...``); unreadable
-    rows are skipped and counted (``class_skipped`` in the run record), as in distillation data."""
-    from bksdm.distill.data import BadSample, HFDatasetSource
+def _usable_class_images(folder: Path, cfg: DreamBoothConfig) -> tuple[list[Image.Image], Skips]:
+    """Up to ``num_class_images`` usable pictures of ``folder`` by name; broken generated ones are deleted (to be
+    drawn again), the user's unusable ones skipped and counted."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    images, skips = [], Skips()
+    for f in sorted(files):
+        if len(images) == cfg.num_class_images:
+            break
+        try:
+            im = open_image(f, f.name)
+            check_crop(im.size, cfg.resolution, f.name)
+            images.append(im)
+        except Unusable as exc:
+            if GENERATED_CLASS_IMAGE.match(f.name) and exc.reason in ("truncated or corrupt", "not an image"):
+                f.unlink()  # ours, cut short by an interrupted run
+            else:
+                skips.add(exc)
+    return images, skips
+
+
+def dataset_class_images(cfg: DreamBoothConfig) -> tuple[list[Image.Image], Skips]:
+    """The first ``num_class_images`` usable images of a Hugging Face dataset (``class_dir: hf:...``); unusable
+    rows are skipped and counted by reason (``class_skipped`` in the run record), as in distillation data."""
+    from bksdm.distill.data import HFDatasetSource
 
     source = HFDatasetSource(cfg.class_dir[3:], image_column=cfg.class_image_column, caption_column=None,
                              streaming=True)  # in order, and only as many rows as needed are read
-    images, skipped = [], 0
-    for row in source.ds:
+    images, skips = [], Skips()
+    for n, row in enumerate(source.ds):
         try:
-            images.append(source.decode(row)[0])
-        except BadSample:
-            skipped += 1
+            im = source.decode(row, f"row {n}")[0]
+            check_crop(im.size, cfg.resolution, f"row {n}")
+            images.append(im)
+        except Unusable as exc:
+            skips.add(exc)
         if len(images) == cfg.num_class_images:
             break
     if not images:
-        raise UserError(f"class dataset {cfg.class_dir} has no readable image in column {cfg.class_image_column!r} "
-                        f"({skipped} unreadable)")
+        raise UserError(f"class dataset {cfg.class_dir} has no usable image in column {cfg.class_image_column!r} "
+                        f"({skips.summary()})")
     if len(images) < cfg.num_class_images:
-        print(f"class dataset {cfg.class_dir}: {len(images)} readable images of the {cfg.num_class_images} asked for; "
+        print(f"class dataset {cfg.class_dir}: {len(images)} usable images of the {cfg.num_class_images} asked for; "
               f"using {len(images)}")
-    return images, skipped
+    return images, skips
 
 
 def epoch_order(instances: int, classes: int, rng: random.Random) -> Iterator[tuple[int, int]]:
@@ -119,11 +158,11 @@ class DreamBooth:
         from bksdm.models import load_component, pipeline_folder
 
         cfg = self.cfg
-        self.instances = load_subject_images(cfg.instance_dir)
+        self.instances = load_subject_images(cfg.instance_dir, cfg.resolution)
         fresh_accelerator_state()
         self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision)
         self.folder = pipeline_folder(cfg.model)
-        self.classes, self.class_skipped = class_images(cfg, str(self.acc.device)) if cfg.with_prior else ([], 0)
+        self.classes, self.class_skipped = class_images(cfg, str(self.acc.device)) if cfg.with_prior else ([], Skips())
         self.unet = load_component(self.folder, "unet")
         self.family = family_of(self.unet.config)
         # the first text encoder is the one DreamBooth may train; an SDXL pipeline's second stays frozen
@@ -214,7 +253,8 @@ class DreamBooth:
         else:
             memory = {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "kind": "peak RSS of the process"}
         result = {"seconds": seconds, "memory": memory, "steps": cfg.max_steps, "lora": cfg.lora, "history": history,
-                  "class_images": len(self.classes), "class_skipped": self.class_skipped}
+                  "class_images": len(self.classes), "class_skipped": self.class_skipped.total,
+                  "class_skip_reasons": dict(self.class_skipped)}
         self.save(result)
         return result
 

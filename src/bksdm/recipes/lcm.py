@@ -177,7 +177,8 @@ class LCMRecipe(Trainer):
                 index["scheduler"] = ["diffusers", "LCMScheduler"]
                 (final / "model_index.json").write_text(json.dumps(index, indent=2))
                 record = load_record(self.pipeline_dir) or {}
-                write_record(final, {**record, "lcm": {"steps": self.step, "teacher": self.cfg.teacher or self.cfg.model}})
+                write_record(final, {**record, "lcm": {"steps": self.step, "teacher": self.cfg.teacher or self.cfg.model,
+                                               "skipped": dict(self.skips)}})
             if self.cfg.sample_prompts:
                 self.sample_grid()
             self._card(final, last)
@@ -200,6 +201,7 @@ class LCMRecipe(Trainer):
             "steps": f"{self.step} optimiser steps of {cfg.batch_size} x {cfg.grad_accum} x {self.acc.num_processes} "
                      f"images at {cfg.resolution} px, lr {cfg.learning_rate}",
             "data": cfg.cache or cfg.data, "precision": cfg.mixed_precision,
+            "unusable samples skipped": self.skips.summary(examples=False),
             "final loss": last.get("loss"),
             "generate": "bksdm generate --scheduler lcm --steps 4" + (" --lora FILE --guidance 1" if cfg.lora else ""),
         }

@@ -54,16 +54,14 @@ def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int =
     """Generate with the real `generate` and evaluate with the real `evaluate` (fidelity, mini-FID)."""
     from bksdm.generate import generate
     from bksdm.recipes.evaluate import evaluate
-
-    from PIL import Image
-
+    from bksdm.evaluate.metrics import opened
     from bksdm.generate import read_prompts
     from bksdm.mini.metrics import fidelity_breakdown
 
     generate(str(folder), prompts, out, steps=steps, batch_size=batch, save_size=None, lossless=True)  # 32 px: no JPEG
     res = evaluate(out / "images", prompts, ["fidelity", "mini-fid"])
     items = read_prompts(prompts)
-    images = [Image.open(out / "images" / (Path(n).stem + ".png")).convert("RGB") for n, _ in items]
+    images = list(opened([out / "images" / (Path(n).stem + ".png") for n, _ in items]))
     wrong = fidelity_breakdown(images, [p for _, p in items])
     return {**res, **{f"wrong_{k}": v for k, v in wrong.items() if k != "fidelity"}}
 
