@@ -36,22 +36,28 @@ VARIANTS = {
     "cfgkd-250": {"lambda_cfg": 1.0, "max_steps": 250},
     "cfgkd-drop10": {"lambda_cfg": 1.0, "caption_dropout": 0.1},
     "cfgkd0.1-drop10": {"lambda_cfg": 0.1, "caption_dropout": 0.1},
+    # the grain study (docs/mini-world.md): the demo's recipe (guided KD on a quarter of each batch), then one change
+    "demo": {},
+    "demo-ema0.99": {"ema": True, "ema_decay": 0.99},
+    "demo-ema0.995": {"ema": True, "ema_decay": 0.995},
+    "demo-cos": {"lr_scheduler": "cosine", "lr_warmup_steps": 20},
+    "demo-cos-ema0.99": {"lr_scheduler": "cosine", "lr_warmup_steps": 20, "ema": True, "ema_decay": 0.99},
+    "demo-600": {"max_steps": 600},
 }
 
 
 def score(folder: Path, prompts: Path, out: Path, guidance: float, steps: int = 25) -> dict:
-    from PIL import Image
-
+    from bksdm.evaluate.metrics import opened
     from bksdm.generate import generate, read_prompts
     from bksdm.mini import metrics as M
+    from bksdm.recipes.evaluate import evaluate
 
     shutil.rmtree(out, ignore_errors=True)
     generate(str(folder), prompts, out, steps=steps, guidance=guidance, batch_size=100, save_size=None, lossless=True)
-    texts = [p for _, p in read_prompts(prompts)]
-    paths = sorted((out / "images").glob("*.png"))
-    images = [Image.open(p).convert("RGB") for p in paths]
-    rec = M.fidelity_breakdown(images, texts)
-    rec["mini_fid"] = M.mini_fid(images, M.reference_images(texts))
+    items = read_prompts(prompts)
+    images = list(opened([out / "images" / (Path(n).stem + ".png") for n, _ in items]))
+    rec = M.fidelity_breakdown(images, [p for _, p in items])
+    rec.update(evaluate(out / "images", prompts, ["fidelity", "mini_fid", "bg_noise"]))  # with 95% intervals
     return rec
 
 

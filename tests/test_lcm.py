@@ -104,10 +104,13 @@ def test_full_output_loads_with_lcm_scheduler_and_generates(student_dir, tmp_pat
     out = tmp_path / "full"
     assert main(["lcm", "--model", str(student_dir), "--data", "mini-world:16", "--out", str(out), "--resolution", "32",
                  "--batch-size", "4", "--max-steps", "2", "--mixed-precision", "no", "--num-workers", "0",
-                 "--report-to", "none", "--no-gradient-checkpointing", "time_cond_proj_dim=16"]) == 0
+                 "--report-to", "none", "--no-gradient-checkpointing", "time_cond_proj_dim=16",
+                 "num_ddim_timesteps=25", "timestep_scaling=1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] > 0
     pipe = DiffusionPipeline.from_pretrained(out / "final", safety_checker=None)
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 16
+    # the scheduler it trained for, not LCMScheduler's defaults (50, 10.0)
+    assert (pipe.scheduler.config.original_inference_steps, pipe.scheduler.config.timestep_scaling) == (25, 1.0)
     assert np.isfinite(_images(pipe)).all()
     assert "latent-consistency" in ModelCard.load(out / "final" / "README.md").data.tags
     assert json.loads((out / "final" / "bksdm.json").read_text())["lcm"]["steps"] == 2

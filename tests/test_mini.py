@@ -134,10 +134,13 @@ def test_fast_demo_runs_end_to_end(tmp_path):
                  "--lcm-steps", "2"]) == 0
     report = (out / "report.md").read_text()
     assert "Teacher (top) vs distilled student" in report and (out / "samples.png").is_file()
-    from bksdm.recipes.mini import REPORT_COLUMNS
+    from bksdm.recipes.mini_report import REPORT_COLUMNS
 
     first_table = next(line for line in report.splitlines() if line.startswith("| model"))
     assert [c.strip() for c in first_table.strip("|").split("|")] == REPORT_COLUMNS
+    teacher_row = report.splitlines()[report.splitlines().index(first_table) + 2]
+    assert teacher_row.count("[") == 3  # fidelity, mini-FID and background noise, each with its interval
+    assert (out / "zoom.png").is_file() and "![zoomed](zoom.png)" in report
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3 and "<table>" in html  # pictures inlined: one file to share
     curve = list(csv.DictReader(open(out / "fidelity_vs_step.csv")))
@@ -179,3 +182,62 @@ def test_teacher_recipe_runs_from_the_cli_with_its_shipped_config(tmp_path, caps
     assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert main(["mini-teacher", "--out", str(tmp_path / "x"), "--prediction", "x0"]) == 2
     assert "'x0' is not one of" in one_line_error(capsys)
+
+
+def test_background_noise_orders_controlled_degradations_and_classifier_measures_do_not():
+    """The pixel measure agrees with what a person sees: clean < noise sigma 2 < 4 < 8, and clean < blur 0.5 < 1 <
+    2 px; on noise, prompt fidelity stays flat (the classifier was built to ignore grain)."""
+    import importlib.util
+
+    from bksdm.mini import classifier as C
+    from bksdm.mini import metrics as M
+
+    spec = importlib.util.spec_from_file_location("mpm", Path(__file__).parent.parent / "benchmarks" / "mini_pixel_measure.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    world = ShapesWorld(seed=0)
+    samples = [world.sample(10**6 + i) for i in range(120)]
+    real, prompts = [s[0] for s in samples], [s[1] for s in samples]
+    net = C.load()
+    ladder = dict(bench.LADDERS)
+    noise = [M.background_noise(bench.degrade(real, ladder[n]), prompts)
+             for n in ("clean", "noise sigma 2", "noise sigma 4", "noise sigma 8")]
+    blur = [M.background_noise(bench.degrade(real, ladder[n]), prompts)
+            for n in ("clean", "blur radius 0.5", "blur radius 1", "blur radius 2")]
+    assert noise[0] == 0 and all(a < b for a, b in zip(noise, noise[1:])), noise
+    assert all(a < b for a, b in zip(blur, blur[1:])), blur
+    assert abs(noise[3] - 8) < 0.2  # RMS of added Gaussian noise is its sigma
+    fid = [M.fidelity(bench.degrade(real, ladder[n]), prompts, net) for n in ("clean", "noise sigma 8")]
+    assert abs(fid[1] - fid[0]) <= 0.02
+    r = bench.measure(bench.degrade(real, ladder["noise sigma 4"]), prompts, net)  # as the registry reports it
+    for k in ("fidelity", "mini_fid", "bg_noise"):  # every value sits inside its interval
+        assert r[f"{k}_lo"] <= r[k] <= r[f"{k}_hi"], (k, r)
+
+
+def test_background_mask_leaves_out_every_place_a_shape_may_be_drawn():
+    from bksdm.mini.metrics import background_mask
+    from bksdm.mini.world import BACKGROUND
+
+    world = ShapesWorld(seed=7)
+    for i in range(200):  # any jitter the world draws: the mask only ever sees background
+        image, text, _ = world.sample(i)
+        a = np.asarray(image)[background_mask(text)]
+        assert (a == BACKGROUND).all()
+    mask = background_mask("a large red circle at the top left")
+    # a large shape's reach (half-extent 6.5 + jitter 1.5 + margin 1 around centre 8) ends at pixel 17
+    assert mask[18:, :].all() and mask[:, 18:].all() and not mask[1:15, 1:15].any()
+
+
+def test_bootstrap_interval_is_reproducible_and_narrows_with_more_images():
+    from bksdm.mini.metrics import bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    small, large = rng.random(50) < 0.8, rng.random(2000) < 0.8
+    a = bootstrap_interval(lambda i: small[i].mean(), 50, small.mean(), bounds=(0, 1))
+    assert a == bootstrap_interval(lambda i: small[i].mean(), 50, small.mean(), bounds=(0, 1))
+    b = bootstrap_interval(lambda i: large[i].mean(), 2000, large.mean(), bounds=(0, 1))
+    assert a[0] < small.mean() < a[1] and b[0] < large.mean() < b[1]
+    assert (b[1] - b[0]) < (a[1] - a[0]) / 4  # about 1 / sqrt(40) as wide
+    # a binomial share: the bootstrap standard error is sqrt(p (1 - p) / n)
+    se = np.sqrt(0.8 * 0.2 / 2000)
+    assert abs((b[1] - b[0]) / (2 * 1.96) - se) < 0.15 * se

@@ -507,18 +507,75 @@ def test_dreambooth_uses_the_users_class_pictures_and_draws_only_the_shortfall(t
     classes.mkdir()
     for i in range(2):
         _scene(i, (40, 40)).save(classes / f"dog_{i}.jpg")  # the user's own, any image file
-    (classes / "broken.jpg").write_bytes(b"nope")  # the user's: skipped and counted, never deleted
-    (classes / "00000.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")  # ours, from an interrupted run: drawn again
+    (classes / "broken.jpg").write_bytes(b"nope")  # unusable: skipped and counted, never deleted
+    (classes / "00000.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")  # even named as ours: the user's file stays
+    (classes / "00009.png").mkdir()  # a folder with an image's name is not a picture
     cfg = DreamBoothConfig(model=str(tiny_teacher_dir), class_dir=str(classes), class_prompt="a shape",
                            num_class_images=4, class_steps=2, resolution=32, out=str(tmp_path / "o"))
     images, skips = class_images(cfg, "cpu")
-    assert len(images) == 4 and dict(skips) == {"not an image": 1}
+    assert len(images) == 4 and skips.total == 2
     names = sorted(p.name for p in classes.iterdir())
-    assert names == ["00000.png", "00001.png", "broken.jpg", "dog_0.jpg", "dog_1.jpg"]
-    assert np.array_equal(np.asarray(images[0]), np.asarray(open_image(classes / "00000.png")))  # in name order
+    assert names == ["00000.png", "00001.png", "00002.png", "00009.png", "broken.jpg", "dog_0.jpg", "dog_1.jpg"]
+    assert (classes / "00000.png").read_bytes().endswith(b" cut") and (classes / "broken.jpg").read_bytes() == b"nope"
+    assert np.array_equal(np.asarray(images[0]), np.asarray(open_image(classes / "00001.png")))  # in name order
     again, _ = class_images(cfg, "cpu")  # nothing more to draw: the same pictures in the same order
     assert sorted(p.name for p in classes.iterdir()) == names
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+
+
+def test_tar_members_webdataset_conventions_are_kept(tmp_path, capsys):
+    """macOS tar adds ``._NAME`` AppleDouble members; multi-part extensions (``000001.seg.png``) belong to their
+    sample; dotted names with different extensions are split, never paired across samples."""
+    from bksdm.distill.data import open_source
+
+    members = []
+    for i in range(2):
+        members += [(f"._{i:06d}.png", b"\x00\x05\x16\x07"), (f"{i:06d}.png", _png(i)), (f"{i:06d}.seg.png", _png(5)),
+                    (f"{i:06d}.txt", f"caption {i}".encode())]
+    src = open_source(str(_tar(tmp_path / "mac.tar", members)))
+    stream = src.samples()
+    first = next(stream)
+    assert set(first) == {"__key__", "png", "seg.png", "txt"}
+    got = [src.decode(first), src.decode(next(stream))]
+    assert [t for _, t in got] == ["caption 0", "caption 1"]
+    assert np.array_equal(np.asarray(got[1][0]), np.asarray(ShapesWorld().sample(1)[0]))
+    assert "dots" not in capsys.readouterr().err
+    mixed = [("img.001.png", _png(0)), ("img.001.txt", b"one"), ("img.002.jpg", _png(1)), ("img.002.caption", b"two")]
+    src = open_source(str(_tar(tmp_path / "mixed_ext.tar", mixed)))
+    stream = src.samples()
+    pairs = [src.decode(next(stream)) for _ in range(2)]
+    assert [t for _, t in pairs] == ["one", "two"]
+    assert np.array_equal(np.asarray(pairs[0][0]), np.asarray(ShapesWorld().sample(0)[0]))
+
+
+def test_metadata_files_that_would_be_misread_are_refused_in_one_line(tiny_teacher_dir, tmp_path, capsys):
+    data, rows = _folder(tmp_path, n=2)
+    argv = ["distill", "--teacher", str(tiny_teacher_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+            "--max-steps", "1", *FAST]
+    (data / "metadata.csv").write_text("file_name,caption,text,text\n" + "".join(f"{n},a,b,c\n" for n, _ in rows))
+    assert main(argv) == 2
+    assert "has the column 'text' more than once" in one_line_error(capsys)
+    (data / "metadata.csv").write_text("file_name,text\n" + "".join(f"{n},{t}\n" for n, t in rows), encoding="utf-16")
+    assert main(argv) == 2
+    assert "is UTF-16 text; re-save it as UTF-8" in one_line_error(capsys)
+    (data / "metadata.csv").write_text("file_name,desc\n" + "".join(f"{n},{t}\n" for n, t in rows))
+    assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", str(data), "--out", str(tmp_path / "c"),
+                 "--resolution", "32"]) == 2
+    assert "pass --caption-column NAME" in one_line_error(capsys)  # the advice names a flag cache accepts
+    assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", str(data), "--out", str(tmp_path / "c"),
+                 "--resolution", "32", "--caption-column", "desc"]) == 0
+
+
+def test_a_config_diffusers_cannot_build_is_one_line(tiny_teacher_dir, tmp_path, capsys):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    cfg = json.loads((teacher / "unet" / "config.json").read_text())
+    cfg["addition_embed_type"] = "text_time"  # SDXL's conditioning without its projection sizes
+    (teacher / "unet" / "config.json").write_text(json.dumps(cfg))
+    assert main(["compress", "--teacher", str(teacher), "--student", "bk-small", "--out", str(tmp_path / "s")]) == 2
+    assert "addition_embed_type 'text_time' but no addition_time_embed_dim" in one_line_error(capsys)
 
 
 def test_skips_summary_counts_by_reason():

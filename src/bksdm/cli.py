@@ -200,7 +200,7 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="image folder with metadata.csv/jsonl, hf:DATASET, or mini-world[:N]")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--image-column", default="image", help="hf: datasets: the image column")
-    p.add_argument("--caption-column", default="text", help="hf: datasets: the caption column")
+    p.add_argument("--caption-column", default="text", help="the caption column of hf: datasets and of image folders' metadata")
     p.add_argument("--data-split", default="train", help="hf: datasets: the split")
     p.add_argument("--resolution", type=int, default=512, help="training resolution (must match distill)")
     p.add_argument("--no-flip", action="store_true", help="cache only the unflipped view (for random_flip false)")
@@ -272,7 +272,7 @@ def _metric_weight_args(p: argparse.ArgumentParser) -> None:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of generated images named as in the prompt file")
     p.add_argument("--prompts", required=True, help="the prompt file used to generate them")
-    p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"], help="any of: fid is clip fidelity mini_fid "
+    p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"], help="any of: fid is clip fidelity mini_fid bg_noise "
                    "(bksdm.evaluate.registry; mini-fid is accepted too)")
     p.add_argument("--fid-ref", help="pytorch-fid statistics (.npz with mu, sigma) or a folder of real images")
     p.add_argument("--name", default="model", help="row name in the Markdown table")

@@ -120,7 +120,7 @@ class TrainConfig(Config):
     out: str = "run-out"  # run folder: checkpoints, logs, samples and the final result
     cache: str = ""  # a `bksdm cache` folder: skips the VAE and text encoder entirely
     image_column: str = "image"  # hf: datasets: the image column
-    caption_column: str = "text"  # hf: datasets: the caption column
+    caption_column: str = "text"  # the caption column of hf: datasets and image folders' metadata
     data_split: str = "train"  # hf: datasets: the split of a hub dataset or DatasetDict
     streaming: bool = False  # hf: datasets: read in order without random access (like tar shards)
     resolution: int = 512  # training image size (short side resized, then center crop)

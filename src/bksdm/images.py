@@ -12,8 +12,8 @@ Policy (README, "When things go wrong"):
 * **size** — at most :data:`MAX_PIXELS` (Pillow's own decompression-bomb limit); for a square training crop, sides
   within :data:`MAX_ASPECT`:1 ("too thin") and at most :data:`MAX_UPSCALE` x upscaling ("too small"), checked
   before any resize, so no huge intermediate is made;
-* **files** — hidden files (``.DS_Store``, macOS ``._a.png`` AppleDouble files) are not images: folders are listed
-  as ``glob('*.png')`` lists them, as pytorch-fid reads a folder.
+* **files** — a folder's images are its files with pytorch-fid's suffixes (:data:`IMAGE_EXTENSIONS`, any case),
+  except hidden ones (``.DS_Store``, macOS ``._a.png`` AppleDouble files), which pytorch-fid reads and fails on.
 
 Whatever cannot be used raises :class:`~bksdm.skips.Unusable` with its reason; readers skip and count it
 (:class:`~bksdm.skips.Skips`), or refuse in one line where one picture matters (a DreamBooth subject photo, a
@@ -34,8 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bksdm.skips import Unusable
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-"""File suffixes read as images (lower case), in the order webdataset members are looked up."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+"""File suffixes read as images (any case), in the order webdataset members are looked up: pytorch-fid's list."""
 
 BACKGROUND = (255, 255, 255)
 """What transparent pixels are composited on (white, as a page or a viewer shows them)."""
@@ -53,7 +53,7 @@ MAX_UPSCALE = 8.0
 (at 512 px: under 64 px)."""
 
 _16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa")
 
 
 def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
@@ -78,7 +78,7 @@ def open_image(source: str | Path | bytes | IO[bytes] | Image.Image, name: str |
     (the official FID route resizes grayscale and CMYK pictures in their own mode, as the reference script did).
 
     Raises :class:`~bksdm.skips.Unusable` with reason ``missing file``, ``not an image``, ``too large``,
-    ``truncated or corrupt``, ``broken EXIF`` or ``unsupported pixels``."""
+    ``truncated or corrupt``, ``broken EXIF``, ``unsupported pixels`` or ``cannot be read`` (permissions)."""
     name = name or (str(source) if isinstance(source, (str, Path)) else "image")
     if isinstance(source, Image.Image):
         return _prepared(source, name, keep)
@@ -90,6 +90,8 @@ def open_image(source: str | Path | bytes | IO[bytes] | Image.Image, name: str |
             im = Image.open(source)
     except FileNotFoundError:
         raise Unusable("missing file", name) from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise Unusable("cannot be read", name, type(exc).__name__) from None
     except Image.DecompressionBombError:
         raise Unusable("too large", name, f"over {MAX_PIXELS:,} pixels") from None
     except UnidentifiedImageError:
@@ -129,7 +131,7 @@ def to_rgb(im: Image.Image, name: str = "image") -> Image.Image:
         mode = "L"
     if mode in _ALPHA or "transparency" in im.info:
         try:
-            rgba = im.convert("RGBA") if mode != "La" else im.convert("RGBa").convert("RGBA")
+            rgba = im.convert("RGBA")
         except Exception as exc:
             raise Unusable("unsupported pixels", name, f"mode {mode}: {type(exc).__name__}") from None
         return Image.alpha_composite(Image.new("RGBA", im.size, BACKGROUND + (255,)), rgba).convert("RGB")

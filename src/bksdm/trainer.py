@@ -273,9 +273,22 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        self.skips = self.all_skips()  # every process's, on every process: training has ended
         if self.skips.total:  # what was left out, and why, before the run's result
             self.acc.print(f"data: {self.skips.summary()} (samples: an item is counted each time it is drawn)")
         return self.finish(last)
+
+    def all_skips(self) -> Skips:
+        """The skipped items of every process, by reason (each process reads its own share of the data)."""
+        if self.acc.num_processes == 1:
+            return self.skips
+        from accelerate.utils import gather_object
+
+        total = Skips()
+        for part in gather_object([dict(self.skips)]):
+            total.update_from(part)
+        total.examples = dict(self.skips.examples)
+        return total
 
     def _log(self, values: dict[str, float]) -> None:
         self.acc.log(values, step=self.step)
@@ -299,8 +312,9 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
+        skips = self.all_skips()  # collective: every process calls it
         if self.acc.is_main_process:
-            state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "skip_reasons": dict(self.skips),
+            state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "skip_reasons": dict(skips),
                      "processes": self.acc.num_processes}
             self.save_extra(tmp)
             self.save_weights(tmp)
@@ -345,8 +359,10 @@ class Trainer:
             self.acc.load_state(str(path))
             self.load_extra(path)
         self.step, self.skipped = step, skipped
-        self.skips = Skips()
-        self.skips.update_from(state.get("skip_reasons", {}))
+        self.skips = Skips()  # run totals live on the main process; the others count from zero again
+        if self.acc.is_main_process:
+            self.skips.update_from(state.get("skip_reasons", {"reason not recorded (older checkpoint)": skipped}
+                                             if skipped else {}))
         self.micro = int(state.get("micro", step * self.cfg.grad_accum))  # older checkpoints: no skipped batches
         self.acc.print(f"resumed from {path} at step {self.step}")
 

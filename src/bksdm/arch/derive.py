@@ -295,12 +295,34 @@ def _maps(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: l
     return modules, pairs_down + pairs_up, down_attn + mid_attn + up_attn
 
 
+NEEDS = {("addition_embed_type", "text_time"): ("addition_time_embed_dim", "projection_class_embeddings_input_dim"),
+         ("addition_embed_type", "text_image"): ("encoder_hid_dim",),
+         ("class_embed_type", "projection"): ("projection_class_embeddings_input_dim",),
+         ("class_embed_type", "simple_projection"): ("projection_class_embeddings_input_dim",),
+         ("encoder_hid_dim_type", "text_proj"): ("encoder_hid_dim",),
+         ("encoder_hid_dim_type", "text_image_proj"): ("encoder_hid_dim",)}
+"""Keys a ``UNet2DConditionModel`` config needs because of another key's value (diffusers' constructor fails deep
+inside torch without them)."""
+
+
 def meta_unet(config: dict[str, Any]):
-    """A ``UNet2DConditionModel`` of ``config`` on the meta device: shapes, names and MACs without memory."""
+    """A ``UNet2DConditionModel`` of ``config`` on the meta device: shapes, names and MACs without memory. A config
+    diffusers cannot build is a one-line :class:`UserError` naming the key (:data:`NEEDS`) or the cause."""
     from diffusers import UNet2DConditionModel
 
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+    from bksdm.errors import short
+
+    for (key, value), needed in NEEDS.items():
+        missing = [k for k in needed if config.get(key) == value and config.get(k) is None]
+        if missing:
+            raise UserError(f"U-Net config has {key} {value!r} but no {missing[0]}; diffusers cannot build it "
+                            f"(set {', '.join(missing)} or remove {key})")
+    try:
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    except Exception as exc:
+        raise UserError(f"diffusers cannot build a UNet2DConditionModel from this U-Net config ({short(exc)}); "
+                        f"check it against the model's source") from None
 
 
 def _meta_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:

@@ -43,7 +43,7 @@ CAPTION_KEYS = ("text", "caption", "prompt")
 absent and exactly one of the others is there, that one is read and a one-line note says so."""
 
 
-def caption_key(columns: list[str], wanted: str, where: str, option: str = "caption_column") -> str:
+def caption_key(columns: list[str], wanted: str, where: str) -> str:
     """The caption column of ``where`` among ``columns``: ``wanted`` when present; else, when ``wanted`` is the
     default (``text``) and exactly one other of :data:`CAPTION_KEYS` is present, that one (with a note); else a
     one-line error naming the columns found and ``option``."""
@@ -54,7 +54,7 @@ def caption_key(columns: list[str], wanted: str, where: str, option: str = "capt
         note(f"{where} has no {wanted!r} column; reading captions from {others[0]!r}")
         return others[0]
     raise UserError(f"{where} has no caption column {wanted!r} (it has {', '.join(map(str, columns)) or 'none'}); "
-                    f"rename it or set {option}=NAME")
+                    f"rename it or pass --caption-column NAME (caption_column=NAME in a config)")
 
 
 class PairSource(Protocol):
@@ -67,10 +67,19 @@ def read_metadata(folder: Path) -> tuple[list[dict[str, Any]], list[str], str]:
     """Rows, columns and file name of ``folder/metadata.csv`` or ``metadata.jsonl`` (UTF-8, a byte-order mark
     allowed, as Excel writes "CSV UTF-8"); undecodable bytes become surrogates, so one bad row costs one row."""
     open_text = dict(encoding="utf-8-sig", errors="surrogateescape")
+    for name in ("metadata.csv", "metadata.jsonl"):
+        if (folder / name).is_file():
+            with open(folder / name, "rb") as f:
+                if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+                    raise UserError(f"{folder}/{name} is UTF-16 text; re-save it as UTF-8")
     if (folder / "metadata.csv").is_file():
         with open(folder / "metadata.csv", newline="", **open_text) as f, _no_field_limit():
             reader = csv.DictReader(f)
-            return list(reader), list(reader.fieldnames or []), "metadata.csv"
+            columns = list(reader.fieldnames or [])
+            twice = sorted({c for c in columns if columns.count(c) > 1})
+            if twice:  # DictReader would silently keep the last of them
+                raise UserError(f"{folder}/metadata.csv has the column {twice[0]!r} more than once; keep one")
+            return list(reader), columns, "metadata.csv"
     if (folder / "metadata.jsonl").is_file():
         rows, columns = [], {}
         with open(folder / "metadata.jsonl", **open_text) as f:
@@ -111,6 +120,8 @@ class ImageFolderSource:
 
     def get(self, index: int) -> tuple[Image.Image, str]:
         name, text = self.rows[index]
+        if not name:
+            raise BadSample("no file name", f"row {index}")
         if why := _bad_row(name, text):
             raise BadSample(why, f"row {index}", name)
         return open_image(self.folder / name, name), text
@@ -161,22 +172,24 @@ class MiniWorldSource:
 
 CAPTION_MEMBERS = ("txt", "caption", "text")
 """Tar members read as the caption, by extension, in this order (webdataset's convention is ``txt``)."""
+IMAGE_KEYS = {e[1:] for e in IMAGE_EXTENSIONS}
 
 
 class WebDatasetSource:
     """Tar shards of (image, ``txt``) streamed in shard order; only this process's positions are decoded.
 
-    Members are grouped into samples as webdataset groups them (consecutive members sharing the name up to the
-    first dot of the file name: ``000001.jpg``, ``000001.txt``), except where that is plainly wrong: when sample
-    names themselves contain dots (``img.001.jpg``, ``img.001.txt``, ``img.002.jpg``, ...), webdataset would merge
-    several pictures into one sample; such a group is split by the name up to the last dot instead, and a
-    one-line note says so."""
+    Members are grouped into samples as webdataset groups them: consecutive members sharing the name up to the
+    first dot of the file name, each stored under the rest (``000001.jpg``, ``000001.seg.png``, ``000001.txt`` ->
+    ``jpg``, ``seg.png``, ``txt``); hidden members (macOS ``._000001.jpg``) are left out, as webdataset leaves them.
+    One exception, where that grouping is plainly wrong: when sample names themselves hold dots (``img.001.jpg``,
+    ``img.001.txt``, ``img.002.jpg``, ...), webdataset makes one sample without any plain image or caption member;
+    if grouping such a run by the name up to the last dot gives samples that each have an image and a caption,
+    those samples are read, and a one-line note says so."""
 
     streamed = True
 
     def __init__(self, urls: list[str]):
-        self.urls = urls
-        self._noted = False
+        self.urls, self._noted = urls, False
 
     def samples(self) -> Iterator[dict[str, Any]]:
         from webdataset.tariterators import tar_file_expander, url_opener
@@ -191,41 +204,41 @@ class WebDatasetSource:
                 raise UserError(f"webdataset {self.urls[0]} ... holds no samples")
 
     def _grouped(self, members: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        group: list[tuple[str, str, bytes]] = []  # (member name, extension, bytes) sharing webdataset's key
+        group: list[tuple[str, str, bytes]] = []  # (member name, suffix after the first dot, bytes)
         key = None
         for m in members:
             name = m["fname"]
-            base = name.rsplit("/", 1)[-1]
-            first = name[: len(name) - len(base)] + base.split(".", 1)[0]
-            if "." not in base:
-                continue  # not a sample member (webdataset drops these too)
+            folder, _, base = name.rpartition("/")
+            if base.startswith(".") or "." not in base:
+                continue  # hidden (AppleDouble) or no extension: not a sample member (webdataset drops both)
+            stem, suffix = base.split(".", 1)
+            first = f"{folder}/{stem}" if folder else stem
             if first != key and group:
                 yield from self._split(key, group)
                 group = []
             key = first
-            group.append((name, base.rsplit(".", 1)[-1].lower(), m["data"]))
+            group.append((name, suffix.lower(), m["data"]))
         if group:
             yield from self._split(key, group)
 
     def _split(self, key: str, group: list[tuple[str, str, bytes]]) -> Iterator[dict[str, Any]]:
-        exts = [e for _, e, _ in group]
-        if len(set(exts)) == len(exts):  # the usual case: one member per extension under webdataset's key
-            yield {"__key__": key, **{e: d for _, e, d in group}}
+        plain = {sfx for _, sfx, _ in group}
+        if plain & IMAGE_KEYS or plain & set(CAPTION_MEMBERS):  # webdataset's own grouping reads this sample
+            yield {"__key__": key, **{sfx: d for _, sfx, d in group}}
+            return
+        stems: dict[str, dict[str, Any]] = {}
+        for name, _, data in group:
+            stem, _, ext = name.rpartition(".")
+            stems.setdefault(stem, {"__key__": stem})[ext.lower()] = data
+        complete = all(set(v) & IMAGE_KEYS and set(v) & set(CAPTION_MEMBERS) for v in stems.values())
+        if not complete:  # not dotted sample names: keep webdataset's sample (decode says what it lacks)
+            yield {"__key__": key, **{sfx: d for _, sfx, d in group}}
             return
         if not self._noted:
             self._noted = True
             note(f"webdataset {self.urls[0]}: sample names contain dots ({group[0][0]}); "
                  "grouping members by the name up to the last dot")
-        sample: dict[str, Any] = {}  # two pictures or captions under one webdataset key: the names hold dots
-        for name, ext, data in group:
-            stem = name.rsplit(".", 1)[0]
-            if sample and sample["__key__"] != stem:
-                yield sample
-                sample = {}
-            sample.setdefault("__key__", stem)
-            sample[ext] = data
-        if sample:
-            yield sample
+        yield from stems.values()
 
     @staticmethod
     def decode(sample: dict[str, Any]) -> tuple[Image.Image, str]:
@@ -274,7 +287,7 @@ class HFDatasetSource:
         columns = list(ds.column_names or [])
         if image_column not in columns:
             raise UserError(f"dataset {spec} has no column {image_column!r} (it has {', '.join(columns)}); "
-                            f"set image_column=")
+                            f"pass --image-column NAME (image_column=NAME in a config)")
         self.caption_column = None if caption_column is None else caption_key(columns, caption_column, f"dataset {spec}")
         if isinstance(ds.features.get(image_column), datasets.Image):  # keep the bytes: we decode (and skip) ourselves
             ds = ds.cast_column(image_column, datasets.Image(decode=False))

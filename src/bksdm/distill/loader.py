@@ -7,6 +7,7 @@ from typing import Any, Iterator
 import torch
 
 from bksdm.distill.data import BadSample, Order, augment, positions, size_ids
+from bksdm.images import to_rgb
 
 
 SKIP = "skip"
@@ -45,6 +46,8 @@ def _item(source, index: int, flip: bool, resolution: int) -> dict[str, Any]:
 
 
 def _pixels_item(image, text: str, flip: bool, resolution: int, where: str) -> dict[str, Any]:
+    if image.mode != "RGB":  # a Python source (PairSource) may hand any mode: the same policy as files
+        image = to_rgb(image, where)
     try:
         pixels = augment(image, resolution, flip)
     except BadSample as exc:  # too thin or too small for the crop: name the item, the picture cannot

@@ -107,12 +107,14 @@ def stats(features: np.ndarray, what: str = "FID") -> tuple[np.ndarray, np.ndarr
     covariance and a Frechet distance biased high, which a note says; non-finite features are refused."""
     n, d = features.shape
     if n < 2:
-        raise UserError(f"{what} needs at least 2 images for a covariance (got {n}); the protocol uses 30,000")
+        raise UserError(f"{what} needs at least 2 images for a covariance (got {n})"
+                        + ("; the protocol uses 30,000" if what.startswith("FID") else ""))
     if not np.isfinite(features).all():
         raise UserError(f"{what}: the feature network gave non-finite features for these images")
     if n <= d:
         note(f"{what} of {n} images: fewer than the {d} feature dimensions + 1, so the covariance is singular "
-             f"and the distance is biased high (compare only runs with the same count; the protocol uses 30,000)")
+             f"and the distance is biased high (compare only runs with the same count"
+             + ("; the protocol uses 30,000)" if what.startswith("FID") else ")"))
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -164,7 +166,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
                             f"in the covariance square root): use more images (the protocol uses 30,000; fewer than "
                             f"the feature dimensions make the covariance singular)")
         covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    fd = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if not np.isfinite(fd):
+        raise UserError("the Frechet distance of these statistics is not finite; use more images")
+    return fd
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:

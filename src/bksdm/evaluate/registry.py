@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from bksdm.errors import UserError
 
-FID, IS, IS_STD, CLIP, FIDELITY, MINI_FID = "fid", "is", "is_std", "clip", "fidelity", "mini_fid"
+FID, IS, IS_STD, CLIP, FIDELITY, MINI_FID, BG_NOISE = "fid", "is", "is_std", "clip", "fidelity", "mini_fid", "bg_noise"
 IS_SPLITS = 10  # torch-fidelity's and the paper's
 
 

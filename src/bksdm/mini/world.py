@@ -53,7 +53,8 @@ def parse_caption(text: str) -> tuple[Shape, ...]:
     return tuple(shapes)
 
 
-def _mask(kind: str, cy: float, cx: float, r: float, n: int) -> np.ndarray:
+def shape_mask(kind: str, cy: float, cx: float, r: float, n: int) -> np.ndarray:
+    """(n, n) bool: the pixels (centres at +0.5) a shape of ``kind`` with centre (cy, cx) and half-extent ``r`` covers."""
     y, x = np.mgrid[0:n, 0:n] + 0.5
     if kind == "circle":
         return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
@@ -79,7 +80,7 @@ def render(shapes: tuple[Shape, ...], size: int = 32, jitter: tuple[tuple[float,
         cx = (8 if col == "left" else 24) * scale
         if jitter is not None:
             cy, cx = cy + jitter[i][0] * scale, cx + jitter[i][1] * scale
-        img[_mask(s.kind, cy, cx, SIZES[s.size] * scale, size)] = COLOURS[s.colour]
+        img[shape_mask(s.kind, cy, cx, SIZES[s.size] * scale, size)] = COLOURS[s.colour]
     return Image.fromarray(img)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import resource
 import shutil
 import time
@@ -39,11 +38,6 @@ def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
     w, h = image.size
     x, y = rng.randint(0, w - size), rng.randint(0, h - size)
     return pixels(image.crop((x, y, x + size, y + size)))
-
-
-GENERATED_CLASS_IMAGE = re.compile(r"^\d{5}\.png$")
-"""How generated class images are named (``00000.png``, ...): a broken file of this name is from an interrupted
-run and is drawn again; any other file in the class folder is the user's and is never changed."""
 
 
 def class_images(cfg: DreamBoothConfig, device: str) -> tuple[list[Image.Image], Skips]:
@@ -83,9 +77,10 @@ def class_images(cfg: DreamBoothConfig, device: str) -> tuple[list[Image.Image],
 
 
 def _usable_class_images(folder: Path, cfg: DreamBoothConfig) -> tuple[list[Image.Image], Skips]:
-    """Up to ``num_class_images`` usable pictures of ``folder`` by name; broken generated ones are deleted (to be
-    drawn again), the user's unusable ones skipped and counted."""
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    """Up to ``num_class_images`` usable pictures of ``folder`` by name; unusable ones are skipped and counted,
+    never changed (generated ones are written whole and renamed into place, so a stopped run leaves none broken)."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+             and p.is_file()]
     images, skips = [], Skips()
     for f in sorted(files):
         if len(images) == cfg.num_class_images:
@@ -95,10 +90,7 @@ def _usable_class_images(folder: Path, cfg: DreamBoothConfig) -> tuple[list[Imag
             check_crop(im.size, cfg.resolution, f.name)
             images.append(im)
         except Unusable as exc:
-            if GENERATED_CLASS_IMAGE.match(f.name) and exc.reason in ("truncated or corrupt", "not an image"):
-                f.unlink()  # ours, cut short by an interrupted run
-            else:
-                skips.add(exc)
+            skips.add(exc)
     return images, skips
 
 

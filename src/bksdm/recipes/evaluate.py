@@ -107,7 +107,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in rows[0] if k not in ("step", "images", "is_std")]
+    keys = [k for k in rows[0] if k not in ("step", "images", "is_std") and not k.endswith(("_lo", "_hi"))]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axes[0], keys):
         ax.plot([r["step"] for r in rows], [r[k] for r in rows], marker="o")

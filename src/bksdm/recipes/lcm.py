@@ -172,7 +172,7 @@ class LCMRecipe(Trainer):
             else:
                 copy_pipeline(self.pipeline_dir, final, skip=("unet", "scheduler"))
                 self.final_unet().save_pretrained(final / "unet", safe_serialization=True)
-                lcm_scheduler(self.noise_scheduler.config).save_pretrained(final / "scheduler")
+                lcm_scheduler(self.noise_scheduler.config, self.cfg).save_pretrained(final / "scheduler")
                 index = json.loads((final / "model_index.json").read_text())
                 index["scheduler"] = ["diffusers", "LCMScheduler"]
                 (final / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -219,7 +219,7 @@ class LCMRecipe(Trainer):
         vae, text = load_text_side(self.pipeline_dir)
         unet = unwrap(self.acc.unwrap_model(self.student)) if self.cfg.lora else self.final_unet()
         dtype = next(unet.parameters()).dtype
-        row = generate_images({"unet": unet.float(), "vae": vae, **text}, lcm_scheduler(self.noise_scheduler.config),
+        row = generate_images({"unet": unet.float(), "vae": vae, **text}, lcm_scheduler(self.noise_scheduler.config, self.cfg),
                               self.cfg.sample_prompts, seeds=list(range(len(self.cfg.sample_prompts))),
                               steps=self.cfg.sample_steps, guidance=1.0 if self.cfg.lora else 7.5)
         unet.to(dtype)
@@ -234,8 +234,13 @@ def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.device, like.dtype)
 
 
-def lcm_scheduler(config):
-    """An ``LCMScheduler`` on the model's noise schedule (betas, prediction type)."""
+def lcm_scheduler(config, cfg=None):
+    """An ``LCMScheduler`` on the model's noise schedule (betas, prediction type) and, given the run's ``cfg``,
+    on the skipping schedule and boundary scaling it trained for (``original_inference_steps`` =
+    ``num_ddim_timesteps``, ``timestep_scaling``): the scheduler shipped is the one the consistency function
+    learnt, not LCMScheduler's defaults (50, 10.0)."""
     from diffusers import LCMScheduler
 
-    return LCMScheduler.from_config(config)
+    trained = {} if cfg is None else {"original_inference_steps": cfg.num_ddim_timesteps,
+                                      "timestep_scaling": cfg.timestep_scaling}
+    return LCMScheduler.from_config(config, **trained)

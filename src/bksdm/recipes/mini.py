@@ -7,7 +7,6 @@ choosing its config (configs/distill_mini.yaml).
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import time
@@ -16,7 +15,6 @@ from typing import Any
 
 import torch
 
-from bksdm.report import markdown_table
 
 
 def _prompt_file(path: Path, count: int, seed: int = 0) -> Path:
@@ -50,8 +48,12 @@ def heldout(p: dict, teacher_unet, count: int = 256) -> dict[str, float]:
     return heldout_mse(p["unet"], teacher_unet, text, p["vae"], dict(p["scheduler"].config), count)
 
 
+MINI_METRICS = ("fidelity", "mini_fid", "bg_noise")
+"""The image measures every mini-world run is scored with (each with its 95% bootstrap interval)."""
+
+
 def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int = 25) -> dict[str, float]:
-    """Generate with the real `generate` and evaluate with the real `evaluate` (fidelity, mini-FID)."""
+    """Generate with the real `generate` and evaluate with the real `evaluate` (:data:`MINI_METRICS`)."""
     from bksdm.generate import generate
     from bksdm.recipes.evaluate import evaluate
     from bksdm.evaluate.metrics import opened
@@ -59,7 +61,7 @@ def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int =
     from bksdm.mini.metrics import fidelity_breakdown
 
     generate(str(folder), prompts, out, steps=steps, batch_size=batch, save_size=None, lossless=True)  # 32 px: no JPEG
-    res = evaluate(out / "images", prompts, ["fidelity", "mini-fid"])
+    res = evaluate(out / "images", prompts, list(MINI_METRICS))
     items = read_prompts(prompts)
     images = list(opened([out / "images" / (Path(n).stem + ".png") for n, _ in items]))
     wrong = fidelity_breakdown(images, [p for _, p in items])
@@ -78,27 +80,6 @@ def distill_run(teacher: Path, student: str | Path, out: Path, steps: int, seed:
     return DistillRecipe(cfg).setup().train()
 
 
-def _loss_plot(csv_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(csv.DictReader(open(csv_path)))
-    steps = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in ("loss", "task", "out_kd", "feat_kd", "cfg_kd"):
-        values = [float(r.get(k) or 0) for r in rows]
-        if any(values):
-            ax.plot(steps, values, label=k)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
 PAPER_METHOD = {"lambda_cfg": 0.0}
 """The demo recipe's departure from the paper's method, undone (``--paper-recipe``): what remains of
 ``configs/distill_mini.yaml`` are only the changes a few-minute CPU run needs (batch, learning rate, no EMA)."""
@@ -112,6 +93,7 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 300, images: int = 300, st
     from bksdm.compress import compress
     from bksdm.mini.teacher import teacher_path
     from bksdm.profile import Components, profile_components
+    from bksdm.recipes import mini_report as R
     from bksdm.recipes.evaluate import progress
 
     t_start = time.time()
@@ -148,12 +130,14 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 300, images: int = 300, st
         rows.append(rec)
     rows[2]["latency_ratio"] = round(rows[2]["unet_ms"] / rows[0]["unet_ms"], 2)
     rows[0]["latency_ratio"] = 1.0
-    curve = progress(run, curve_prompts, ["fidelity", "mini-fid"], out=out / "progress",
+    curve = progress(run, curve_prompts, list(MINI_METRICS), out=out / "progress",
                      gen_kwargs={"steps": gen_steps, "batch_size": 125, "save_size": None, "lossless": True})
     shutil.copy(out / "progress" / "progress.csv", out / "fidelity_vs_step.csv")
-    _curve_plot(curve, out / "fidelity_vs_step.png")
-    _loss_plot(run / "logs" / "losses.csv", out / "losses.png")
+    R.curve_plot(curve, out / "fidelity_vs_step.png")
+    R.loss_plot(run / "logs" / "losses.csv", out / "losses.png")
     shutil.copy(sorted((run / "samples").glob("step-*.png"), key=lambda p: int(p.stem[5:]))[-1], out / "samples.png")
+    R.zoomed_pair(out / "images" / teacher_dir.name / "images", out / "images" / final.name / "images", prompts,
+                  out / "zoom.png")
     lcm_rows = None
     if lcm:
         from bksdm.recipes.mini_lcm import lcm_curve
@@ -161,99 +145,11 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 300, images: int = 300, st
         lcm_rows = lcm_curve(final, teacher_dir, out / "lcm", curve_prompts, lcm_steps, pndm_steps=gen_steps)
     minutes = (time.time() - t_start) / 60
     recipe = json.loads((run / "config.json").read_text())
-    _write_demo_report(out, rows, curve, grid_prompts, steps, images, curve_images, minutes, t_distill / 60, recipe,
-                       paper_recipe, lcm_rows)
+    R.write_demo_report(out, rows, curve, grid_prompts, steps, images, curve_images, minutes, t_distill / 60, recipe,
+                        paper_recipe, lcm_rows)
     (out / "metrics.json").write_text(json.dumps({"rows": rows, "curve": curve, "lcm": lcm_rows, "minutes": minutes,
                                                   "distill_minutes": t_distill / 60}, indent=1))
     return {"rows": rows, "curve": curve, "lcm": lcm_rows, "minutes": minutes}
-
-
-def _curve_plot(curve: list[dict[str, Any]], png: Path) -> None:
-    """Prompt fidelity (and mini-FID) of every checkpoint: the mini version of appendix Figure 3."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in curve]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
-    a.plot(steps, [r["fidelity"] for r in curve], marker="o")
-    a.set_xlabel("distillation step")
-    a.set_title("prompt fidelity")
-    b.plot(steps, [r["mini_fid"] for r in curve], marker="o")
-    b.set_yscale("log")
-    b.set_xlabel("distillation step")
-    b.set_title("mini-FID")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-REPORT_COLUMNS = ["model", "unet_params", "unet_mmacs", "latency_ratio", "fidelity", "mini_fid"]
-"""The report's first table, teacher vs student (a test checks every column is there)."""
-
-
-def _write_demo_report(out: Path, rows: list[dict], curve: list[dict], grid_prompts: list[str], steps: int, images: int,
-                       curve_images: int, minutes: float, distill_minutes: float, recipe: dict, paper_recipe: bool,
-                       lcm_rows: list[dict] | None) -> None:
-    from bksdm.report import markdown_to_html
-
-    teacher, init, student = rows
-    headline = [{"model": r["model"], "unet_params": f"{r['unet_params']:,}", "unet_mmacs": f"{r['unet_mmacs']:.0f}",
-                 "latency_ratio": f"{r['latency_ratio']:.2f}", "fidelity": f"{r['fidelity']:.3f}",
-                 "mini_fid": f"{r['mini_fid']:.0f}"} for r in (teacher, student)]
-    departures = [] if paper_recipe else [
-        f"a fourth loss term, output KD on the classifier-free guided prediction (`lambda_cfg` {recipe['lambda_cfg']}, "
-        f"scale {recipe['cfg_scale']}; the paper has none): student and teacher also run on the empty prompt and the "
-        "student matches u + 7.5 (c - u). Images are generated with guidance 7.5, which multiplies the error of the "
-        "student's c - u by 7.5; the paper's loss never shows the student an empty prompt. Without it this student "
-        "draws the prompted scene in about 64% of images (mini-FID about 26,000); with it about 95% (docs/mini-world.md "
-        f"has the study). That pass covers {100 * recipe.get('cfg_fraction', 1.0):.0f}% of each batch, which keeps "
-        "most of the gain at a fraction of the cost.",
-    ]
-    text = [
-        "# bksdm demo: BK-SDM in the mini world", "",
-        markdown_table(headline, REPORT_COLUMNS), "",
-        f"The shipped mini teacher was compressed to `{student['model'].split(' ')[0]}` (blocks removed, weights "
-        f"copied), distilled for {steps} steps with the real recipe, and both generated {images} images for "
-        f"held-out prompts with the real `generate` (PNDM {recipe.get('sample_steps', 25)} steps, guidance 7.5). "
-        f"latency_ratio: one U-Net call of the student over the teacher's (batch 2, fp32, median of 5). fidelity: "
-        f"share of images the attribute classifier reads exactly as prompted. mini_fid: Frechet distance in the "
-        f"classifier's features to real pictures of the same prompts. Whole run: {minutes:.1f} min (distillation "
-        f"{distill_minutes:.1f} min).", "",
-        "## Teacher (top) vs distilled student (bottom), same seeds", "", "![samples](samples.png)", "",
-        *[f"{i + 1}. {p}" for i, p in enumerate(grid_prompts)], "",
-        "## Loss terms during distillation", "", "![losses](losses.png)", "",
-        f"## Prompt fidelity and mini-FID against distillation step ({curve_images} prompts per checkpoint)", "",
-        "![fidelity against step](fidelity_vs_step.png)", "",
-        markdown_table([{"step": r["step"], "fidelity": f"{r['fidelity']:.3f}", "mini_fid": f"{r['mini_fid']:.0f}"}
-                        for r in curve]), "",
-        "## Where images go wrong", "",
-        markdown_table([{"model": r["model"], **{k[6:]: f"{r[k]:.3f}" for k in r if k.startswith("wrong_")}}
-                        for r in (teacher, student)]), "",
-        "Share of images with a prompted shape missing, a shape where the prompt has none, or a drawn shape of the "
-        "wrong kind, colour or size (an image can have several).", "",
-        "## Denoising errors", "",
-        markdown_table([{"model": r["model"], "heldout_mse": r["heldout_mse"], "teacher_mse": r["teacher_mse"]} for r in rows]), "",
-        "held-out MSE: error on the training target (v) on 256 fixed held-out (image, t, noise); teacher MSE: distance "
-        "to the teacher's prediction. Right after compression the student is far from its teacher; distillation "
-        "closes most of the gap.", "",
-        "## Recipe", "",
-        "`configs/distill_mini.yaml`: the paper's loss (task + output KD + feature KD, weights "
-        f"{recipe['lambda_sd']} / {recipe['lambda_out']} / {recipe['lambda_feat']}) with what a CPU run of minutes "
-        f"needs: batch {recipe['batch_size']} x {recipe['grad_accum']} (paper 64 x 4), lr {recipe['lr']} (paper 5e-5), "
-        f"no EMA, {recipe['mixed_precision']}.",
-    ]
-    if departures:
-        text += ["", "Departures from the paper's method (`bksdm demo --paper-recipe` undoes them):", ""]
-        text += [f"- {d}" for d in departures]
-    if lcm_rows:
-        text += ["", "## Fewer steps: the student after latent consistency distillation", "",
-                 markdown_table([{"model": r["model"], "fidelity": f"{r['fidelity']:.3f}", "mini_fid": f"{r['mini_fid']:.0f}",
-                                  "gen_seconds": f"{r['gen_seconds']:.1f}"} for r in lcm_rows])]
-    md = "\n".join(text) + "\n"
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(markdown_to_html(md, out, "bksdm demo"))
 
 
 VARIANTS: dict[str, dict[str, Any]] = {  # appendix Table 3, rows N1-N4: the paper's loss (no guided KD)
@@ -264,7 +160,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # appendix Table 3, rows N1-N4: the pap
 }
 GUIDED_VARIANT = {"+ guided output KD (demo recipe)": {"lambda_cfg": 1.0}}
 """An optional fifth row (``bksdm ablate --guided``): the demo's recipe, the paper's loss plus guided output KD."""
-_METRICS = ("heldout_mse", "teacher_mse", "fidelity", "mini_fid")
+_METRICS = ("heldout_mse", "teacher_mse", "fidelity", "mini_fid", "bg_noise")
 
 
 SDXL_VARIANTS: dict[str, dict[str, Any]] = {  # KOALA's question: which features to distil (all teacher-initialised)
@@ -353,6 +249,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (student, variant), rs in groups.items():
         rec: dict[str, Any] = {"student": student, "variant": variant, "seeds": len(rs)}
         for m in _METRICS:
+            if not all(m in r for r in rs):  # rows scored before a measure existed (bg_noise) lack it
+                continue
             vals = np.array([r[m] for r in rs])
             rec[m] = float(vals.mean())
             rec[f"{m}_spread"] = float(vals.max() - vals.min())
@@ -394,6 +292,13 @@ def _compare_line(summary: list[dict[str, Any]], student: str, metric: str, a: s
     return f"{head} **{a if c['gain'] > 0 else b}** is better by {abs(c['gain']):.4g} (beyond the seed spread)."
 
 
+def _cell(s: dict[str, Any], m: str) -> str:
+    if m not in s:
+        return "-"
+    fmt = "{:.1f}" if m == "mini_fid" else "{:.2f}" if m == "bg_noise" else "{:.4f}"
+    return f"{fmt.format(s[m])} ({fmt.format(s[m + '_spread'])})"
+
+
 def ablation_markdown(rows: list[dict[str, Any]], steps: int) -> str:
     summary = summarise(rows)
     minutes = sum(r.get("seconds", 0) for r in rows) / 60
@@ -402,26 +307,28 @@ def ablation_markdown(rows: list[dict[str, Any]], steps: int) -> str:
     lines = [f"# Ablation in the mini world ({title}): {steps} distillation steps", "",
              f"Mean over seeds, with the spread (max - min) in brackets. {len(rows)} runs, {minutes:.1f} min of "
              "distillation and scoring in all.", "",
-             "| student | variant | seeds | held-out MSE | MSE to teacher | prompt fidelity | mini-FID |", "|---|---|---|---|---|---|---|"]
+             "| student | variant | seeds | held-out MSE | MSE to teacher | prompt fidelity | mini-FID | background noise |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        cells = [f"{s[m]:.4f} ({s[m + '_spread']:.4f})" if m != "mini_fid" else f"{s[m]:.1f} ({s[m + '_spread']:.1f})" for m in _METRICS]
+        cells = [_cell(s, m) for m in _METRICS]
         lines.append(f"| {s['student']} | {s['variant']} | {s['seeds']} | " + " | ".join(cells) + " |")
+    metrics = [m for m in _METRICS if all(m in s for s in summary)]
     students = list(dict.fromkeys(s["student"] for s in summary))
     if sdxl:
         out_kd, blocks, attn = SDXL_VARIANTS
         lines += ["", "KOALA's finding: distilling the self-attention layers' outputs beats distilling the blocks' "
                   "outputs. A difference counts only when it exceeds both rows' seed spreads.", ""]
         for student in students:
-            for metric in _METRICS:
+            for metric in metrics:
                 lines.append(_compare_line(summary, student, metric, attn, blocks))
-            for metric in _METRICS:
+            for metric in metrics:
                 for variant in (attn, blocks):
                     lines.append(_compare_line(summary, student, metric, variant, out_kd))
         return "\n".join(lines) + "\n"
     lines += ["", "The paper's ordering: random init, teacher init, + output KD, + output & feature KD, each better than "
               "the one before (lower errors and mini-FID, higher fidelity).", ""]
     for student in students:
-        for metric in _METRICS:
+        for metric in metrics:
             breaks = ordering_breaks(summary, student, metric)
             verdict = "**holds**" if not breaks else "**does not hold**: no gain from " + "; ".join(f"{a} to {b}" for a, b in breaks)
             lines.append(f"- {student}, {metric}: {verdict}.")

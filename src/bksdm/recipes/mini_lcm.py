@@ -35,14 +35,14 @@ def lcm_run(model: Path, out: Path, steps: int, lora: bool = False, teacher: Pat
 
 def score(model: Path, prompts: Path, out: Path, steps: int, scheduler: str, guidance: float,
           lora: Path | None = None) -> dict[str, float]:
-    """Generate (lossless, 32 px) and evaluate fidelity and mini-FID; the seconds generation took."""
+    """Generate (lossless, 32 px) and evaluate fidelity, mini-FID and background noise; the seconds generation took."""
     from bksdm.generate import generate
     from bksdm.recipes.evaluate import evaluate
 
     shutil.rmtree(out, ignore_errors=True)
     res = generate(str(model), prompts, out, steps=steps, guidance=guidance, scheduler=scheduler, batch_size=125,
                    save_size=None, lossless=True, lora=str(lora) if lora else None)
-    return {**evaluate(out / "images", prompts, ["fidelity", "mini-fid"]), "gen_seconds": res["seconds"]}
+    return {**evaluate(out / "images", prompts, ["fidelity", "mini_fid", "bg_noise"]), "gen_seconds": res["seconds"]}
 
 
 def lcm_curve(student: str | Path, teacher: str | Path, out: str | Path, prompts: Path, steps: int = 300,
