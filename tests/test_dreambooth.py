@@ -192,11 +192,54 @@ def test_lora_presets_are_read_back_from_the_saved_file(tiny_teacher_dir, subjec
     assert targets == {"unet": unet_targets, "text_encoder": text_targets}
     ranks = {shape[0] if ".down." in k else shape[1] for k, shape in shapes.items()}
     assert ranks == {16}  # rank 16 in every down (r, in) and up (out, r) matrix
-    assert meta["unet.lora_alpha"] == unet_alpha and set(meta["unet.target_modules"]) == unet_targets
-    assert meta["text_encoder.lora_alpha"] == text_alpha and set(meta["text_encoder.target_modules"]) == text_targets
+    # alpha / rank is folded into the weights (bksdm.lora): the file says alpha = rank, which every loader reads
+    assert meta["unet.lora_alpha"] == meta["text_encoder.lora_alpha"] == 16
+    assert set(meta["unet.target_modules"]) == unet_targets and set(meta["text_encoder.target_modules"]) == text_targets
     assert meta["unet.r"] == meta["text_encoder.r"] == 16
-    pipe = personalised_pipeline(str(tiny_teacher_dir), out, lora=True)  # diffusers applies the saved alphas
-    assert {c.lora_alpha for c in pipe.unet.peft_config.values()} == {unet_alpha}
+    pipe = personalised_pipeline(str(tiny_teacher_dir), out, lora=True)
+    assert {c.lora_alpha for c in pipe.unet.peft_config.values()} == {16}
+
+
+def test_lora_file_applies_the_trained_strength_under_a_kohya_style_loader(tiny_teacher_dir, tmp_path):
+    """A rank-16, alpha-27 adapter (the BK-SDM preset) saved by bksdm: a loader that knows alpha only from .alpha
+    tensors (kohya's convention: none means alpha = rank) and diffusers' load_lora_weights both give the trained
+    update, W + (alpha / r) B A, as peft's own merge computes it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from bksdm.dreambooth.config import lora_config
+    from bksdm.lora import save_lora
+
+    base = UNet2DConditionModel.from_pretrained(tiny_teacher_dir / "unet")
+    trained = UNet2DConditionModel.from_pretrained(tiny_teacher_dir / "unet")
+    trained.add_adapter(lora_config("bk-sdm", "unet", 16))
+    torch.manual_seed(0)
+    for name, p in trained.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)  # as if trained (peft starts B at zero)
+    save_lora(tmp_path, "StableDiffusionPipeline", trained)
+    trained.fuse_lora()
+    truth = {k: v for k, v in trained.state_dict().items() if "lora" not in k}
+    # a kohya-style loader: W += up @ down * (alpha / r from an .alpha tensor, else 1)
+    file = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    weights = dict(base.state_dict())
+    downs = [k for k in file if k.endswith((".lora.down.weight", ".lora_A.weight"))]
+    assert downs
+    for down in downs:
+        stem = down.rsplit(".lora", 1)[0]
+        up = file[down.replace("lora.down", "lora.up").replace("lora_A", "lora_B")]
+        alpha = file.get(stem + ".alpha")
+        scale = float(alpha) / up.shape[1] if alpha is not None else 1.0
+        key = stem.removeprefix("unet.") + ".weight"
+        weights[key] = weights[key] + scale * up @ file[down]
+    for k, v in truth.items():
+        torch.testing.assert_close(weights[k.replace(".base_layer", "")], v, rtol=0, atol=1e-6, msg=k)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher_dir, safety_checker=None)
+    pipe.load_lora_weights(tmp_path)
+    pipe.fuse_lora()
+    fused = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    for k, v in truth.items():
+        torch.testing.assert_close(fused[k.replace(".base_layer", "")], v, rtol=0, atol=1e-6, msg=k)
 
 
 def test_seed_alone_decides_the_lora_initialisation(tiny_teacher_dir, subject_dir, tmp_path):

@@ -14,6 +14,7 @@ import tarfile
 import time
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -584,3 +585,78 @@ def test_skips_summary_counts_by_reason():
         s.add(exc)
     assert s.total == 3 and s.summary() == "3 skipped: 2 too thin (first: a.png (4000x2 px)), 1 no caption (first: row 3)"
     assert Skips().summary() == "none skipped"
+
+
+# ------------------------------------------------------------------ LoRAs meet students through the key map
+
+
+def _teacher_lora(teacher_dir, out, rank=4):
+    from diffusers import UNet2DConditionModel
+
+    from bksdm.dreambooth.config import lora_config
+    from bksdm.lora import save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(teacher_dir / "unet")
+    unet.add_adapter(lora_config("bk-sdm", "unet", rank))  # alpha != rank, as the BK-SDM preset
+    torch.manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    save_lora(out, "StableDiffusionPipeline", unet)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def test_a_teachers_lora_is_remapped_onto_its_student_and_changes_the_same_weights(tiny_teacher_dir, tmp_path, capsys):
+    from bksdm.generate import fuse_lora
+    from bksdm.models import generation_parts, load_components
+    from bksdm.pipelines import load_record
+
+    lora = _teacher_lora(tiny_teacher_dir, tmp_path / "lora")
+    student = tmp_path / "small"
+    assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", "bk-small", "--out", str(student)]) == 0
+    capsys.readouterr()
+
+    def delta(folder, record):
+        parts = load_components(folder, (*generation_parts(folder), "scheduler"))
+        before = {k: v.clone() for k, v in parts["unet"].state_dict().items()}
+        done = fuse_lora(parts, parts["scheduler"], lora, record)
+        after = parts["unet"].state_dict()
+        return {k: after[k] - before[k] for k in before if not torch.equal(after[k], before[k])}, done
+
+    teacher_delta, _ = delta(tiny_teacher_dir, None)
+    record = load_record(student)
+    student_delta, done = delta(student, record)
+    assert "is for the teacher" in capsys.readouterr().err
+    assert done["remapped"] > 0 and done["dropped"]  # removed blocks' modules dropped by name
+    assert any(".attentions.1." in m for m in done["dropped"])
+    key_map = record["key_map"]  # student tensor -> the teacher tensor it was copied from
+    assert student_delta
+    for k, d in student_delta.items():  # each change is the teacher's change of the same weights
+        torch.testing.assert_close(d, teacher_delta[key_map[k]], rtol=0, atol=1e-6, msg=k)
+    moved = {t for s, t in key_map.items() if t in teacher_delta}
+    assert moved == {key_map[k] for k in student_delta}  # and every kept weight the teacher LoRA touches changes
+    assert any(key_map[k] != k for k in student_delta)  # renumbered blocks were moved, not left on the wrong block
+    # on the CLI: the counts travel in generate's result
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle at the top left\n")
+    assert main(["generate", "--model", str(student), "--prompts", str(prompts), "--out", str(tmp_path / "g"),
+                 "--lora", str(lora), "--steps", "2", "--save-size", "0", "--dtype", "fp32"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["lora"]["remapped"] == done["remapped"] and res["lora"]["dropped"] == len(done["dropped"])
+
+
+def test_a_lora_that_does_not_fit_is_refused_with_counts(tiny_teacher_dir, tmp_path, capsys):
+    import shutil
+
+    lora = _teacher_lora(tiny_teacher_dir, tmp_path / "lora")
+    student = tmp_path / "small"
+    assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", "bk-small", "--out", str(student)]) == 0
+    (student / "bksdm.json").unlink()  # a plain pipeline of another architecture: nothing says how to move it
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle at the top left\n")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(student), "--prompts", str(prompts), "--out", str(tmp_path / "g"),
+                 "--lora", str(lora), "--steps", "2", "--save-size", "0"]) == 2
+    err = one_line_error(capsys)
+    assert "does not fit this U-Net: 36 of its 64 U-Net modules fit" in err  # 28 of removed blocks
+    shutil.rmtree(tmp_path / "g", ignore_errors=True)

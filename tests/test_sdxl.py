@@ -391,3 +391,24 @@ def test_shipped_sdxl_teacher_generates_at_the_pipeline_default_guidance():
 
     default, five, paper = image(None), image(5.0), image(7.5)
     assert np.array_equal(default, five) and not np.array_equal(default, paper)  # StableDiffusionXLPipeline's 5.0
+
+
+def test_training_encodes_with_the_vae_in_fp32_where_its_config_asks(tiny_sdxl_dir, tmp_path):
+    """SDXL's VAE gives NaN in float16 (its config says force_upcast): distill, lcm, cache and DreamBooth encode
+    through models.load_text_side / encode_pixels, which keep it in float32 even inside a float16 autocast."""
+    import json
+    import shutil
+
+    from bksdm.models import encode_pixels, load_text_side
+
+    vae, _ = load_text_side(tiny_sdxl_dir, "cpu", torch.float16)
+    assert vae.config.force_upcast and vae.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.float16):  # as a mixed-precision training step runs
+        dist = encode_pixels(vae, torch.zeros(1, 3, 32, 32))
+    assert dist.mean.dtype == torch.float32
+    folder = tmp_path / "no-upcast"
+    shutil.copytree(tiny_sdxl_dir, folder)
+    cfg = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**cfg, "force_upcast": False}))
+    assert load_text_side(folder, "cpu", torch.float16)[0].dtype == torch.float16  # a VAE that does not ask
+    assert load_text_side(tiny_sdxl_dir, "cpu", torch.bfloat16)[0].dtype == torch.bfloat16  # bf16 does not overflow

@@ -140,20 +140,47 @@ def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds:
     return out.images
 
 
-def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path) -> None:
-    """Load a diffusers LoRA file (``pytorch_lora_weights.safetensors`` or its folder) into ``parts``' U-Net and
-    text encoder and fuse it, through the family's pipeline class as ``load_lora_weights`` does."""
+def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a LoRA file (diffusers, peft or kohya keys; ``pytorch_lora_weights.safetensors`` or its folder) into
+    ``parts``' U-Net and text encoder and fuse it, through the family's pipeline class as ``load_lora_weights`` does.
+
+    Every U-Net module of the LoRA must fit the U-Net (exist, with matching shapes). When some do not and the model
+    is a bksdm student (``record``: its ``bksdm.json``), the LoRA is taken as one made for the teacher and moved
+    onto the student through the module map (:func:`bksdm.lora.remap`: modules of removed blocks dropped, renumbered
+    ones moved where the teacher's weights went), with a note; otherwise it is refused in one line with the counts.
+    Returns what was done (``modules``, ``remapped``, ``dropped``)."""
+    from bksdm.errors import note
+    from bksdm.lora import fold_loaded_alphas, misfits, remap, unet_modules
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"LoRA file {path} does not exist")
     pipe = family_pipeline(parts, scheduler)[0]
-    with reading(path, "LoRA file", "pass the pytorch_lora_weights.safetensors a bksdm lcm/dreambooth run wrote"):
-        if path.is_dir():
-            pipe.load_lora_weights(str(path))
-        else:
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    where = (str(path),) if path.is_dir() else (str(path.parent),)
+    kw = {} if path.is_dir() else {"weight_name": path.name}
+    with reading(path, "LoRA file", "pass a LoRA .safetensors (diffusers, peft or kohya keys)"):
+        state, alphas, metadata = pipe.lora_state_dict(*where, return_lora_metadata=True, **kw)
+    modules = unet_modules(state)
+    bad = misfits(modules, parts["unet"])
+    done: dict[str, Any] = {"modules": len(modules), "remapped": 0, "dropped": []}
+    if bad and record and record.get("module_map"):
+        moved, dropped, renumbered = remap(fold_loaded_alphas(state, alphas, metadata), record["module_map"])
+        still = misfits(unet_modules(moved), parts["unet"])
+        if not still:
+            note(f"LoRA {path.name} is for the teacher ({record.get('teacher', 'unknown')}): {len(modules) - len(dropped)} "
+                 f"of its {len(modules)} U-Net modules moved onto the student ({renumbered} renumbered), "
+                 f"{len(dropped)} of removed blocks dropped (first: {dropped[0] if dropped else 'none'})")
+            state, where, kw = moved, (moved,), {}
+            done.update(remapped=len(modules) - len(dropped), dropped=dropped)
+            bad = []
+    if bad:
+        raise UserError(f"LoRA {path} does not fit this U-Net: {len(modules) - len(bad)} of its {len(modules)} U-Net "
+                        f"modules fit (first that does not: {bad[0]}); it was made for another architecture")
+    with reading(path, "LoRA file", "pass a LoRA .safetensors (diffusers, peft or kohya keys)"):
+        pipe.load_lora_weights(*where, **kw)
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    return done
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -188,8 +215,11 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     with reading(folder / "scheduler", "scheduler of"):
         sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(folder, subfolder="scheduler")
     parts = load_components(folder, generation_parts(folder))
+    lora_done = None
     if lora:
-        fuse_lora(parts, sched, lora)
+        from bksdm.pipelines import load_record
+
+        lora_done = fuse_lora(parts, sched, lora, load_record(folder))
     out = Path(out)
     big = out / "images"
     small = out / f"images_{save_size}" if save_size else None
@@ -213,7 +243,8 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
         bar.update(len(chunk))
     bar.close()
     return {"prompts": len(items), "this_process": len(mine), "generated": len(todo), "skipped": len(mine) - len(todo),
-            "redrawn": redrawn, "seconds": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads()}
+            "redrawn": redrawn, "seconds": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads(),
+            **({"lora": {k: v if k != "dropped" else len(v) for k, v in lora_done.items()}} if lora_done else {})}
 
 
 def _save(image: Image.Image, path: Path) -> None:

@@ -94,11 +94,26 @@ def generation_parts(folder: Path) -> tuple[str, ...]:
     return ("unet", "vae", *pipeline_family(folder).text_components)
 
 
+def vae_dtype(vae, dtype: torch.dtype) -> torch.dtype:
+    """The precision a VAE encodes in for a run in ``dtype``: float32 instead of float16 where its config asks to
+    upcast (``force_upcast``: SDXL's VAE overflows to NaN in float16, as reported against diffusers' and kohya's
+    trainers; diffusers' SDXL training script keeps it in float32), else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
+
+
+def encode_pixels(vae, pixels: torch.Tensor):
+    """``vae.encode(pixels).latent_dist`` in the VAE's own precision, outside any autocast (which would run it in
+    float16 again): pixels (B, 3, H, W) in [-1, 1]."""
+    with torch.autocast(pixels.device.type, enabled=False):
+        return vae.encode(pixels.to(vae.dtype)).latent_dist
+
+
 def load_text_side(teacher: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(vae, text parts) of a pipeline: the VAE and the family's tokenizers and text encoders by name (SDXL: two
-    of each), networks frozen in eval mode on ``device``."""
+    of each), networks frozen in eval mode on ``device``; the VAE in :func:`vae_dtype`."""
     folder = pipeline_folder(str(teacher), "teacher")
-    vae = load_component(folder, "vae").to(device, dtype).eval().requires_grad_(False)
+    vae = load_component(folder, "vae")
+    vae = vae.to(device, vae_dtype(vae, dtype)).eval().requires_grad_(False)
     parts = {}
     for name in pipeline_family(folder).text_components:
         part = load_component(folder, name)

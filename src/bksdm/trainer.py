@@ -23,6 +23,7 @@ import torch
 from bksdm.config import TrainConfig
 from bksdm.distill.checkpoints import checkpoints
 from bksdm.errors import UserError, check_output, reading
+from bksdm.models import encode_pixels
 from bksdm.skips import Skips, Unusable
 from bksdm.training import check_precision, fresh_accelerator_state, unwrap
 
@@ -193,7 +194,7 @@ class Trainer:
             cond = {k: v.to(dev).float() for k, v in self.family.from_cache(batch).items()}
         else:
             with torch.no_grad():
-                dist = self.vae.encode(batch["pixels"].to(dev, self.weight_dtype)).latent_dist
+                dist = encode_pixels(self.vae, batch["pixels"].to(dev))  # fp32 where the VAE asks (SDXL)
                 eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
                 latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
                 cond = {k: v.float() for k, v in self.family.encode_prompt(self.text_parts, batch["text"], dev).items()}

@@ -34,7 +34,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
 
     from bksdm.arch.families import family_of
     from bksdm.hub import read_unet_config
-    from bksdm.models import DTYPES, default_device, load_text_side, pipeline_folder
+    from bksdm.models import DTYPES, default_device, encode_pixels, load_text_side, pipeline_folder
 
     out = Path(out)
     old = sorted(out.glob("shard-*.safetensors")) + ([out / "index.json"] if (out / "index.json").exists() else [])
@@ -77,7 +77,7 @@ def build_cache(teacher: str, data: Any, out: str | Path, resolution: int, flip:
             continue
         x = torch.stack(pix).to(device)  # (b, F, 3, R, R)
         b, f = x.shape[:2]
-        dist = vae.encode(x.flatten(0, 1).to(vae.dtype)).latent_dist
+        dist = encode_pixels(vae, x.flatten(0, 1))
         cond = family.to_cache(family.encode_prompt(text_parts, texts, device))
         cast = DTYPES[dtype]
         buf["mean"].append(dist.mean.unflatten(0, (b, f)).to("cpu", cast))

@@ -26,7 +26,7 @@ from bksdm.dreambooth.dataset import IDENTIFIER
 from bksdm.errors import UserError, check_output, note
 from bksdm.images import IMAGE_EXTENSIONS, check_crop, open_image
 from bksdm.skips import Skips, Unusable
-from bksdm.models import default_device
+from bksdm.models import default_device, encode_pixels
 from bksdm.training import fresh_accelerator_state, noisy_inputs
 
 
@@ -202,7 +202,7 @@ class DreamBooth:
         """``loss`` = instance MSE + prior_loss_weight * prior MSE (class half of the batch)."""
         dev = self.acc.device
         with torch.no_grad():
-            dist = self.vae.encode(pixels.to(dev)).latent_dist
+            dist = encode_pixels(self.vae, pixels.to(dev))  # outside autocast: SDXL's VAE is NaN in fp16
             latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev)) * self.vae.config.scaling_factor
         noisy, t, target = noisy_inputs(self.noise, latents, gen)
         cond = self.family.encode_prompt({**self.text_parts, "text_encoder": self.text_encoder}, texts, dev)
@@ -261,16 +261,10 @@ class DreamBooth:
         final.mkdir(parents=True, exist_ok=True)
         unet, text = unwrap(self.acc.unwrap_model(self.unet)), unwrap(self.acc.unwrap_model(self.text_encoder))
         if self.cfg.lora:
-            import diffusers
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+            from bksdm.lora import save_lora
 
-            te = convert_state_dict_to_diffusers(get_peft_model_state_dict(text)) if self.cfg.train_text_encoder else None
-            # the adapter configs travel in the file: without them a loader assumes alpha = rank (wrong for bk-sdm)
-            meta = {m: lora_config(self.cfg.lora_preset, m, self.cfg.lora_rank).to_dict() for m in ("unet", "text_encoder")}
-            getattr(diffusers, self.family.pipeline_class).save_lora_weights(final, unet_lora_layers=convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(unet)), text_encoder_lora_layers=te, unet_lora_adapter_metadata=meta["unet"],
-                text_encoder_lora_adapter_metadata=meta["text_encoder"] if te else None)
+            # alpha / rank folded into the weights, so kohya-style loaders apply the trained strength (bksdm.lora)
+            save_lora(final, self.family.pipeline_class, unet, text if self.cfg.train_text_encoder else None)
         else:
             copy_pipeline(self.folder, final, skip=("unet", "text_encoder"))
             unet.save_pretrained(final / "unet", safe_serialization=True)
