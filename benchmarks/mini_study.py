@@ -43,6 +43,8 @@ VARIANTS = {
     "demo-cos": {"lr_scheduler": "cosine", "lr_warmup_steps": 20},
     "demo-cos-ema0.99": {"lr_scheduler": "cosine", "lr_warmup_steps": 20, "ema": True, "ema_decay": 0.99},
     "demo-600": {"max_steps": 600},
+    "demo-ema0.99-early3": {"ema": True, "ema_decay": 0.99, "timestep_bias": "earlier", "timestep_bias_multiplier": 3.0},
+    "demo-ema0.99-early6": {"ema": True, "ema_decay": 0.99, "timestep_bias": "earlier", "timestep_bias_multiplier": 6.0},
 }
 
 

@@ -124,3 +124,46 @@ def test_sd_v2_text_encoders_use_the_openclip_layout(kl_student, tmp_path):
                                                       safety_checker=None)
     a, b = pipe.text_encoder.state_dict(), single.text_encoder.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("position_ids"))
+
+
+def test_sdxl_student_single_file_round_trips_through_from_single_file(tmp_path):
+    """An SDXL-layout student (KOALA-style: a stage's transformer depth cut) exported to SDXL's single-file layout
+    (``label_emb``, ``conditioner.embedders.0/1``) and read back by diffusers' ``from_single_file``: every tensor
+    equal, the same images."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from bksdm.mini.model import build_sdxl_pipeline
+    from bksdm.mini.world import WORDS
+
+    # the two encoders of different widths, as SDXL's (768, 1280): diffusers tells them apart by width
+    base = build_sdxl_pipeline(WORDS, widths=(16, 32))
+    torch.manual_seed(2)
+    cfg2 = {**base.text_encoder_2.config.to_dict(), "hidden_act": "gelu"}  # OpenCLIP bigG's activation, as SDXL's
+    text2 = CLIPTextModelWithProjection(type(base.text_encoder_2.config)(**cfg2))
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32)
+    teacher = StableDiffusionXLPipeline(vae=vae, text_encoder=base.text_encoder, text_encoder_2=text2,
+                                        tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                                        scheduler=base.scheduler, add_watermarker=False)
+    teacher.save_pretrained(tmp_path / "teacher")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"name": "koala-like", "down": [[0], [0], [0]], "mid": True, "up": [[0, 2], [0, 2], [0, 2]],
+                                "depth": {"down": [None, None, [0, 2]], "mid": [0, 2], "up": [[0, 2], None, None]}}))
+    student, file = tmp_path / "student", tmp_path / "student.safetensors"
+    assert main(["compress", "--teacher", str(tmp_path / "teacher"), "--student", str(spec), "--out", str(student)]) == 0
+    assert main(["export", str(student), "--out", str(file), "--dtype", "fp32"]) == 0
+    with safe_open(str(file), "pt") as f:
+        keys = set(f.keys())
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in keys
+    assert "conditioner.embedders.1.model.text_projection" in keys
+    assert "model.diffusion_model.input_blocks.5.1.transformer_blocks.1.attn1.to_q.weight" in keys  # depth 2 of 3
+    folder = StableDiffusionXLPipeline.from_pretrained(student)
+    single = StableDiffusionXLPipeline.from_single_file(str(file), config=str(student), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    args = dict(prompt="a red circle at the top left", num_inference_steps=2, output_type="np", height=32, width=32)
+    np.testing.assert_array_equal(folder(**args, generator=torch.Generator().manual_seed(0)).images,
+                                  single(**args, generator=torch.Generator().manual_seed(0)).images)

@@ -240,7 +240,7 @@ def test_sdxl_faults_are_one_line(tiny_sdxl_dir, xl_student, tmp_path, capsys):
                  "feature_points=attention"]) == 2
     assert "feature_points" in one_line_error(capsys)
     assert main(["export", str(xl_student), "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "SDXL" in one_line_error(capsys) and not (tmp_path / "x.safetensors").exists()
+    assert "OpenCLIP second text encoder" in one_line_error(capsys) and not (tmp_path / "x.safetensors").exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**SPEC, "depth": {"down": [None, None]}}))
     assert main(["compress", "--teacher", str(tiny_sdxl_dir), "--student", str(bad), "--out", str(tmp_path / "b")]) == 2

@@ -25,11 +25,14 @@ import torch
 from bksdm.errors import UserError, check_output
 
 UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+XL_CLIP, XL_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+"""SDXL's two text encoders in its single file: CLIP ViT-L (OpenAI layout) and OpenCLIP ViT-bigG."""
 
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
            ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
 
 
 def _resnet(rest: str, table=_RESNET) -> str:
@@ -115,23 +118,25 @@ def _vae_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str
     return out
 
 
-def _text_to_ldm(sd: dict[str, torch.Tensor], text_config: Any) -> dict[str, torch.Tensor]:
-    """OpenAI CLIP layout (SD-v1; ``quick_gelu``) or OpenCLIP layout (SD-v2; ``gelu``, fused q/k/v)."""
+def _text_to_ldm(sd: dict[str, torch.Tensor], text_config: Any, clip: str = CLIP,
+                 openclip: str = OPENCLIP) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP layout (SD-v1, SDXL's first encoder; ``quick_gelu``) under ``clip``, or OpenCLIP layout (SD-v2,
+    SDXL's second encoder; ``gelu``, fused q/k/v, the projection transposed) under ``openclip``."""
     sd = {k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k: v
           for k, v in sd.items() if not k.endswith("position_ids")}
     if text_config.hidden_act == "quick_gelu":
-        return {CLIP + k: v for k, v in sd.items()}
+        return {clip + k: v for k, v in sd.items()}
     out: dict[str, torch.Tensor] = {}
     fixed = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
              "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
              "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
     for k, v in sd.items():
         if k in fixed:
-            out[OPENCLIP + fixed[k]] = v
+            out[openclip + fixed[k]] = v
         elif k == "text_projection.weight":
-            out[OPENCLIP + "text_projection"] = v.T.contiguous()
+            out[openclip + "text_projection"] = v.T.contiguous()
     for i in range(text_config.num_hidden_layers):
-        src, dst = f"text_model.encoder.layers.{i}.", f"{OPENCLIP}transformer.resblocks.{i}."
+        src, dst = f"text_model.encoder.layers.{i}.", f"{openclip}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
             for new, old in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
@@ -150,9 +155,23 @@ def _check_round_trip(name: str, ours: dict[str, torch.Tensor], back: dict[str, 
                         f"(missing {missing[:3]}, unexpected {extra[:3]}, changed {changed[:3]}); please report it")
 
 
+def _check_text(name: str, text, state: dict[str, torch.Tensor], clip: str, openclip: str) -> None:
+    from diffusers.loaders import single_file_utils as sf
+
+    if text.config.hidden_act == "quick_gelu":
+        back = sf.convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(clip)})
+    else:
+        back = sf.convert_open_clip_checkpoint(text, state, prefix=openclip)
+    if not hasattr(text, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        back = {k.removeprefix("text_model."): v for k, v in back.items()}
+    _check_round_trip(name, {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")},
+                      {k: v for k, v in back.items() if not k.endswith("position_ids")})
+
+
 def single_file_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The original-layout state dict of loaded ``unet``, ``vae`` and ``text_encoder`` (checked against diffusers'
-    single-file converters)."""
+    """The original-layout state dict of loaded ``unet``, ``vae`` and ``text_encoder`` (SDXL: and
+    ``text_encoder_2``, under ``conditioner.embedders.0/1``; the size conditioning as ``label_emb``), checked
+    against diffusers' single-file converters."""
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sf
 
@@ -162,26 +181,32 @@ def single_file_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise UserError(f"this U-Net keeps different block counts per stage ({ucfg['layers_per_block']}); the "
                         "single-file layout (and every runtime reading it) assumes one count for all stages; "
                         "export --format diffusers-fp16 instead")
-    if ucfg.get("addition_embed_type") or ucfg.get("class_embed_type"):
-        raise UserError("single-file export covers SD-v1/v2 U-Nets; this one has added conditioning (SDXL-style)")
+    xl = ucfg.get("addition_embed_type") == "text_time"
+    if (ucfg.get("addition_embed_type") and not xl) or ucfg.get("class_embed_type"):
+        raise UserError("single-file export covers SD-v1/v2 and SDXL U-Nets; this one has other added conditioning")
+    if xl and parts.get("text_encoder_2") is None:
+        raise UserError("an SDXL single file needs the pipeline's text_encoder_2")
     if not isinstance(vae, AutoencoderKL):
         raise UserError(f"the VAE is a {type(vae).__name__}, which has no Stable Diffusion single-file layout (the "
                         "mini world's is parameter-free); export --format diffusers-fp16 instead")
-    if text.config.hidden_act not in ("quick_gelu", "gelu"):
-        raise UserError(f"text encoder with {text.config.hidden_act} activations is neither OpenAI CLIP nor OpenCLIP")
-    u_sd, v_sd, t_sd = unet.state_dict(), vae.state_dict(), text.state_dict()
-    state = {**_unet_to_ldm(u_sd, ucfg), **_vae_to_ldm(v_sd, dict(vae.config)), **_text_to_ldm(t_sd, text.config)}
+    encoders = [("text encoder", text, XL_CLIP if xl else CLIP, OPENCLIP)]
+    if xl:
+        encoders.append(("second text encoder", parts["text_encoder_2"], XL_CLIP, XL_OPENCLIP))
+        if text.config.hidden_act != "quick_gelu" or parts["text_encoder_2"].config.hidden_act != "gelu":
+            raise UserError("SDXL's single file holds an OpenAI CLIP first and an OpenCLIP second text encoder; this "
+                            "pipeline's differ")
+    for _, enc, _, _ in encoders:
+        if enc.config.hidden_act not in ("quick_gelu", "gelu"):
+            raise UserError(f"text encoder with {enc.config.hidden_act} activations is neither OpenAI CLIP nor OpenCLIP")
+    u_sd, v_sd = unet.state_dict(), vae.state_dict()
+    state = {**_unet_to_ldm(u_sd, ucfg), **_vae_to_ldm(v_sd, dict(vae.config))}
+    for _, enc, clip, openclip in encoders:
+        state.update(_text_to_ldm(enc.state_dict(), enc.config, clip, openclip))
 
     _check_round_trip("U-Net", u_sd, sf.convert_ldm_unet_checkpoint(state, ucfg))
     _check_round_trip("VAE", v_sd, sf.convert_ldm_vae_checkpoint(state, dict(vae.config)))
-    if text.config.hidden_act == "quick_gelu":
-        back = sf.convert_ldm_clip_checkpoint(state)
-    else:
-        back = sf.convert_open_clip_checkpoint(text, state, prefix=OPENCLIP)
-    if not hasattr(text, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
-        back = {k.removeprefix("text_model."): v for k, v in back.items()}
-    _check_round_trip("text encoder", {k: v for k, v in t_sd.items() if not k.endswith("position_ids")},
-                      {k: v for k, v in back.items() if not k.endswith("position_ids")})
+    for name, enc, clip, openclip in encoders:
+        _check_text(name, enc, state, clip, openclip)
     return state
 
 
@@ -203,7 +228,9 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
         raise UserError(f"--format {fmt!r} is not one of single-file, diffusers-fp16")
     from safetensors.torch import save_file
 
-    parts = load_components(folder, ("unet", "vae", "text_encoder"))
+    from bksdm.models import pipeline_family
+
+    parts = load_components(folder, ("unet", "vae", *pipeline_family(folder).text_components[1::2]))
     state = single_file_state(parts)
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     student = load_record(folder) is not None

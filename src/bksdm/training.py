@@ -15,14 +15,34 @@ def check_precision(mixed_precision: str) -> None:
         raise UserError("mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed-precision bf16 or no")
 
 
-def noisy_inputs(scheduler, latents: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noisy_inputs(scheduler, latents: torch.Tensor, gen: torch.Generator,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training example of the denoising objective: ``(noisy latents, timesteps (B,), target)``.
 
     ``latents`` (B, C, h, w); the noise and then the timesteps are drawn from the CPU generator ``gen`` in that
-    order, which resumed runs and the reference checks rely on. The target is :func:`training_target`'s."""
+    order, which resumed runs and the reference checks rely on: uniformly (the paper), or in proportion to
+    ``weights`` (T,) (:func:`timestep_weights`). The target is :func:`training_target`'s."""
     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+    if weights is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    else:
+        t = torch.multinomial(weights, latents.shape[0], replacement=True, generator=gen)
+    t = t.to(latents.device)
     return scheduler.add_noise(latents, noise, t), t, training_target(scheduler, latents, noise, t)
+
+
+def timestep_weights(num_timesteps: int, strategy: str, portion: float = 0.25, multiplier: float = 1.0) -> torch.Tensor | None:
+    """Sampling weights (T,) over the training timesteps, as diffusers' SDXL training script's
+    ``--timestep_bias_strategy`` builds them: ``earlier`` multiplies the lowest ``portion`` of timesteps (little
+    noise: fine detail, grain) by ``multiplier``, ``later`` the highest (much noise: layout); ``none``: None (uniform,
+    the paper)."""
+    if strategy == "none" or multiplier == 1:
+        return None
+    weights = torch.ones(num_timesteps)
+    n = max(1, int(portion * num_timesteps))
+    weights[:n] *= multiplier if strategy == "earlier" else 1
+    weights[num_timesteps - n:] *= multiplier if strategy == "later" else 1
+    return weights / weights.sum()
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ class DistillConfig(TrainConfig):
     gradient_checkpointing: bool = True  # paper: on (trades ~30% step time for memory)
     sample_every: int = 0  # teacher-vs-student image grid every N steps (0: only at the end, if sample_prompts)
     init: str = "teacher"  # teacher | random: how the student's weights start (ablation)
+    timestep_bias: str = "none"  # none (paper: uniform) | earlier (low-noise steps, where grain is decided) | later
+    timestep_bias_portion: float = 0.25  # share of the timesteps that timestep_bias weights (diffusers' SDXL script)
+    timestep_bias_multiplier: float = 1.0  # how many times more often those timesteps are drawn (1: no bias)
 
     def validate(self) -> "DistillConfig":
         self.validate_training()

@@ -20,7 +20,7 @@ from bksdm.distill.config import DistillConfig
 from bksdm.distill.hooks import FeatureHooks
 from bksdm.errors import UserError
 from bksdm.trainer import Trainer
-from bksdm.training import FrozenTeacher, noisy_inputs, unwrap
+from bksdm.training import FrozenTeacher, noisy_inputs, timestep_weights, unwrap
 
 TERMS = ("loss", "task", "out_kd", "feat_kd", "cfg_kd")
 
@@ -62,6 +62,9 @@ class DistillRecipe(Trainer):
     def on_prepared(self) -> None:
         if self.ema is not None:
             self.ema.to(self.acc.device)
+        cfg = self.cfg  # None (uniform, the paper) unless timestep_bias asks otherwise
+        self.t_weights = timestep_weights(self.noise_scheduler.config.num_train_timesteps, cfg.timestep_bias,
+                                          cfg.timestep_bias_portion, cfg.timestep_bias_multiplier)
 
     def needs_empty_prompt(self) -> bool:
         return super().needs_empty_prompt() or self.cfg.lambda_cfg > 0
@@ -109,7 +112,7 @@ class DistillRecipe(Trainer):
         ``cfg_kd`` (zero unless ``lambda_cfg``)."""
         cfg = self.cfg
         latents, cond = self.encode(batch, gen)
-        noisy, t, target = noisy_inputs(self.noise_scheduler, latents, gen)
+        noisy, t, target = noisy_inputs(self.noise_scheduler, latents, gen, self.t_weights)
         kw = self.family.unet_kwargs
         t_cond = {k: v.to(self.weight_dtype) for k, v in cond.items()}
         t_pred = self.teacher(noisy.to(self.weight_dtype), t, **kw(t_cond)).sample.float()
