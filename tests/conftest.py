@@ -20,6 +20,8 @@ def pytest_collection_modifyitems(config, items):
         "slow": (os.environ.get("RUN_SLOW") != "1", "slow: set RUN_SLOW=1"),
         "gpu": (not torch.cuda.is_available(), "needs a CUDA device"),
         "real_weights": (os.environ.get("RUN_REAL_WEIGHTS") != "1", "needs real weights: set RUN_REAL_WEIGHTS=1"),
+        "real_clients": (os.environ.get("RUN_REAL_CLIENTS") != "1",
+                         "real runtimes (stable-diffusion.cpp, built on install): set RUN_REAL_CLIENTS=1"),
     }
     for item in items:
         for mark, (cond, why) in skip.items():

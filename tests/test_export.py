@@ -167,3 +167,39 @@ def test_sdxl_student_single_file_round_trips_through_from_single_file(tmp_path)
     args = dict(prompt="a red circle at the top left", num_inference_steps=2, output_type="np", height=32, width=32)
     np.testing.assert_array_equal(folder(**args, generator=torch.Generator().manual_seed(0)).images,
                                   single(**args, generator=torch.Generator().manual_seed(0)).images)
+
+
+def test_sd_cpp_layout_numbers_bk_tiny_as_stable_diffusion_cpp_reads_it(kl_student, tmp_path, capsys):
+    """bk-tiny in SD's gapped numbering (sd.cpp's tiny U-Net: input blocks 1, 3 (op), 4, 6 (op), 7; upsamplers at
+    output blocks 2.1 and 5.2); the same tensors as the default layout under other names. bk-small: refused."""
+    teacher, tiny = kl_student / "teacher", tmp_path / "tiny"
+    assert main(["compress", "--teacher", str(teacher), "--student", "bk-tiny", "--out", str(tiny)]) == 0
+    files = {lay: tmp_path / f"{lay}.safetensors" for lay in ("comfyui", "sd-cpp")}
+    for lay, file in files.items():
+        assert main(["export", str(tiny), "--out", str(file), "--dtype", "fp32", "--layout", lay]) == 0
+    tensors = {}
+    for lay, file in files.items():
+        with safe_open(str(file), "pt") as f:
+            tensors[lay] = {k: f.get_tensor(k) for k in f.keys()}
+            assert f.metadata()["bksdm.layout"] == lay
+    unet = {k.split(".")[3] for k in tensors["sd-cpp"] if k.startswith("model.diffusion_model.input_blocks.")}
+    assert unet == {"0", "1", "3", "4", "6", "7"}
+    assert "model.diffusion_model.input_blocks.3.0.op.weight" in tensors["sd-cpp"]
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in tensors["sd-cpp"]  # first upsampler at .1
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in tensors["sd-cpp"]
+    assert not any(".middle_block." in k for k in tensors["sd-cpp"])
+    dense = {k.split(".")[3] for k in tensors["comfyui"] if k.startswith("model.diffusion_model.input_blocks.")}
+    assert dense == {"0", "1", "2", "3", "4", "5"}  # ComfyUI's reading: blocks numbered densely
+    assert len(tensors["sd-cpp"]) == len(tensors["comfyui"])
+    assert sorted(v.sum().item() for v in tensors["sd-cpp"].values()) == \
+        sorted(v.sum().item() for v in tensors["comfyui"].values())  # the same tensors, renamed
+    assert main(["export", str(kl_student / "student"), "--out", str(tmp_path / "small.safetensors"),
+                 "--layout", "sd-cpp"]) == 2
+    err = one_line_error(capsys)
+    assert "stable-diffusion.cpp builds SD U-Nets only as the full layout or BK-SDM-Tiny's" in err
+    assert "4 stages" in err and not (tmp_path / "small.safetensors").exists()
+    # the full SD layout: both numberings coincide
+    assert main(["export", str(teacher), "--out", str(tmp_path / "t1.safetensors"), "--layout", "sd-cpp"]) == 0
+    assert main(["export", str(teacher), "--out", str(tmp_path / "t2.safetensors")]) == 0
+    with safe_open(str(tmp_path / "t1.safetensors"), "pt") as a, safe_open(str(tmp_path / "t2.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())

@@ -75,8 +75,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a pipeline folder or hub id (a student from compress, distill or dreambooth)")
     p.add_argument("--out", required=True, help="the .safetensors file (single-file) or folder (diffusers-fp16)")
     p.add_argument("--format", default="single-file", choices=("single-file", "diffusers-fp16"),
-                   help="single-file: U-Net, VAE and text encoder in one file (ComfyUI, A1111, stable-diffusion.cpp, "
-                        "diffusers from_single_file); diffusers-fp16: the same folder layout in half precision")
+                   help="single-file: U-Net, VAE and text encoder(s) in one file, SD-v1/v2 or SDXL (see --layout); "
+                        "diffusers-fp16: the same folder layout in half precision")
+    p.add_argument("--layout", default="comfyui", choices=("comfyui", "sd-cpp"),
+                   help="single-file block numbering: comfyui (default; ComfyUI, A1111, diffusers from_single_file, "
+                        "every student) or sd-cpp (SD's gapped numbering that stable-diffusion.cpp reads: the full "
+                        "SD-v1/v2 layout and bk-tiny only)")
     p.add_argument("--dtype", default="fp16", help="single-file weights: fp16 (default), bf16 or fp32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
@@ -85,7 +89,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(a: argparse.Namespace) -> int:
     from bksdm.export import export
 
-    rec = export(a.model, a.out, a.format, a.dtype, a.overwrite)
+    rec = export(a.model, a.out, a.format, a.dtype, a.overwrite, a.layout)
     removed = rec.get("removed_blocks")
     print(f"wrote {rec['out']} ({rec['format']}, {rec['bytes'] / 2**20:.1f} MiB)"
           + (f"; removed blocks: {', '.join(removed) or 'none'}" if removed is not None and "removed_blocks" in rec else ""))

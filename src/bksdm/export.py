@@ -3,8 +3,9 @@ diffusers folder.
 
 The single file holds the U-Net under ``model.diffusion_model.`` (``input_blocks``, ``middle_block``,
 ``output_blocks``), the VAE under ``first_stage_model.`` and the text encoder under ``cond_stage_model.`` (OpenAI CLIP
-layout for SD-v1, OpenCLIP for SD-v2), the layout ComfyUI, stable-diffusion.cpp, A1111 and diffusers'
-``from_single_file`` read. A block-removed student has fewer ``input_blocks`` per stage and may have no
+layout for SD-v1, OpenCLIP for SD-v2; SDXL: ``conditioner.embedders.0/1``), the layout ComfyUI, A1111 and
+diffusers' ``from_single_file`` read; ``layout="sd-cpp"`` numbers the blocks as stable-diffusion.cpp expects
+(:data:`LAYOUTS`). A block-removed student has fewer ``input_blocks`` per stage and may have no
 ``middle_block``; the file's metadata names the removed blocks and the diffusers config, because runtimes that
 assume SD-v1's block counts must be told (diffusers reads it back with ``config=`` the student's folder).
 
@@ -42,13 +43,37 @@ def _resnet(rest: str, table=_RESNET) -> str:
     return rest
 
 
-def unet_key(key: str, config: dict[str, Any]) -> str:
+LAYOUTS = ("comfyui", "sd-cpp")
+"""Single-file block numberings. ``comfyui`` (default): blocks numbered densely with the U-Net's own
+``layers_per_block``, which ComfyUI and diffusers' ``from_single_file`` read for every student. ``sd-cpp``: SD's
+gapped numbering (stride 3 per stage, as diffusers' ``convert_diffusers_to_original_stable_diffusion.py`` writes
+it), the only one stable-diffusion.cpp's U-Net variants accept; it builds the full SD-v1/v2 layout and BK-SDM-Tiny's
+(its ``tiny_unet``: 3 attention stages, one block per down stage, no mid-block) and no other student."""
+
+
+def sd_cpp_refusal(config: dict[str, Any]) -> str | None:
+    """Why stable-diffusion.cpp cannot build a U-Net of ``config`` (None: it can, as SD or as its tiny variant)."""
+    stages, lpb, mid = len(config["down_block_types"]), config["layers_per_block"], config.get("mid_block_type")
+    if config.get("addition_embed_type"):
+        return "the sd-cpp layout covers SD-v1/v2 U-Nets; export SDXL students with the default layout"
+    if (stages, lpb) == (4, 2) and mid is not None:
+        return None  # the full SD layout: both numberings coincide
+    attn = all("CrossAttn" in t for t in (*config["down_block_types"], *config["up_block_types"]))
+    if (stages, lpb, mid, attn) == (3, 1, None, True):
+        return None  # BK-SDM-Tiny: sd.cpp's tiny_unet
+    return (f"stable-diffusion.cpp builds SD U-Nets only as the full layout or BK-SDM-Tiny's (3 attention stages, 1 "
+            f"block per down stage, no mid-block); this one has {stages} stages, {lpb} block(s) per down stage and "
+            f"{'a' if mid else 'no'} mid-block. Use the default layout (ComfyUI, diffusers)")
+
+
+def unet_key(key: str, config: dict[str, Any], layout: str = "comfyui") -> str:
     """The original-layout name (without prefix) of a diffusers U-Net tensor name.
 
     Block ``j`` of down stage ``b`` is ``input_blocks.{1 + b*(L+1) + j}`` (``.0`` the resnet, ``.1`` its attention),
     the stage's downsampler ``input_blocks.{(b+1)*(L+1)}.0.op``; up stage ``b`` holds ``L+1`` blocks from
-    ``output_blocks.{b*(L+1)}``, its upsampler after the last block's attention; L = ``layers_per_block``."""
-    lpb = config["layers_per_block"]
+    ``output_blocks.{b*(L+1)}``, its upsampler after the last block's attention; L = ``layers_per_block``, or SD's 2
+    for ``layout="sd-cpp"`` (whose first upsampler sits at ``.1``, as sd.cpp's tiny U-Net expects)."""
+    lpb = config["layers_per_block"] if layout == "comfyui" else 2
     top = key.rsplit(".", 1)
     if top[0] in _UNET_TOP:
         return f"{_UNET_TOP[top[0]]}.{top[1]}"
@@ -67,7 +92,7 @@ def unet_key(key: str, config: dict[str, Any]) -> str:
     if m:
         b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
         if kind == "upsamplers":
-            has_attn = "CrossAttn" in config["up_block_types"][b]
+            has_attn = "CrossAttn" in config["up_block_types"][b] and not (layout == "sd-cpp" and b == 0)
             return f"output_blocks.{b * (lpb + 1) + lpb}.{2 if has_attn else 1}.{rest}"
         i = b * (lpb + 1) + j
         return f"output_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
@@ -104,8 +129,8 @@ def vae_key(key: str, config: dict[str, Any]) -> str:
     raise UserError(f"VAE tensor {key} has no place in the Stable Diffusion single-file layout")
 
 
-def _unet_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {UNET + unet_key(k, config): v for k, v in sd.items()}
+def _unet_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any], layout: str = "comfyui") -> dict[str, torch.Tensor]:
+    return {UNET + unet_key(k, config, layout): v for k, v in sd.items()}
 
 
 def _vae_to_ldm(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -168,10 +193,10 @@ def _check_text(name: str, text, state: dict[str, torch.Tensor], clip: str, open
                       {k: v for k, v in back.items() if not k.endswith("position_ids")})
 
 
-def single_file_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
+def single_file_state(parts: dict[str, Any], layout: str = "comfyui") -> dict[str, torch.Tensor]:
     """The original-layout state dict of loaded ``unet``, ``vae`` and ``text_encoder`` (SDXL: and
     ``text_encoder_2``, under ``conditioner.embedders.0/1``; the size conditioning as ``label_emb``), checked
-    against diffusers' single-file converters."""
+    against diffusers' single-file converters; ``layout`` (:data:`LAYOUTS`) numbers the U-Net's blocks."""
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sf
 
@@ -181,6 +206,8 @@ def single_file_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise UserError(f"this U-Net keeps different block counts per stage ({ucfg['layers_per_block']}); the "
                         "single-file layout (and every runtime reading it) assumes one count for all stages; "
                         "export --format diffusers-fp16 instead")
+    if layout == "sd-cpp" and (why := sd_cpp_refusal(ucfg)):
+        raise UserError(why)
     xl = ucfg.get("addition_embed_type") == "text_time"
     if (ucfg.get("addition_embed_type") and not xl) or ucfg.get("class_embed_type"):
         raise UserError("single-file export covers SD-v1/v2 and SDXL U-Nets; this one has other added conditioning")
@@ -199,11 +226,16 @@ def single_file_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
         if enc.config.hidden_act not in ("quick_gelu", "gelu"):
             raise UserError(f"text encoder with {enc.config.hidden_act} activations is neither OpenAI CLIP nor OpenCLIP")
     u_sd, v_sd = unet.state_dict(), vae.state_dict()
-    state = {**_unet_to_ldm(u_sd, ucfg), **_vae_to_ldm(v_sd, dict(vae.config))}
+    state = {**_unet_to_ldm(u_sd, ucfg, layout), **_vae_to_ldm(v_sd, dict(vae.config))}
     for _, enc, clip, openclip in encoders:
         state.update(_text_to_ldm(enc.state_dict(), enc.config, clip, openclip))
 
-    _check_round_trip("U-Net", u_sd, sf.convert_ldm_unet_checkpoint(state, ucfg))
+    # diffusers' converter reads the dense numbering: the gapped one is renamed back to it first, name for name
+    names = {UNET + unet_key(k, ucfg, layout): UNET + unet_key(k, ucfg) for k in u_sd}
+    if len(names) != len(u_sd):
+        raise UserError(f"the {layout} numbering gives two U-Net tensors one name; please report it")
+    dense = {names.get(k, k): v for k, v in state.items()}
+    _check_round_trip("U-Net", u_sd, sf.convert_ldm_unet_checkpoint(dense, ucfg))
     _check_round_trip("VAE", v_sd, sf.convert_ldm_vae_checkpoint(state, dict(vae.config)))
     for name, enc, clip, openclip in encoders:
         _check_text(name, enc, state, clip, openclip)
@@ -211,9 +243,12 @@ def single_file_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: str = "fp16",
-           overwrite: bool = False) -> dict[str, Any]:
-    """Write ``model`` (a pipeline folder or hub id) as a single ``.safetensors`` (``fmt="single-file"``) or as a
-    diffusers folder in half precision (``fmt="diffusers-fp16"``). Returns what was written."""
+           overwrite: bool = False, layout: str = "comfyui") -> dict[str, Any]:
+    """Write ``model`` (a pipeline folder or hub id) as a single ``.safetensors`` (``fmt="single-file"``, blocks
+    numbered per ``layout``: :data:`LAYOUTS`) or as a diffusers folder in half precision
+    (``fmt="diffusers-fp16"``). Returns what was written."""
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     from bksdm.models import DTYPES, import_own_components, load_components, pipeline_folder
     from bksdm.pipelines import load_record
 
@@ -231,11 +266,11 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
     from bksdm.models import pipeline_family
 
     parts = load_components(folder, ("unet", "vae", *pipeline_family(folder).text_components[1::2]))
-    state = single_file_state(parts)
+    state = single_file_state(parts, layout)
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     student = load_record(folder) is not None
     removed = _removed(folder) if student else []
-    meta = {"format": "pt", "bksdm.source": str(model), "bksdm.unet_config": json.dumps({k: v for k, v in parts["unet"].config.items() if not k.startswith("_")}),
+    meta = {"format": "pt", "bksdm.source": str(model), "bksdm.layout": layout, "bksdm.unet_config": json.dumps({k: v for k, v in parts["unet"].config.items() if not k.startswith("_")}),
             "bksdm.removed_blocks": json.dumps(removed),  # null: a student whose teacher is not readable here
             "bksdm.note": ("block-removed U-Net: load with the diffusers config of its folder "
                            "(from_single_file(..., config=FOLDER)); runtimes that assume SD's block counts will not "
@@ -244,8 +279,8 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(out)  # a killed export leaves no half-written file under the final name
-    return {"out": str(out), "format": fmt, "dtype": dtype, "tensors": len(state), "removed_blocks": removed,
-            "bytes": out.stat().st_size}
+    return {"out": str(out), "format": fmt, "layout": layout, "dtype": dtype, "tensors": len(state),
+            "removed_blocks": removed, "bytes": out.stat().st_size}
 
 
 def _removed(folder: Path) -> list[str] | None:
