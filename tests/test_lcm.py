@@ -134,6 +134,8 @@ def test_lora_output_loads_on_the_student_and_on_another_model_of_its_architectu
     r.setup().train()
     file = out / "final" / "pytorch_lora_weights.safetensors"
     assert file.is_file() and not (out / "final" / "unet").exists()
+    shipped = LCMScheduler.from_pretrained(out / "final", subfolder="scheduler").config  # the schedule it trained for
+    assert (shipped.original_inference_steps, shipped.timestep_scaling) == (r.cfg.num_ddim_timesteps, r.cfg.timestep_scaling)
     # another model of the same architecture: a student compressed from a differently seeded teacher
     make_tiny_pipeline(seed=7).save_pretrained(tmp_path / "t7")
     assert main(["compress", "--teacher", str(tmp_path / "t7"), "--student", "bk-small", "--out", str(tmp_path / "s7")]) == 0

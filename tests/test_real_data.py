@@ -660,3 +660,84 @@ def test_a_lora_that_does_not_fit_is_refused_with_counts(tiny_teacher_dir, tmp_p
     err = one_line_error(capsys)
     assert "does not fit this U-Net: 36 of its 64 U-Net modules fit" in err  # 28 of removed blocks
     shutil.rmtree(tmp_path / "g", ignore_errors=True)
+
+
+def test_a_python_source_of_any_mode_is_read_under_the_same_policy():
+    """A PairSource handing RGBA or grayscale pictures: composited on white / expanded to RGB like files are."""
+    from bksdm.distill.loader import micro_batches
+
+    rgba = _transparent()
+
+    class Source:
+        def __len__(self):
+            return 2
+
+        def get(self, i):
+            return (rgba, "a cut-out") if i == 0 else (rgba.convert("L"), "a gray one")
+
+    batch = next(micro_batches(Source(), 0, False, 32, 2, 0, 1, 0))
+    assert batch["skipped"] == 0 and batch["pixels"].shape == (2, 3, 32, 32)
+    corner = batch["pixels"][:, :, 0, -1]  # a transparent pixel of the cut-out reads as the white background
+    assert torch.allclose(corner[[i for i, t in enumerate(batch["text"]) if t == "a cut-out"][0]], torch.ones(3))
+
+
+def test_kohya_export_is_read_by_a_kohya_loader_at_the_trained_strength(tiny_teacher_dir, tmp_path, capsys):
+    """`bksdm export LORA --format kohya`: kohya's names and .alpha tensors, read by diffusers' kohya converter (the
+    path ComfyUI-style files take into diffusers), give the trained update W + (alpha / r) B A."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    lora = _teacher_lora(tiny_teacher_dir, tmp_path / "lora")  # the BK-SDM preset: alpha 27 != rank 4
+    assert main(["export", str(lora), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 0
+    kohya = load_file(tmp_path / "k.safetensors")
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert any(k.endswith(".alpha") for k in kohya) and any(k.endswith(".lora_down.weight") for k in kohya)
+    fused = {}
+    for name, file in (("ours", lora), ("kohya", tmp_path / "k.safetensors")):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher_dir, safety_checker=None)
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+        pipe.fuse_lora()
+        fused[name] = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    changed = [k for k in fused["ours"] if not torch.equal(fused["ours"][k], fused["kohya"][k])]
+    assert not [k for k in changed if (fused["ours"][k] - fused["kohya"][k]).abs().max() > 1e-6]
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "k.safetensors"), "--format", "kohya", "--out", str(tmp_path / "k2.safetensors")]) == 2
+    assert "is not a diffusers SD-v1/v2 LoRA tensor" in one_line_error(capsys)
+
+
+def test_a_kohya_teacher_lora_with_its_own_alphas_moves_onto_the_student(tiny_teacher_dir, tmp_path, capsys):
+    """The common case: an SD-1.5 LoRA in kohya's names with .alpha != rank, made for the teacher, on a bk-small:
+    every student weight changes exactly as the teacher weight it came from (attention modules included)."""
+    from safetensors.torch import load_file, save_file
+
+    from bksdm.generate import fuse_lora
+    from bksdm.models import generation_parts, load_components
+    from bksdm.pipelines import load_record
+
+    lora = _teacher_lora(tiny_teacher_dir, tmp_path / "lora")
+    assert main(["export", str(lora), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 0
+    kohya = load_file(tmp_path / "k.safetensors")
+    for k in [k for k in kohya if k.endswith(".alpha")]:  # the same update written with alpha = 2 rank, up halved
+        kohya[k] = kohya[k] * 2
+        up = k.replace(".alpha", ".lora_up.weight")
+        kohya[up] = kohya[up] / 2
+    save_file(kohya, str(tmp_path / "k2.safetensors"))
+    student = tmp_path / "small"
+    assert main(["compress", "--teacher", str(tiny_teacher_dir), "--student", "bk-small", "--out", str(student)]) == 0
+
+    def delta(folder, record):
+        parts = load_components(folder, (*generation_parts(folder), "scheduler"))
+        before = {k: v.clone() for k, v in parts["unet"].state_dict().items()}
+        done = fuse_lora(parts, parts["scheduler"], tmp_path / "k2.safetensors", record)
+        after = parts["unet"].state_dict()
+        return {k: after[k] - before[k] for k in before if not torch.equal(after[k], before[k])}, done
+
+    teacher_delta, _ = delta(tiny_teacher_dir, None)
+    record = load_record(student)
+    student_delta, done = delta(student, record)
+    assert done["modules"] == 64 and done["remapped"] + len(done["dropped"]) == 64
+    key_map = record["key_map"]
+    assert any(".attn1.to_q" in k for k in student_delta)  # the attention modules kohya names are moved too
+    for k, d in student_delta.items():
+        torch.testing.assert_close(d, teacher_delta[key_map[k]], rtol=0, atol=1e-6, msg=k)
+    assert {t for t in key_map.values() if t in teacher_delta} == {key_map[k] for k in student_delta}

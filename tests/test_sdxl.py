@@ -358,7 +358,7 @@ def test_ablate_family_sdxl_compares_feature_points(tmp_path):
         assert (recipe["lambda_feat"] == 0) == (r["variant"] == "+ output KD") and recipe["lambda_cfg"] == 0
     assert feat["+ block feature KD"] != feat["+ self-attention feature KD"]  # different layers distilled
     md = (out / "ablation.md").read_text()
-    assert "KOALA" in md and len([line for line in md.splitlines() if line.startswith("- koala-mini, ")]) == 12
+    assert "KOALA" in md and len([line for line in md.splitlines() if line.startswith("- koala-mini, ")]) == 15
     assert ablate(out, steps=2, seeds=(0,), images=4, teacher=teacher, gen_steps=2, family="sdxl") == rows  # resumed
     with pytest.raises(UserError, match="holds an ablation of family sdxl"):
         ablate(out, steps=2, seeds=(0,), images=4, family="sd")

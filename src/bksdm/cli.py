@@ -72,11 +72,13 @@ def _inspect(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- export
 @command("export", "ship a pipeline: one .safetensors in the original SD key layout, or a half-precision folder")
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a pipeline folder or hub id (a student from compress, distill or dreambooth)")
-    p.add_argument("--out", required=True, help="the .safetensors file (single-file) or folder (diffusers-fp16)")
-    p.add_argument("--format", default="single-file", choices=("single-file", "diffusers-fp16"),
+    p.add_argument("model", help="a pipeline folder or hub id (a student from compress, distill or dreambooth), or a "
+                                 "LoRA .safetensors for --format kohya")
+    p.add_argument("--out", required=True, help="the .safetensors file (single-file, kohya) or folder (diffusers-fp16)")
+    p.add_argument("--format", default="single-file", choices=("single-file", "diffusers-fp16", "kohya"),
                    help="single-file: U-Net, VAE and text encoder(s) in one file, SD-v1/v2 or SDXL (see --layout); "
-                        "diffusers-fp16: the same folder layout in half precision")
+                        "diffusers-fp16: the same folder layout in half precision; kohya: a bksdm SD-v1/v2 LoRA file "
+                        "in kohya's key names with .alpha tensors (ComfyUI, A1111, stable-diffusion.cpp)")
     p.add_argument("--layout", default="comfyui", choices=("comfyui", "sd-cpp"),
                    help="single-file block numbering: comfyui (default; ComfyUI, A1111, diffusers from_single_file, "
                         "every student) or sd-cpp (SD's gapped numbering that stable-diffusion.cpp reads: the full "
@@ -492,7 +494,7 @@ def check_args(args: argparse.Namespace) -> None:
     for key, value in vars(args).items():
         check_value(key, value)
     if getattr(args, "out", None):
-        single_file = args.command == "export" and args.format == "single-file"  # export's --out kind follows --format
+        single_file = args.command == "export" and args.format != "diffusers-fp16"  # export's --out kind follows --format
         check_output(args.out, "file" if args.command in OUTPUT_FILES or single_file else "folder")
 
 

@@ -252,10 +252,12 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
     from bksdm.models import DTYPES, import_own_components, load_components, pipeline_folder
     from bksdm.pipelines import load_record
 
-    folder = pipeline_folder(str(model))
-    out = check_output(out, "file" if fmt == "single-file" else "folder")
+    out = check_output(out, "folder" if fmt == "diffusers-fp16" else "file")
+    folder = pipeline_folder(str(model)) if fmt != "kohya" else Path(model)
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if fmt == "kohya":
+        return _export_kohya(Path(model), out)
     import_own_components(folder)
     if fmt == "diffusers-fp16":
         return _export_fp16(folder, out)
@@ -272,7 +274,9 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
     removed = _removed(folder) if student else []
     meta = {"format": "pt", "bksdm.source": str(model), "bksdm.layout": layout, "bksdm.unet_config": json.dumps({k: v for k, v in parts["unet"].config.items() if not k.startswith("_")}),
             "bksdm.removed_blocks": json.dumps(removed),  # null: a student whose teacher is not readable here
-            "bksdm.note": ("block-removed U-Net: load with the diffusers config of its folder "
+            "bksdm.note": ("SD's gapped block numbering for stable-diffusion.cpp only; ComfyUI and diffusers read the "
+                           "default layout" if layout == "sd-cpp" else
+                           "block-removed U-Net: load with the diffusers config of its folder "
                            "(from_single_file(..., config=FOLDER)); runtimes that assume SD's block counts will not "
                            "find the removed blocks" if student else "a pipeline without a bksdm record")}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +285,25 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
     tmp.replace(out)  # a killed export leaves no half-written file under the final name
     return {"out": str(out), "format": fmt, "layout": layout, "dtype": dtype, "tensors": len(state),
             "removed_blocks": removed, "bytes": out.stat().st_size}
+
+
+def _export_kohya(lora: Path, out: Path) -> dict[str, Any]:
+    """A bksdm (diffusers-format) SD-v1/v2 LoRA file rewritten in kohya's key names (:func:`bksdm.lora.to_kohya`)."""
+    from safetensors.torch import load_file, save_file
+
+    from bksdm.errors import reading
+    from bksdm.lora import to_kohya
+
+    lora = lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora
+    if not lora.is_file():
+        raise UserError(f"LoRA file {lora} does not exist")
+    with reading(lora, "LoRA file", "pass the pytorch_lora_weights.safetensors a bksdm dreambooth or lcm run wrote"):
+        state = load_file(str(lora))
+    kohya = to_kohya(state)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(kohya, str(tmp), metadata={"format": "pt", "bksdm.source": str(lora), "ss_network_module": "networks.lora"})
+    tmp.replace(out)
+    return {"out": str(out), "format": "kohya", "tensors": len(kohya), "bytes": out.stat().st_size}
 
 
 def _removed(folder: Path) -> list[str] | None:

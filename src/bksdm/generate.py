@@ -149,8 +149,10 @@ def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path, record: dict[s
     onto the student through the module map (:func:`bksdm.lora.remap`: modules of removed blocks dropped, renumbered
     ones moved where the teacher's weights went), with a note; otherwise it is refused in one line with the counts.
     Returns what was done (``modules``, ``remapped``, ``dropped``)."""
+    import inspect
+
     from bksdm.errors import note
-    from bksdm.lora import fold_loaded_alphas, misfits, remap, unet_modules
+    from bksdm.lora import misfits, normalise, remap, unet_modules
 
     path = Path(path)
     if not path.exists():
@@ -158,13 +160,17 @@ def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path, record: dict[s
     pipe = family_pipeline(parts, scheduler)[0]
     where = (str(path),) if path.is_dir() else (str(path.parent),)
     kw = {} if path.is_dir() else {"weight_name": path.name}
+    if "unet_config" in inspect.signature(pipe.lora_state_dict).parameters or pipe.__class__.__name__.endswith("XLPipeline"):
+        kw["unet_config"] = parts["unet"].config  # kohya's SGM block names are numbered by the U-Net's layout (SDXL)
     with reading(path, "LoRA file", "pass a LoRA .safetensors (diffusers, peft or kohya keys)"):
         state, alphas, metadata = pipe.lora_state_dict(*where, return_lora_metadata=True, **kw)
+        state = normalise(state, alphas, metadata)
+    kw.pop("unet_config", None)
     modules = unet_modules(state)
     bad = misfits(modules, parts["unet"])
     done: dict[str, Any] = {"modules": len(modules), "remapped": 0, "dropped": []}
-    if bad and record and record.get("module_map"):
-        moved, dropped, renumbered = remap(fold_loaded_alphas(state, alphas, metadata), record["module_map"])
+    if bad and record and (record.get("key_map") or record.get("module_map")):
+        moved, dropped, renumbered = remap(state, record)
         still = misfits(unet_modules(moved), parts["unet"])
         if not still:
             note(f"LoRA {path.name} is for the teacher ({record.get('teacher', 'unknown')}): {len(modules) - len(dropped)} "
@@ -212,8 +218,11 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     folder = pipeline_folder(model)
     import diffusers
 
-    with reading(folder / "scheduler", "scheduler of"):
-        sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(folder, subfolder="scheduler")
+    # an LCM-LoRA folder ships the LCMScheduler it trained for (its skipping schedule and scaling): use that one
+    lora_sched = Path(lora).parent if lora and Path(lora).is_file() else Path(lora) if lora else None
+    source = lora_sched if scheduler == "lcm" and lora_sched and (lora_sched / "scheduler" / "scheduler_config.json").is_file() else folder
+    with reading(source / "scheduler", "scheduler of"):
+        sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(source, subfolder="scheduler")
     parts = load_components(folder, generation_parts(folder))
     lora_done = None
     if lora:

@@ -52,12 +52,65 @@ def save_lora(folder, pipeline_class: str, unet, text_encoder=None) -> None:
         unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta.get("text_encoder"))
 
 
-LORA_KEY = re.compile(r"^unet\.(.+?)\.(lora[._].+|alpha)$")
-"""A U-Net tensor of a diffusers-format LoRA state dict: ``unet.<module>.lora.down.weight`` / ``.lora_A.weight``."""
+LORA_KEY = re.compile(r"^unet\.(.+?)\.(lora_[AB]\.weight|lora_magnitude_vector.*)$")
+"""A U-Net tensor of a normalised LoRA state dict (:func:`normalise`): ``unet.<module>.lora_A.weight`` (down, (r, in))
+/ ``.lora_B.weight`` (up, (out, r))."""
+_UP = (("lora.down", "lora.up"), ("lora_down", "lora_up"), ("lora_A", "lora_B"), ("_layer.down", "_layer.up"))
+
+
+def normalise(state: dict[str, torch.Tensor], alphas: dict[str, float] | None = None,
+              metadata: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA as the pipeline's ``lora_state_dict`` returns it (diffusers, old attention-processor or kohya-converted
+    names; kohya's network alphas; diffusers' adapter metadata) with every alpha folded into its up weights
+    (:func:`fold_alpha`'s rule: the same update at alpha = rank, no alphas or metadata needed) and the U-Net's keys in
+    peft's names (``unet.<module>.lora_A.weight``, diffusers' ``convert_unet_state_dict_to_peft``). Text-encoder keys
+    keep their names. Per-module alpha or rank patterns are refused (they would need a mapping of their own)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from bksdm.errors import UserError
+
+    out = dict(state)
+    for key, alpha in (alphas or {}).items():  # kohya: "<down key>.alpha" or "<module>.alpha"
+        down = key[: -len(".alpha")]
+        downs = [down] if down in out else [k for k in out if k.startswith(down + ".") and _is_down(k)]
+        for d in downs:
+            up = _up_of(d)
+            if up in out:
+                out[up] = out[up] * (float(alpha) / out[d].shape[0])
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        meta = {k[len(part) + 1:]: v for k, v in (metadata or {}).items() if k.startswith(part + ".")}
+        if meta.get("alpha_pattern") or meta.get("rank_pattern"):
+            raise UserError("this LoRA sets alpha or rank per module (alpha_pattern / rank_pattern); it cannot be "
+                            "moved onto a student")
+        if meta.get("lora_alpha") and meta.get("r") and meta["lora_alpha"] != meta["r"]:
+            scale = meta["lora_alpha"] / meta["r"]
+            out = {k: (v * scale if k.startswith(part + ".") and not _is_down(k) and _up_of_any(k) else v)
+                   for k, v in out.items()}
+    unet = convert_unet_state_dict_to_peft({k[5:]: v for k, v in out.items() if k.startswith("unet.")})
+    odd = [k for k in unet if not LORA_KEY.match("unet." + k)]
+    if odd:
+        raise UserError(f"LoRA tensor unet.{odd[0]} has a name bksdm cannot place; load this LoRA on the model it "
+                        "was made for")
+    return {**{k: v for k, v in out.items() if not k.startswith("unet.")}, **{"unet." + k: v for k, v in unet.items()}}
+
+
+def _is_down(key: str) -> bool:
+    return any(d in key for d, _ in _UP)
+
+
+def _up_of(down: str) -> str:
+    for d, u in _UP:
+        if d in down:
+            return down.replace(d, u)
+    return down
+
+
+def _up_of_any(key: str) -> bool:
+    return any(u in key for _, u in _UP)
 
 
 def unet_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The U-Net modules a LoRA adapts (``down_blocks.0.attentions.0...to_q``) with their tensors by suffix."""
+    """The U-Net modules a normalised LoRA adapts (``down_blocks.0.attentions.0...to_q``) with their tensors."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in state.items():
         m = LORA_KEY.match(k)
@@ -71,59 +124,68 @@ def misfits(modules: dict[str, dict[str, torch.Tensor]], unet) -> list[str]:
     have = dict(unet.named_modules())
     bad = []
     for name, tensors in modules.items():
-        layer = have.get(name)
-        weight = getattr(layer, "weight", None)
-        down = next((v for k, v in tensors.items() if k.startswith(("lora.down", "lora_A"))), None)
-        up = next((v for k, v in tensors.items() if k.startswith(("lora.up", "lora_B"))), None)
+        weight = getattr(have.get(name), "weight", None)
+        down, up = tensors.get("lora_A.weight"), tensors.get("lora_B.weight")
         if weight is None or down is None or up is None or down.shape[1] != weight.shape[1] or up.shape[0] != weight.shape[0]:
             bad.append(name)
     return bad
 
 
-def remap(state: dict[str, torch.Tensor], module_map: list[list[str]]) -> tuple[dict[str, torch.Tensor], list[str], int]:
-    """A teacher's LoRA moved onto its student through the student's module map (``bksdm.json``: [student module,
-    teacher module] pairs): each U-Net tensor goes where the teacher weights of its module went (longest matching
-    teacher prefix); modules of removed blocks are dropped. Returns the new state, the dropped modules and how many
-    modules were renumbered. Text-encoder tensors pass unchanged."""
-    pairs = sorted(((t, s) for s, t in module_map), key=lambda p: -len(p[0]))
+def remap(state: dict[str, torch.Tensor], record: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """A teacher's normalised LoRA moved onto its student: each U-Net module goes where the teacher's weight of that
+    module went, by the student's tensor key map (``bksdm.json`` ``key_map``: student tensor -> teacher tensor; exact
+    for every kept block, transformer layer and top-level layer), or, in records without one, by the longest
+    matching block of its ``module_map``. Modules whose weights no student tensor took are dropped. Returns the new
+    state, the dropped modules and how many were renumbered. Text-encoder tensors pass unchanged."""
+    if record.get("key_map"):
+        moves = {t[: -len(".weight")]: s[: -len(".weight")] for s, t in record["key_map"].items()
+                 if t.endswith(".weight")}
+
+        def place(module: str) -> str | None:
+            return moves.get(module)
+    else:
+        pairs = sorted(((t, s) for s, t in record.get("module_map", [])), key=lambda p: -len(p[0]))
+
+        def place(module: str) -> str | None:
+            hit = next(((t, s) for t, s in pairs if module == t or module.startswith(t + ".")), None)
+            return None if hit is None else hit[1] + module[len(hit[0]):]
     out, dropped, moved = {}, set(), set()
     for k, v in state.items():
         m = LORA_KEY.match(k)
         if not m:
             out[k] = v
             continue
-        module = m.group(1)
-        hit = next(((t, s) for t, s in pairs if module == t or module.startswith(t + ".")), None)
-        if hit is None:
-            dropped.add(module)
+        new = place(m.group(1))
+        if new is None:
+            dropped.add(m.group(1))
             continue
-        new = hit[1] + module[len(hit[0]):]
-        if new != module:
-            moved.add(module)
+        if new != m.group(1):
+            moved.add(m.group(1))
         out[f"unet.{new}.{m.group(2)}"] = v
     return out, sorted(dropped), len(moved)
 
 
-def fold_loaded_alphas(state: dict[str, torch.Tensor], alphas: dict[str, float] | None,
-                       metadata: dict[str, Any] | None) -> dict[str, torch.Tensor]:
-    """A loaded LoRA (``lora_state_dict``'s state, kohya-style network alphas, adapter metadata) with every alpha
-    folded into its up weights, so that it means the same with alpha = rank and no metadata (a remapped state dict
-    carries neither). Per-module alpha or rank patterns are refused: they would need their own mapping."""
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+"""kohya's names for SD-v1/v2 LoRAs: the diffusers module path with ``_`` for ``.``, under these prefixes."""
+
+
+def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers-format SD-v1/v2 LoRA (``unet.<module>.lora.down.weight`` / ``lora_A``, ``text_encoder....``) in
+    kohya's layout, which ComfyUI, A1111 and stable-diffusion.cpp read: ``lora_unet_<module>.lora_down.weight``,
+    ``.lora_up.weight`` and ``.alpha``. Alphas are written as the rank: bksdm's files hold alpha / rank folded in
+    (:func:`fold_alpha`), so the update is the trained one under kohya's alpha / rank rule."""
     from bksdm.errors import UserError
 
-    out = dict(state)
-    for key, alpha in (alphas or {}).items():
-        module = key[: -len(".alpha")]
-        for up in (f"{module}.lora.up.weight", f"{module}.lora_B.weight"):
-            if up in out:
-                out[up] = out[up] * (float(alpha) / out[up].shape[1])
-    for part in ("unet", "text_encoder", "text_encoder_2"):
-        meta = {k[len(part) + 1:]: v for k, v in (metadata or {}).items() if k.startswith(part + ".")}
-        if meta.get("alpha_pattern") or meta.get("rank_pattern"):
-            raise UserError("this LoRA sets alpha or rank per module (alpha_pattern / rank_pattern); it cannot be "
-                            "remapped onto a student")
-        if meta.get("lora_alpha") and meta.get("r") and meta["lora_alpha"] != meta["r"]:
-            scale = meta["lora_alpha"] / meta["r"]
-            out = {k: (v * scale if k.startswith(part + ".") and (".lora.up." in k or ".lora_B." in k) else v)
-                   for k, v in out.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, v in state.items():
+        m = re.match(r"^(unet|text_encoder)\.(.+?)\.(lora\.down|lora\.up|lora_A|lora_B)\.weight$", key)
+        if not m:
+            raise UserError(f"LoRA tensor {key} is not a diffusers SD-v1/v2 LoRA tensor (SDXL LoRAs: kohya names "
+                            "them by SDXL's original blocks, which this export does not write)")
+        part, module, side = m.groups()
+        name = KOHYA_PREFIX[part] + module.replace(".", "_")
+        down = side in ("lora.down", "lora_A")
+        out[f"{name}.lora_{'down' if down else 'up'}.weight"] = v.contiguous()
+        if down:
+            out[f"{name}.alpha"] = torch.tensor(float(v.shape[0]))
     return out

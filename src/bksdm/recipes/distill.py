@@ -162,7 +162,7 @@ class DistillRecipe(Trainer):
             copy_pipeline(self.pipeline_dir, final)
             self.final_unet().save_pretrained(final / "unet", safe_serialization=True)
             record = {"teacher": self.cfg.teacher, **self.derivation.record(), "distill": {"steps": self.step, "skipped": dict(self.skips)}}
-            record.pop("key_map")
+            # the key map stays: it is how a LoRA made for the teacher finds the student's weights (bksdm.lora.remap)
             write_record(final, record)
             grid = self.sample_grid() if self.cfg.sample_prompts else None
             if grid is not None:

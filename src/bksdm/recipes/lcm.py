@@ -169,6 +169,8 @@ class LCMRecipe(Trainer):
             final.mkdir(parents=True, exist_ok=True)
             if self.cfg.lora:
                 self._save_lora(final)
+                # beside the adapter: the LCMScheduler it trained for, which `generate --lora` uses with --scheduler lcm
+                lcm_scheduler(self.noise_scheduler.config, self.cfg).save_pretrained(final / "scheduler")
             else:
                 copy_pipeline(self.pipeline_dir, final, skip=("unet", "scheduler"))
                 self.final_unet().save_pretrained(final / "unet", safe_serialization=True)

@@ -82,7 +82,7 @@ def distill_run(teacher: Path, student: str | Path, out: Path, steps: int, seed:
 
 PAPER_METHOD = {"lambda_cfg": 0.0}
 """The demo recipe's departure from the paper's method, undone (``--paper-recipe``): what remains of
-``configs/distill_mini.yaml`` are only the changes a few-minute CPU run needs (batch, learning rate, no EMA)."""
+``configs/distill_mini.yaml`` are only the changes a few-minute CPU run needs (batch, learning rate, bf16)."""
 
 
 def demo(out: str | Path = "bksdm-demo", steps: int = 300, images: int = 300, student: str = "bk-small",

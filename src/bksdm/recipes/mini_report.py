@@ -140,7 +140,8 @@ def write_demo_report(out: Path, rows: list[dict], curve: list[dict], grid_promp
         "`configs/distill_mini.yaml`: the paper's loss (task + output KD + feature KD, weights "
         f"{recipe['lambda_sd']} / {recipe['lambda_out']} / {recipe['lambda_feat']}) with what a CPU run of minutes "
         f"needs: batch {recipe['batch_size']} x {recipe['grad_accum']} (paper 64 x 4), lr {recipe['lr']} (paper 5e-5), "
-        f"no EMA, {recipe['mixed_precision']}.",
+        + (f"EMA {recipe['ema_decay']} as the paper, " if recipe.get("ema") else "no EMA, ")
+        + f"{recipe['mixed_precision']}.",
     ]
     if departures:
         text += ["", "Departures from the paper's method (`bksdm demo --paper-recipe` undoes them):", ""]
