@@ -58,7 +58,7 @@ def full_size_bk_tiny(tmp_path_factory):
 def _diffusers_image(folder, seed: int, steps: int) -> np.ndarray:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, tokenizer=None, feature_extractor=None)
     ids = torch.tensor([[49406] + [49407] * 76])  # "" as CLIP tokenises it for SD-v1: BOS, then EOS as padding
     with torch.no_grad():
         emb = pipe.text_encoder(ids)[0]
@@ -90,6 +90,3 @@ def test_stable_diffusion_cpp_reads_the_sd_cpp_file_of_bk_tiny(full_size_bk_tiny
               "max_level_difference": float(diff.max()), "mean_level_difference": float(diff.mean())}
     print(json.dumps(record))
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 2, record
-    # the default (ComfyUI) numbering of the same student is not what sd.cpp's variants expect
-    dense = tmp_path / "bk-tiny.safetensors"
-    assert main(["export", str(full_size_bk_tiny / "tiny"), "--out", str(dense), "--dtype", "fp32"]) == 0

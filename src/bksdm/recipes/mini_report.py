@@ -126,6 +126,9 @@ def write_demo_report(out: Path, rows: list[dict], curve: list[dict], grid_promp
         markdown_table([{"step": r["step"], "fidelity": _interval(r, "fidelity", "{:.3f}"),
                          "mini_fid": _interval(r, "mini_fid", "{:.0f}"), "bg_noise": _interval(r, "bg_noise", "{:.1f}")}
                         for r in curve]), "",
+        ("Checkpoints hold the student's raw weights (the EMA is saved beside them); the final pipeline, and the "
+         "headline table, hold the EMA weights, so the last point of the curve is not the headline student."
+         if recipe.get("ema") else ""), "",
         "## Where images go wrong", "",
         markdown_table([{"model": r["model"], **{k[6:]: f"{r[k]:.3f}" for k in r if k.startswith("wrong_")}}
                         for r in (teacher, student)]), "",
