@@ -44,6 +44,9 @@ VARIANTS = {
     "demo-cos-ema0.99": {"lr_scheduler": "cosine", "lr_warmup_steps": 20, "ema": True, "ema_decay": 0.99},
     "demo-600": {"max_steps": 600},
     "demo-ema0.99-early3": {"ema": True, "ema_decay": 0.99, "timestep_bias": "earlier", "timestep_bias_multiplier": 3.0},
+    "demo-ema-b16-600": {"ema": True, "batch_size": 16, "max_steps": 600},
+    "demo-ema-b16-600-early3": {"ema": True, "batch_size": 16, "max_steps": 600, "timestep_bias": "earlier",
+                                "timestep_bias_multiplier": 3.0},
     "demo-ema0.99-early6": {"ema": True, "ema_decay": 0.99, "timestep_bias": "earlier", "timestep_bias_multiplier": 6.0},
 }
 
