@@ -47,6 +47,10 @@ VARIANTS = {
     "demo-ema-b16-600": {"ema": True, "batch_size": 16, "max_steps": 600},
     "demo-ema-b16-600-early3": {"ema": True, "batch_size": 16, "max_steps": 600, "timestep_bias": "earlier",
                                 "timestep_bias_multiplier": 3.0},
+    "demo-ema-b16-600-early6": {"ema": True, "batch_size": 16, "max_steps": 600, "timestep_bias": "earlier",
+                                "timestep_bias_multiplier": 6.0},
+    "demo-ema-b8-1200-early3": {"ema": True, "batch_size": 8, "max_steps": 1200, "timestep_bias": "earlier",
+                                "timestep_bias_multiplier": 3.0},
     "demo-ema0.99-early6": {"ema": True, "ema_decay": 0.99, "timestep_bias": "earlier", "timestep_bias_multiplier": 6.0},
 }
 

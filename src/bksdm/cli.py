@@ -350,7 +350,7 @@ def _progress(a: argparse.Namespace) -> int:
 @command("demo", "the whole BK-SDM method in the mini world, offline on a CPU in minutes: writes a report")
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-demo", help="output folder (report.md, pictures, models)")
-    p.add_argument("--steps", type=int, default=300, help="distillation steps")
+    p.add_argument("--steps", type=int, default=600, help="distillation steps (of batch 16)")
     p.add_argument("--images", type=int, default=300, help="generated images per model for the metrics")
     p.add_argument("--curve-images", type=int, default=100, help="images per checkpoint for the fidelity-vs-step curve")
     p.add_argument("--student", default="bk-small", help="spec to compress the mini teacher with")

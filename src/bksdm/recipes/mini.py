@@ -80,12 +80,12 @@ def distill_run(teacher: Path, student: str | Path, out: Path, steps: int, seed:
     return DistillRecipe(cfg).setup().train()
 
 
-PAPER_METHOD = {"lambda_cfg": 0.0}
+PAPER_METHOD = {"lambda_cfg": 0.0, "timestep_bias": "none"}
 """The demo recipe's departure from the paper's method, undone (``--paper-recipe``): what remains of
 ``configs/distill_mini.yaml`` are only the changes a few-minute CPU run needs (batch, learning rate, bf16)."""
 
 
-def demo(out: str | Path = "bksdm-demo", steps: int = 300, images: int = 300, student: str = "bk-small",
+def demo(out: str | Path = "bksdm-demo", steps: int = 600, images: int = 300, student: str = "bk-small",
          teacher: str | None = None, gen_steps: int = 25, curve_images: int = 100, paper_recipe: bool = False,
          lcm: bool = False, lcm_steps: int = 300) -> dict[str, Any]:
     """Compress the mini teacher, distil the student, generate, evaluate, profile, score every checkpoint, and write
