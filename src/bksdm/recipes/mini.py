@@ -161,6 +161,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # appendix Table 3, rows N1-N4: the pap
 GUIDED_VARIANT = {"+ guided output KD (demo recipe)": {"lambda_cfg": 1.0}}
 """An optional fifth row (``bksdm ablate --guided``): the demo's recipe, the paper's loss plus guided output KD."""
 _METRICS = ("heldout_mse", "teacher_mse", "fidelity", "mini_fid", "bg_noise")
+ABLATION_BASE = {"batch_size": 32, "ema": False, "timestep_bias": "none"}
+"""The mini config as the recorded ablations ran it (docs/mini-world.md: batch 32, no EMA, uniform timesteps),
+kept when the demo's recipe moved on (2026-12-02), so `--steps 200` still means what those tables mean."""
 
 
 SDXL_VARIANTS: dict[str, dict[str, Any]] = {  # KOALA's question: which features to distil (all teacher-initialised)
@@ -226,7 +229,7 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
                 run = out / "runs" / f"{Path(student).stem}-{variant.replace(' ', '_').replace('&', 'and')}-{seed}"
                 shutil.rmtree(run, ignore_errors=True)
                 t0 = time.time()
-                distill_run(teacher_dir, init, run, steps, seed=seed, **overrides)
+                distill_run(teacher_dir, init, run, steps, seed=seed, **{**ABLATION_BASE, **overrides})
                 rec = {"family": family, "student": student, "variant": variant, "seed": seed, "steps": steps}
                 rec.update(heldout(_float(_components(run / "final")), t_unet))
                 rec.update(score(run / "final", prompts, run / "eval", steps=gen_steps))
