@@ -412,3 +412,18 @@ def test_training_encodes_with_the_vae_in_fp32_where_its_config_asks(tiny_sdxl_d
     (folder / "vae" / "config.json").write_text(json.dumps({**cfg, "force_upcast": False}))
     assert load_text_side(folder, "cpu", torch.float16)[0].dtype == torch.float16  # a VAE that does not ask
     assert load_text_side(tiny_sdxl_dir, "cpu", torch.bfloat16)[0].dtype == torch.bfloat16  # bf16 does not overflow
+
+
+def test_an_sdxl_kohya_lora_is_refused_on_a_student_not_misplaced(xl_student, tmp_path, capsys):
+    """kohya numbers SDXL LoRA blocks the original way (input_blocks.4.1...); diffusers decodes that with the model's
+    layout, which on a student names other teacher blocks: refused in one line instead of applied to wrong weights."""
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 4),
+               "lora_unet_input_blocks_4_1_proj_in.alpha": torch.tensor(4.0)}, str(tmp_path / "k.safetensors"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle at the top left\n")
+    assert main(["generate", "--model", str(xl_student), "--prompts", str(prompts), "--out", str(tmp_path / "g"),
+                 "--lora", str(tmp_path / "k.safetensors"), "--steps", "1", "--save-size", "0"]) == 2
+    assert "names SDXL's original blocks (kohya)" in one_line_error(capsys)

@@ -14,6 +14,7 @@ filter and saved as JPEG again (``im256``). ``lossless=True`` saves both as PNG 
 from __future__ import annotations
 
 import csv
+import re
 import time
 import zlib
 from pathlib import Path
@@ -162,6 +163,9 @@ def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path, record: dict[s
     kw = {} if path.is_dir() else {"weight_name": path.name}
     if "unet_config" in inspect.signature(pipe.lora_state_dict).parameters or pipe.__class__.__name__.endswith("XLPipeline"):
         kw["unet_config"] = parts["unet"].config  # kohya's SGM block names are numbered by the U-Net's layout (SDXL)
+        if record and _sgm_names(path):  # decoded with the student's layout they would name the wrong teacher blocks
+            raise UserError(f"LoRA {path.name} names SDXL's original blocks (kohya); on a student bksdm cannot tell which "
+                            "model's numbering it uses: load it on the model it was made for")
     with reading(path, "LoRA file", "pass a LoRA .safetensors (diffusers, peft or kohya keys)"):
         state, alphas, metadata = pipe.lora_state_dict(*where, return_lora_metadata=True, **kw)
         state = normalise(state, alphas, metadata)
@@ -187,6 +191,19 @@ def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path, record: dict[s
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     return done
+
+
+def _sgm_names(path: Path) -> bool:
+    """Whether a LoRA file names U-Net blocks the original (SGM / kohya) way: ``input_blocks``, ``middle_block``..."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    try:
+        with safe_open(str(files[0]), "pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        return False  # not a safetensors file: lora_state_dict says what it is
+    return any(re.search(r"(input_blocks|middle_block|output_blocks)", k) for k in keys)
 
 
 def default_dtype(device: str) -> torch.dtype:
