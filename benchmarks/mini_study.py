@@ -3,9 +3,11 @@
     python benchmarks/mini_study.py --out /tmp/study --variants base,dropout --steps 400 --prompts 300
     python benchmarks/mini_study.py --out /tmp/study --score-only FOLDER --guidance 1,3,7.5
 
-Every variant is ``key=value`` overrides of ``configs/distill_mini.yaml`` (see VARIANTS); each run is scored by
-the real ``generate`` + prompt-fidelity breakdown (which attribute goes wrong) + mini-FID, written to
-``OUT/study.json`` (resumable: finished variants are kept).
+Every variant is ``key=value`` overrides of ``configs/distill_mini.yaml`` (see VARIANTS); the grain study's
+``demo*`` variants start from the recipe they were measured against (``bksdm.recipes.mini.ABLATION_BASE``: batch
+32, no EMA, uniform timesteps), so they mean the same after the demo's recipe moved on. Each run is scored as the
+demo scores (``bksdm.recipes.mini.score``: fidelity, mini-FID, background noise with intervals, and which attribute
+goes wrong), written to ``OUT/study.json`` (resumable: finished variants are kept).
 """
 
 from __future__ import annotations
@@ -56,18 +58,11 @@ VARIANTS = {
 
 
 def score(folder: Path, prompts: Path, out: Path, guidance: float, steps: int = 25) -> dict:
-    from bksdm.evaluate.metrics import opened
-    from bksdm.generate import generate, read_prompts
-    from bksdm.mini import metrics as M
-    from bksdm.recipes.evaluate import evaluate
+    """The demo's own scoring (`bksdm.recipes.mini.score`) at ``guidance``, from a fresh image folder."""
+    from bksdm.recipes.mini import score as mini_score
 
     shutil.rmtree(out, ignore_errors=True)
-    generate(str(folder), prompts, out, steps=steps, guidance=guidance, batch_size=100, save_size=None, lossless=True)
-    items = read_prompts(prompts)
-    images = list(opened([out / "images" / (Path(n).stem + ".png") for n, _ in items]))
-    rec = M.fidelity_breakdown(images, [p for _, p in items])
-    rec.update(evaluate(out / "images", prompts, ["fidelity", "mini_fid", "bg_noise"]))  # with 95% intervals
-    return rec
+    return mini_score(folder, prompts, out, steps=steps, guidance=guidance)
 
 
 def main() -> None:
@@ -82,7 +77,7 @@ def main() -> None:
     from bksdm.compress import compress
     from bksdm.mini.teacher import teacher_path
     from bksdm.mini.world import ShapesWorld
-    from bksdm.recipes.mini import distill_run
+    from bksdm.recipes.mini import ABLATION_BASE, distill_run
 
     a.out.mkdir(parents=True, exist_ok=True)
     prompts = a.out / "prompts.txt"
@@ -111,7 +106,7 @@ def main() -> None:
     if not (init / "model_index.json").is_file():
         compress(str(teacher), "bk-small", init)
     for name in a.variants.split(","):
-        overrides = dict(VARIANTS[name])
+        overrides = {**(ABLATION_BASE if name.startswith("demo") else {}), **VARIANTS[name]}
         run = a.out / "runs" / name
         if not (run / "final" / "model_index.json").is_file():
             shutil.rmtree(run, ignore_errors=True)

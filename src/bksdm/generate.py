@@ -150,18 +150,16 @@ def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path, record: dict[s
     onto the student through the module map (:func:`bksdm.lora.remap`: modules of removed blocks dropped, renumbered
     ones moved where the teacher's weights went), with a note; otherwise it is refused in one line with the counts.
     Returns what was done (``modules``, ``remapped``, ``dropped``)."""
-    import inspect
-
     from bksdm.errors import note
     from bksdm.lora import misfits, normalise, remap, unet_modules
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"LoRA file {path} does not exist")
-    pipe = family_pipeline(parts, scheduler)[0]
+    pipe, family = family_pipeline(parts, scheduler)
     where = (str(path),) if path.is_dir() else (str(path.parent),)
     kw = {} if path.is_dir() else {"weight_name": path.name}
-    if "unet_config" in inspect.signature(pipe.lora_state_dict).parameters or pipe.__class__.__name__.endswith("XLPipeline"):
+    if family.name == "sdxl":  # as StableDiffusionXLPipeline.load_lora_weights passes it
         kw["unet_config"] = parts["unet"].config  # kohya's SGM block names are numbered by the U-Net's layout (SDXL)
         if record and _sgm_names(path):  # decoded with the student's layout they would name the wrong teacher blocks
             raise UserError(f"LoRA {path.name} names SDXL's original blocks (kohya); on a student bksdm cannot tell which "
@@ -236,8 +234,11 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     import diffusers
 
     # an LCM-LoRA folder ships the LCMScheduler it trained for (its skipping schedule and scaling): use that one
-    lora_sched = Path(lora).parent if lora and Path(lora).is_file() else Path(lora) if lora else None
-    source = lora_sched if scheduler == "lcm" and lora_sched and (lora_sched / "scheduler" / "scheduler_config.json").is_file() else folder
+    source = folder
+    if lora and scheduler == "lcm":
+        lora_dir = Path(lora).parent if Path(lora).is_file() else Path(lora)
+        if (lora_dir / "scheduler" / "scheduler_config.json").is_file():
+            source = lora_dir
     with reading(source / "scheduler", "scheduler of"):
         sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(source, subfolder="scheduler")
     parts = load_components(folder, generation_parts(folder))

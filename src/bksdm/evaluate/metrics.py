@@ -106,9 +106,7 @@ def stats(features: np.ndarray, what: str = "FID") -> tuple[np.ndarray, np.ndarr
     (one line otherwise, where NaN statistics would make the matrix square root hang); N <= D gives a singular
     covariance and a Frechet distance biased high, which a note says; non-finite features are refused."""
     n, d = features.shape
-    if n < 2:
-        raise UserError(f"{what} needs at least 2 images for a covariance (got {n})"
-                        + ("; the protocol uses 30,000" if what.startswith("FID") else ""))
+    require_covariance(n, what)
     if not np.isfinite(features).all():
         raise UserError(f"{what}: the feature network gave non-finite features for these images")
     if n <= d:
@@ -116,6 +114,21 @@ def stats(features: np.ndarray, what: str = "FID") -> tuple[np.ndarray, np.ndarr
              f"and the distance is biased high (compare only runs with the same count"
              + ("; the protocol uses 30,000)" if what.startswith("FID") else ")"))
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def require_covariance(n: int, what: str = "FID") -> None:
+    """A Frechet distance needs a covariance, so at least 2 images: one line otherwise (a covariance of one image is
+    NaN, whose matrix square root does not return)."""
+    if n < 2:
+        raise UserError(f"{what} needs at least 2 images for a covariance (got {n})"
+                        + ("; the protocol uses 30,000" if what.startswith("FID") else ""))
+
+
+def require_is_images(n: int, splits: int) -> None:
+    """IS needs 2 images per split: a split of one image scores exactly 1 by definition."""
+    if n < 2 * splits:
+        raise UserError(f"IS needs at least {2 * splits} images (2 per split of {splits}: a split of one image scores "
+                        f"exactly 1); got {n}")
 
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -206,9 +219,7 @@ def inception_score(images: Iterable[Image.Image], model, batch: int = 50, split
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     logits = torch.cat([model(x.to(device))[0].cpu() for x in _uint8_batches(images, batch)])
-    if len(logits) < 2 * splits:
-        raise UserError(f"IS needs at least {2 * splits} images (2 per split of {splits}: a split of one image scores "
-                        f"exactly 1); got {len(logits)}")
+    require_is_images(len(logits), splits)
     res = isc_features_to_metric(logits, splits=splits)
     return {"is": res["inception_score_mean"], "is_std": res["inception_score_std"]}
 

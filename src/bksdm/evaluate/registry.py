@@ -100,8 +100,7 @@ def _fid(x: EvalInputs) -> dict[str, float]:
 
     if not x.fid_ref:
         raise UserError("fid needs --fid-ref: a pytorch-fid .npz (mu, sigma) or a folder of real images")
-    if len(x.paths) < 2:  # before any network loads; M.stats says it again for any other caller
-        raise UserError(f"FID needs at least 2 images for a covariance (got {len(x.paths)}); the protocol uses 30,000")
+    M.require_covariance(len(x.paths))  # before any network loads
     ref = Path(x.fid_ref)
     stored = None if ref.is_dir() else M.load_stats(ref, 2048)  # a bad file fails before any network runs
     net = _fid_net(x)
@@ -115,9 +114,7 @@ def _is(x: EvalInputs) -> dict[str, float]:
     from bksdm.evaluate import metrics as M
     from bksdm.evaluate.weights import isc_inception
 
-    if len(x.paths) < 2 * IS_SPLITS:  # before the network loads; M.inception_score says it again for other callers
-        raise UserError(f"IS needs at least {2 * IS_SPLITS} images (2 per split of {IS_SPLITS}: a split of one image "
-                        f"scores exactly 1); got {len(x.paths)}")
+    M.require_is_images(len(x.paths), IS_SPLITS)  # before the network loads
     res = M.inception_score(M.load_images(M.reference_order(x.paths), x.size), isc_inception(x.isc_weights, x.device),
                             x.batch, IS_SPLITS, device=x.device)
     return {IS: res["is"], IS_STD: res["is_std"]}

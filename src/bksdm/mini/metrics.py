@@ -27,7 +27,7 @@ from PIL import Image
 
 from bksdm.evaluate import registry as R
 from bksdm.mini import classifier as C
-from bksdm.mini.world import BACKGROUND, SIZES, ShapesWorld, shape_mask, parse_caption, render
+from bksdm.mini.world import BACKGROUND, JITTER, SIZES, ShapesWorld, centre, parse_caption, render, shape_mask
 
 HELDOUT_START = 5 * 10**6  # world indices of the held-out triples (training reads from 0 up)
 
@@ -80,7 +80,8 @@ def fidelity_breakdown(images: list[Image.Image], prompts: list[str], net: C.Qua
 def reference_images(prompts: list[str], seed: int = 0) -> list[Image.Image]:
     """Real world pictures of the prompts' scenes, jittered as the world jitters."""
     rng = np.random.default_rng(seed)
-    return [render(parse_caption(p), 32, tuple((rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5)) for _ in parse_caption(p)))
+    return [render(parse_caption(p), 32, tuple((rng.uniform(-JITTER, JITTER), rng.uniform(-JITTER, JITTER))
+                                               for _ in parse_caption(p)))
             for p in prompts]
 
 
@@ -99,7 +100,6 @@ def mini_fid(images: list[Image.Image], reference: list[Image.Image], net: C.Qua
     return frechet_distance(*stats(f1, "mini-FID"), *stats(f2, "mini-FID"))
 
 
-JITTER = 1.5  # the world's largest centre jitter, pixels at 32 px (ShapesWorld.scene)
 MARGIN = 1  # pixels kept clear around every place a shape may be drawn
 
 
@@ -117,8 +117,7 @@ def background_mask(prompt: str, size: int = 32) -> np.ndarray:
 def _reach(kind: str, size_name: str, position: str, size: int) -> np.ndarray:
     """Every pixel one shape can cover under the world's jitter, dilated by :data:`MARGIN` (24 shapes x sizes)."""
     scale = size / 32
-    row, col = position.split()
-    cy0, cx0 = (8 if row == "top" else 24) * scale, (8 if col == "left" else 24) * scale
+    cy0, cx0 = centre(position, size)
     offsets = np.arange(-JITTER, JITTER + 1e-9, 0.25) * scale
     touched = np.zeros((size, size), dtype=bool)
     for dy in offsets:
@@ -136,13 +135,9 @@ def background_errors(images: list[Image.Image], prompts: list[str]) -> tuple[np
     """Per image: the sum of squared differences (8-bit levels, over the 3 channels) between its background pixels
     (:func:`background_mask`) and the world's background colour, and how many values were summed."""
     sse, count = np.zeros(len(images)), np.zeros(len(images))
-    masks: dict[tuple[str, int], np.ndarray] = {}
     for i, (im, p) in enumerate(zip(images, prompts)):
         a = np.asarray(im.convert("RGB"), dtype=np.float64)
-        key = (p, a.shape[0])
-        if key not in masks:
-            masks[key] = background_mask(p, a.shape[0])
-        d = a[masks[key]] - np.array(BACKGROUND, dtype=np.float64)
+        d = a[background_mask(p, a.shape[0])] - np.array(BACKGROUND, dtype=np.float64)
         sse[i], count[i] = float((d ** 2).sum()), d.size
     return sse, count
 

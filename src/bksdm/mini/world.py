@@ -21,6 +21,7 @@ COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 215), 
 SIZES = {"small": 3.5, "large": 6.5}  # half-extent in pixels at 32 px
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUND = (230, 230, 225)
+JITTER = 1.5  # the largest shift of a shape's centre, in pixels at 32 px (each axis, uniform)
 WORDS = sorted({"a", "at", "the", "and", *KINDS, *COLOURS, *SIZES, *" ".join(POSITIONS).split()})
 
 
@@ -69,15 +70,20 @@ def shape_mask(kind: str, cy: float, cx: float, r: float, n: int) -> np.ndarray:
     return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half)
 
 
+def centre(position: str, size: int = 32) -> tuple[float, float]:
+    """(y, x) of the centre of ``position``'s quadrant before jitter, in pixels of a ``size`` picture."""
+    row, col = position.split()
+    scale = size / 32
+    return (8 if row == "top" else 24) * scale, (8 if col == "left" else 24) * scale
+
+
 def render(shapes: tuple[Shape, ...], size: int = 32, jitter: tuple[tuple[float, float], ...] | None = None) -> Image.Image:
     """Draw ``shapes`` on the plain background; ``jitter`` moves each centre by (dy, dx) pixels."""
     img = np.empty((size, size, 3), dtype=np.uint8)
     img[:] = BACKGROUND
     scale = size / 32
     for i, s in enumerate(shapes):
-        row, col = s.position.split()
-        cy = (8 if row == "top" else 24) * scale
-        cx = (8 if col == "left" else 24) * scale
+        cy, cx = centre(s.position, size)
         if jitter is not None:
             cy, cx = cy + jitter[i][0] * scale, cx + jitter[i][1] * scale
         img[shape_mask(s.kind, cy, cx, SIZES[s.size] * scale, size)] = COLOURS[s.colour]
@@ -99,7 +105,7 @@ class ShapesWorld:
                   list(SIZES)[rng.integers(len(SIZES))], POSITIONS[q])
             for q in sorted(quads)
         )
-        jitter = tuple((float(rng.uniform(-1.5, 1.5)), float(rng.uniform(-1.5, 1.5))) for _ in shapes)
+        jitter = tuple((float(rng.uniform(-JITTER, JITTER)), float(rng.uniform(-JITTER, JITTER))) for _ in shapes)
         return shapes, jitter
 
     def sample(self, index: int) -> tuple[Image.Image, str, tuple[Shape, ...]]:

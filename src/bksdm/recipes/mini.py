@@ -52,15 +52,17 @@ MINI_METRICS = ("fidelity", "mini_fid", "bg_noise")
 """The image measures every mini-world run is scored with (each with its 95% bootstrap interval)."""
 
 
-def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int = 25) -> dict[str, float]:
-    """Generate with the real `generate` and evaluate with the real `evaluate` (:data:`MINI_METRICS`)."""
-    from bksdm.generate import generate
-    from bksdm.recipes.evaluate import evaluate
+def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int = 25,
+          guidance: float | None = None) -> dict[str, float]:
+    """Generate with the real `generate` (``guidance`` None: the pipeline's) and evaluate with the real `evaluate`
+    (:data:`MINI_METRICS`, with intervals), plus where images go wrong (``wrong_kind``, ...)."""
     from bksdm.evaluate.metrics import opened
-    from bksdm.generate import read_prompts
+    from bksdm.generate import generate, read_prompts
     from bksdm.mini.metrics import fidelity_breakdown
+    from bksdm.recipes.evaluate import evaluate
 
-    generate(str(folder), prompts, out, steps=steps, batch_size=batch, save_size=None, lossless=True)  # 32 px: no JPEG
+    generate(str(folder), prompts, out, steps=steps, guidance=guidance, batch_size=batch, save_size=None,
+             lossless=True)  # 32 px: no JPEG
     res = evaluate(out / "images", prompts, list(MINI_METRICS))
     items = read_prompts(prompts)
     images = list(opened([out / "images" / (Path(n).stem + ".png") for n, _ in items]))
