@@ -741,3 +741,20 @@ def test_a_kohya_teacher_lora_with_its_own_alphas_moves_onto_the_student(tiny_te
     for k, d in student_delta.items():
         torch.testing.assert_close(d, teacher_delta[key_map[k]], rtol=0, atol=1e-6, msg=k)
     assert {t for t in key_map.values() if t in teacher_delta} == {key_map[k] for k in student_delta}
+
+
+def test_kohya_export_faults_are_one_line_and_write_nothing(tiny_teacher_dir, tmp_path, capsys):
+    lora = _teacher_lora(tiny_teacher_dir, tmp_path / "lora")
+    capsys.readouterr()
+    # a pipeline folder holds no LoRA file
+    assert main(["export", str(tiny_teacher_dir), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    assert "pytorch_lora_weights.safetensors does not exist" in one_line_error(capsys)
+    assert not (tmp_path / "k.safetensors").exists()
+    # a file that is not a LoRA
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    assert main(["export", str(tmp_path / "junk.safetensors"), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    assert "LoRA file" in one_line_error(capsys) and not (tmp_path / "k.safetensors").exists()
+    # an existing output is kept unless --overwrite
+    (tmp_path / "k.safetensors").write_bytes(b"mine")
+    assert main(["export", str(lora), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    assert "--overwrite" in one_line_error(capsys) and (tmp_path / "k.safetensors").read_bytes() == b"mine"
