@@ -22,6 +22,8 @@ def pytest_collection_modifyitems(config, items):
         "real_weights": (os.environ.get("RUN_REAL_WEIGHTS") != "1", "needs real weights: set RUN_REAL_WEIGHTS=1"),
         "real_clients": (os.environ.get("RUN_REAL_CLIENTS") != "1",
                          "real runtimes (stable-diffusion.cpp, built on install): set RUN_REAL_CLIENTS=1"),
+        "reference_env": (os.environ.get("RUN_REFERENCE_ENV") != "1",
+                          "reference packages in their own environment (tests/reference_env): set RUN_REFERENCE_ENV=1"),
     }
     for item in items:
         for mark, (cond, why) in skip.items():
@@ -145,3 +147,14 @@ def hf_image_dataset(tmp_path, n: int = 8, broken: int | None = None):
     ds.to_parquet(str(tmp_path / "data.parquet"))
     assert isinstance(ds[0 if broken != 0 else 1]["picture"], PILImage.Image)
     return tmp_path / "disk", tmp_path / "data.parquet"
+
+
+def write_prompt_csv(path, rows):
+    """An MS-COCO-style prompt csv (``file_name``, ``caption``) of ``rows``; returns ``path``."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "caption"])
+        w.writerows(rows)
+    return path

@@ -3,7 +3,6 @@ the real architectures), and the 256 px copies are made the official way."""
 
 from __future__ import annotations
 
-import csv
 import random
 
 import numpy as np
@@ -11,6 +10,7 @@ from PIL import Image
 
 from bksdm.cli import main
 from bksdm.mini.world import ShapesWorld
+from tests.conftest import write_prompt_csv
 
 
 def _coco_folder(root, n: int = 20, size: int = 64):
@@ -27,12 +27,6 @@ def _coco_folder(root, n: int = 20, size: int = 64):
     return folder, rows
 
 
-def _csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file_name", "caption"])
-        w.writerows(rows)
-    return path
 
 
 def test_inception_score_equals_torch_fidelity_whatever_the_row_order(metric_home, tmp_path, monkeypatch):
@@ -45,11 +39,11 @@ def test_inception_score_equals_torch_fidelity_whatever_the_row_order(metric_hom
 
     monkeypatch.setenv("TORCH_HOME", str(metric_home))
     folder, rows = _coco_folder(tmp_path)
-    ordered = evaluate(folder, _csv(tmp_path / "a.csv", rows), ["is"], size=64)["is"]
+    ordered = evaluate(folder, write_prompt_csv(tmp_path / "a.csv", rows), ["is"], size=64)["is"]
     shuffled_rows = rows[:]
     random.Random(0).shuffle(shuffled_rows)
     assert shuffled_rows != rows
-    shuffled = evaluate(folder, _csv(tmp_path / "b.csv", shuffled_rows), ["is"], size=64)["is"]
+    shuffled = evaluate(folder, write_prompt_csv(tmp_path / "b.csv", shuffled_rows), ["is"], size=64)["is"]
     ref = torch_fidelity.calculate_metrics(input1=str(folder), isc=True, cuda=False, cache=False, verbose=False,
                                            feature_extractor_weights_path=str(metric_home / "hub" / "checkpoints" / ISC_INCEPTION))
     assert ordered == shuffled == ref["inception_score_mean"]
@@ -98,7 +92,7 @@ def test_generated_copies_follow_the_official_route(tiny_teacher_dir, tmp_path):
     """Images keep the prompt file's .jpg names (JPEG 75); the small copy is the saved JPEG read back, resized
     with PIL's default filter and saved as JPEG: byte for byte what the official change_img_size writes."""
     rows = [(f"COCO_val2014_{i:012d}.jpg", ShapesWorld(seed=1).sample(i)[1]) for i in range(2)]
-    prompts = _csv(tmp_path / "p.csv", rows)
+    prompts = write_prompt_csv(tmp_path / "p.csv", rows)
     out = tmp_path / "gen"
     assert main(["generate", "--model", str(tiny_teacher_dir), "--prompts", str(prompts), "--out", str(out),
                  "--steps", "2", "--save-size", "16", "--dtype", "fp32"]) == 0

@@ -66,6 +66,8 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
         "- Student initialised from the teacher's weights (every student tensor from one teacher tensor of the same "
         "shape); feature-distillation pairs (teacher -> student): " + ", ".join(f"`{a}` -> `{b}`" for a, b in record.get("layer_pairs", [])) + ".",
     ]
+    if record.get("chosen_by_measurement"):
+        lines += ["", "## Chosen by measurement", ""] + chosen_lines(record["chosen_by_measurement"])
     if training:
         lines += ["", "## Training", ""] + [f"- {k}: {v}" for k, v in training.items()]
     if metrics:
@@ -76,6 +78,23 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
     path = Path(folder) / "README.md"
     card.save(path)
     return path
+
+
+def chosen_lines(chosen: dict[str, Any]) -> list[str]:
+    """What ``compress --student auto`` recorded, as Markdown lines: the budget, each removal in order, and the
+    ranking it came from (most important unit first)."""
+    steps = [f"{i + 1}. {'put back' if 'restored' in st else 'removed'} {st.get('removed') or st.get('restored')} "
+             f"(rel. MSE {st['rel_mse']:.3g})" + (f", with what was left of it after {', '.join(st['includes'])}"
+                                                  if st.get("includes") else "") for i, st in enumerate(chosen["steps"])]
+    kind = chosen["budget"].split("=")[0]
+    per = {"params": "parameter", "macs": "GMAC", "latency": "share of the U-Net's time"}.get(kind, kind)
+    table = ["| unit | rel. MSE when bypassed | U-Net params saved |", "|---|---:|---:|"]
+    table += [f"| {u['name']} | {u['rel_mse']:.3g} | {u['params_saved']:,} |" for u in chosen["units"]]
+    return ([f"The spec was chosen by `bksdm compress --student auto --budget {chosen['budget']}` from the ranking "
+             f"`{chosen['ranking']}` ({chosen['ranked_on']}): units removed greedily, least important per {per} saved "
+             "first" + (", then the most important put back while the budget allows." if kind != "latency" else "."), ""] + steps
+            + ["", "The ranking (`bksdm rank`: the teacher's prediction error with each unit bypassed, relative):", ""]
+            + table)
 
 
 def write_finetune_card(folder: str | Path, base: str, training: dict[str, Any], record: dict[str, Any] | None = None,
@@ -103,4 +122,41 @@ def write_finetune_card(folder: str | Path, base: str, training: dict[str, Any],
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
     path = Path(folder) / "README.md"
     card.save(path)
+    return path
+
+
+def require_card(folder: str | Path) -> Path:
+    """``folder/README.md``, or one line saying the folder has no model card."""
+    from bksdm.errors import UserError
+
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        raise UserError(f"{folder} has no model card (README.md) to add scores to; pass the folder of a bksdm "
+                        f"student (distill, compress, dreambooth or lcm output)")
+    return path
+
+
+def add_measured(folder: str | Path, scores: dict[str, float], source: str = "") -> Path:
+    """Put ``scores`` (metric key -> value, e.g. a ``bksdm evaluate`` result) into the ``## Measured`` table of
+    ``folder/README.md`` (a card written by :func:`write_model_card` or :func:`write_finetune_card`): a metric
+    already listed gets its new value, others are added; ``source`` (what was scored) becomes a note below."""
+    path = require_card(folder)
+    lines = path.read_text().rstrip("\n").split("\n")
+    head = ["## Measured", "", "| metric | value |", "|---|---:|"]
+    if "## Measured" in lines:
+        start = lines.index("## Measured")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        section, lines = lines[start:end], lines[:start] + lines[end:]
+    else:
+        start, section = len(lines), head
+    rows = {m.group(1): m.group(0) for m in (re.match(r"^\| (.+?) \| .* \|$", ln) for ln in section) if m}
+    rows.pop("metric", None)
+    for k, v in scores.items():
+        rows[k] = f"| {k} | {v:.4g} |"
+    notes = [ln for ln in section if ln.startswith("Scored on ")] + ([f"Scored on {source}."] if source else [])
+    block = head + list(rows.values()) + ([""] + list(dict.fromkeys(notes)) if notes else []) + [""]
+    if start and lines[start - 1].strip():  # a heading needs a blank line above it
+        block = [""] + block
+    lines = lines[:start] + block + lines[start:]
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
     return path

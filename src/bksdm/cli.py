@@ -36,19 +36,64 @@ def command(name: str, help: str):
 @command("compress", "remove blocks from a teacher U-Net and initialise the student from its weights")
 def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher pipeline: a local diffusers folder or a hub id")
-    p.add_argument("--student", required=True, help="bk-base, bk-small, bk-tiny, or a spec file (.yaml/.json)")
+    p.add_argument("--student", required=True, help="bk-base, bk-small, bk-tiny, a spec file (.yaml/.json), or auto "
+                   "(chosen from --ranking to meet --budget)")
     p.add_argument("--out", required=True, help="output folder: a complete diffusers pipeline with the student U-Net")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--budget", default=None, help="--student auto: params=F (a fraction of the teacher's U-Net, or a "
+                   "count), macs=F, or latency=F (needs a ranking measured with --latency)")
+    p.add_argument("--ranking", default=None, help="--student auto: a ranking of this teacher (bksdm rank --out FILE)")
 
 
 @_compress_args.run
 def _compress(a: argparse.Namespace) -> int:
     from bksdm.compress import compress
 
-    rec = compress(a.teacher, a.student, a.out, overwrite=a.overwrite)
+    rec = compress(a.teacher, a.student, a.out, overwrite=a.overwrite, budget=a.budget, ranking=a.ranking)
     p = rec["params"]
     print(f"{rec['spec']['name']}: U-Net {p['teacher_unet']:,} -> {p['student_unet']:,} parameters "
           f"({len(rec['key_map'])} tensors from the teacher, {len(rec['unused_teacher_keys'])} left out); wrote {a.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- rank
+@command("rank", "measure how much each removable block of a teacher matters, with what removing it saves")
+def _rank_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher pipeline folder or hub id")
+    p.add_argument("--data", required=True, help="calibration pictures with captions: any distill data source "
+                   "(folder, tar shards, hf:NAME, mini-world:N)")
+    p.add_argument("--samples", type=int, default=256, help="calibration pictures, one timestep each (stratified)")
+    p.add_argument("--batch-size", type=int, default=16, help="pictures per U-Net call")
+    p.add_argument("--resolution", type=int, default=None, help="picture size (default: the teacher's)")
+    p.add_argument("--seed", type=int, default=0, help="which pictures, noise and timesteps")
+    p.add_argument("--latency", action="store_true", help="also time each bypassed U-Net (for latency budgets)")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--out", default=None, help="write the ranking here (JSON, for compress --student auto)")
+    p.add_argument("--plot", default=None, help="also plot importance against parameters saved (.png)")
+    p.add_argument("--json", action="store_true", help="print the ranking as JSON instead of a table")
+
+
+@_rank_args.run
+def _rank(a: argparse.Namespace) -> int:
+    from bksdm.errors import check_output
+    from bksdm.rank import plot, rank, ranking_table
+
+    from bksdm.rank import PLOT_SUFFIXES
+
+    for path in (a.out, a.plot):
+        if path:
+            check_output(path, "file")
+    if a.plot and Path(a.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot {a.plot}: name a {', '.join(PLOT_SUFFIXES)} file")
+    rec = rank(a.teacher, a.data, a.samples, a.batch_size, a.seed, a.device, a.latency, a.resolution)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(a.out).with_name(Path(a.out).name + ".tmp")
+        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.replace(a.out)
+    if a.plot:
+        plot(rec, a.plot)
+    print(json.dumps(rec) if a.json else ranking_table(rec))
     return 0
 
 
@@ -85,13 +130,15 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "SD-v1/v2 layout and bk-tiny only)")
     p.add_argument("--dtype", default="fp16", help="single-file weights: fp16 (default), bf16 or fp32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--decoder", default=None, help="diffusers-fp16: ship this AutoencoderTiny folder (TAESD, "
+                   "TAESDXL) as the pipeline's vae")
 
 
 @_export_args.run
 def _export(a: argparse.Namespace) -> int:
     from bksdm.export import export
 
-    rec = export(a.model, a.out, a.format, a.dtype, a.overwrite, a.layout)
+    rec = export(a.model, a.out, a.format, a.dtype, a.overwrite, a.layout, a.decoder)
     removed = rec.get("removed_blocks")
     print(f"wrote {rec['out']} ({rec['format']}, {rec['bytes'] / 2**20:.1f} MiB)"
           + (f"; removed blocks: {', '.join(removed) or 'none'}" if removed is not None and "removed_blocks" in rec else ""))
@@ -112,6 +159,11 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance doubles the U-Net batch and the text encoder calls (default: on, "
                         "off for an LCM U-Net that embeds the guidance scale; --no-guidance for LCM-LoRA at guidance 1)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--decoder", default=None, help="a tiny decoder in place of each VAE decoder: an AutoencoderTiny "
+                   "folder, or taesd (its architecture with random weights)")
+    p.add_argument("--cache-interval", type=int, default=1, help="feature caching: a whole U-Net call every N steps, "
+                   "cached calls between (counted and timed as their own row)")
+    p.add_argument("--cache-branch", type=int, default=0, help="stages a cached call recomputes (0: the outermost)")
     p.add_argument("--json", action="store_true", help="print one JSON record per model instead of a table")
 
 
@@ -122,7 +174,8 @@ def _profile(a: argparse.Namespace) -> int:
     if not a.arch and not a.model:
         raise UserError("profile needs --arch (sd-v1, sd-v2-base, sd-v2, sdxl) or --model FOLDER")
     records = profile_models(a.arch, a.student, a.model, latency=not a.no_latency, dtypes=a.dtypes,
-                             device=a.device, steps=a.steps, runs=a.runs, guidance=a.guidance)
+                             device=a.device, steps=a.steps, runs=a.runs, guidance=a.guidance, decoder=a.decoder,
+                             cache_interval=a.cache_interval, cache_branch=a.cache_branch)
     if a.json:
         for r in records:
             print(json.dumps(r))
@@ -250,6 +303,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--lossless", action="store_true", help="save PNG (NAME.png) instead of the official route "
                    "(JPEG quality 75 under the prompt file's names, the 256 px copy resized from that JPEG)")
+    p.add_argument("--decoder", default=None, help="a diffusers AutoencoderTiny folder decoding instead of the VAE "
+                   "(TAESD for SD-v1/v2, TAESDXL for SDXL: 1.2M parameters instead of 49.5M)")
+    p.add_argument("--cache-interval", type=int, default=1, help="DeepCache-style feature caching: the U-Net runs "
+                   "whole every N-th step and reuses its deep features in between (1: off)")
+    p.add_argument("--cache-branch", type=int, default=0, help="stages recomputed on a cached step, counted from the "
+                   "outermost: 0 recomputes only the outermost down- and up-block")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (channels-last); the one-off "
+                   "compile time is reported apart from the image time")
 
 
 @_generate_args.run
@@ -257,7 +318,8 @@ def _generate(a: argparse.Namespace) -> int:
     from bksdm.generate import generate
 
     res = generate(a.model, a.prompts, a.out, a.steps, a.guidance, a.scheduler, a.resolution, a.batch_size, a.seed,
-                   a.save_size or None, a.dtype, a.device, a.limit, a.lossless, a.lora)
+                   a.save_size or None, a.dtype, a.device, a.limit, a.lossless, a.lora, a.decoder,
+                   a.cache_interval, a.cache_branch, a.compile)
     print(json.dumps(res))
     return 0
 
@@ -272,14 +334,43 @@ def _metric_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="metric network device (default: cuda when available)")
     p.add_argument("--lossless", action="store_true", help="squash real images in memory (bicubic) instead of the "
                    "official route (PIL's default resize, then JPEG quality 75, as the official val2014_im256 files)")
+    metric_option_args(p)
+
+
+def metric_option_args(p: argparse.ArgumentParser) -> None:
+    """The flags of CMMD, clean-FID/KID and the preference scores (evaluate, evaluate-progress, demo)."""
+    from bksdm.evaluate.registry import EvalInputs as D  # the one source of the metric defaults (no heavy imports)
+
+    p.add_argument("--cmmd-ref", help="CMMD reference: a folder of real images or a .npy of their embeddings (cmmd-stats)")
+    p.add_argument("--cmmd-clip", default=D.cmmd_clip,
+                   help="CMMD's CLIP ViT-L/14-336: transformers folder or hub id")
+    p.add_argument("--clean-fid-ref", help="clean-FID/KID reference: a folder of real images or a .npz with feats")
+    p.add_argument("--clean-fid-weights", help="local clean-fid Inception file (inception-2015-12-05.pt)")
+    p.add_argument("--pickscore-model", default=D.pickscore_model, help="PickScore: folder or hub id")
+    p.add_argument("--pickscore-processor", default=D.pickscore_processor,
+                   help="PickScore's CLIP processor: folder or hub id")
+    p.add_argument("--hpsv2-weights", help="local HPSv2 checkpoint (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)")
+    p.add_argument("--imagereward-weights", help="local ImageReward checkpoint (ImageReward.pt)")
+    p.add_argument("--imagereward-tokenizer", default=D.imagereward_tokenizer,
+                   help="ImageReward's BERT tokenizer: folder or hub id")
+
+
+def metric_options(a: argparse.Namespace) -> dict:
+    """The further EvalInputs fields (CMMD, clean-FID/KID, preference scores) from the shared metric flags."""
+    return {"cmmd_ref": a.cmmd_ref, "cmmd_clip": a.cmmd_clip, "clean_ref": a.clean_fid_ref,
+            "clean_weights": a.clean_fid_weights, "pickscore_model": a.pickscore_model,
+            "pickscore_processor": a.pickscore_processor, "hpsv2_weights": a.hpsv2_weights,
+            "imagereward_weights": a.imagereward_weights, "imagereward_tokenizer": a.imagereward_tokenizer}
 
 
 @command("evaluate", "FID, IS and CLIP score of generated images (MS-COCO protocol), or mini-world metrics")
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of generated images named as in the prompt file")
     p.add_argument("--prompts", required=True, help="the prompt file used to generate them")
-    p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"], help="any of: fid is clip fidelity mini_fid bg_noise "
-                   "(bksdm.evaluate.registry; mini-fid is accepted too)")
+    p.add_argument("--metrics", nargs="+", default=["fid", "is", "clip"], help="any of: fid is clip cmmd clean_fid kid "
+                   "pickscore hpsv2 imagereward fidelity mini_fid bg_noise (bksdm.evaluate.registry; mini-fid is accepted too)")
+    p.add_argument("--per-image", help="write each image's preference scores (pickscore hpsv2 imagereward) to this CSV")
+    p.add_argument("--card", help="a bksdm model folder: add the scores to the Measured table of its README.md card")
     p.add_argument("--fid-ref", help="pytorch-fid statistics (.npz with mu, sigma) or a folder of real images")
     p.add_argument("--name", default="model", help="row name in the Markdown table")
     p.add_argument("--out", help="write the results as JSON here")
@@ -290,10 +381,21 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def _evaluate(a: argparse.Namespace) -> int:
     from bksdm.recipes.evaluate import evaluate, markdown_row
 
+    if a.card:
+        from bksdm.cards import require_card
+
+        require_card(a.card)  # before any image is scored
     res = evaluate(a.images, a.prompts, a.metrics, a.fid_ref, a.size, a.inception_weights, a.isc_weights,
-                   a.clip_model, a.clip_pretrained, a.device, lossless=a.lossless)
+                   a.clip_model, a.clip_pretrained, a.device, lossless=a.lossless, per_image=a.per_image,
+                   **metric_options(a))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.card:
+        from bksdm.cards import add_measured
+        from bksdm.evaluate.registry import METRICS
+
+        keys = [k for m in METRICS.values() for k in m.keys if k in res]
+        add_measured(a.card, {k: res[k] for k in keys}, f"{res['images']} images of {a.prompts}")
     print(json.dumps(res))
     print(markdown_row(a.name, res))
     return 0
@@ -320,6 +422,27 @@ def _fid_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("cmmd-stats", "CMMD reference embeddings (.npy, CLIP ViT-L/14-336) of a folder of real images")
+def _cmmd_stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of real images")
+    p.add_argument("--out", required=True, help="output .npy (N, 768), the reference's --ref_embed_file format")
+    p.add_argument("--batch-size", type=int, default=32)
+    _metric_weight_args(p)
+
+
+@_cmmd_stats_args.run
+def _cmmd_stats(a: argparse.Namespace) -> int:
+    from bksdm.evaluate import cmmd
+    from bksdm.evaluate.registry import EvalInputs
+    from bksdm.models import default_device
+
+    inputs = EvalInputs([], [], batch=a.batch_size, device=a.device or default_device(), cmmd_clip=a.cmmd_clip)
+    emb = cmmd.folder_embeddings(a.images, inputs)
+    cmmd.save_embeddings(a.out, emb)
+    print(f"wrote {a.out}: embeddings {emb.shape}")
+    return 0
+
+
 @command("evaluate-progress", "generate and score with every checkpoint of a distill run: CSV and plot (Fig. 3)")
 def _progress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a `bksdm distill` output folder")
@@ -340,7 +463,7 @@ def _progress(a: argparse.Namespace) -> int:
     rows = progress(a.run, a.prompts, a.metrics, a.out, gen_kwargs={"steps": a.steps, "guidance": a.guidance,
                     "batch_size": a.batch_size, "lossless": a.lossless}, fid_ref=a.fid_ref, size=a.size,
                     inception_weights=a.inception_weights, isc_weights=a.isc_weights, clip_name=a.clip_model,
-                    clip_pretrained=a.clip_pretrained, device=a.device, lossless=a.lossless)
+                    clip_pretrained=a.clip_pretrained, device=a.device, lossless=a.lossless, **metric_options(a))
     for r in rows:
         print(json.dumps(r))
     return 0
@@ -360,6 +483,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    "(guided output KD); keep only the CPU-scale changes")
     p.add_argument("--lcm", action="store_true", help="then LCM-distil the student and score it at 1, 2, 4, 8 steps")
     p.add_argument("--lcm-steps", type=int, default=300, help="LCM distillation steps (with --lcm)")
+    p.add_argument("--metrics", nargs="*", default=[], help="further registry metrics for the report's table (e.g. "
+                   "kid cmmd pickscore, with their reference and weight flags below); the mini-world ones always run")
+    metric_option_args(p)
 
 
 @_demo_args.run
@@ -367,7 +493,7 @@ def _demo(a: argparse.Namespace) -> int:
     from bksdm.recipes.mini import demo
 
     res = demo(a.out, a.steps, a.images, a.student, a.teacher, a.gen_steps, a.curve_images, a.paper_recipe, a.lcm,
-               a.lcm_steps)
+               a.lcm_steps, a.metrics, metric_options(a))
     from bksdm.report import markdown_table
 
     print(markdown_table(res["rows"]))
@@ -389,10 +515,24 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one of --family)")
     p.add_argument("--guided", action="store_true", help="a fifth row: + guided output KD (the demo's recipe)")
+    p.add_argument("--auto", action="store_true", help="measured block choice (bksdm rank, compress --student auto) "
+                   "at each student's parameter count against the hand choice, same recipe and seeds")
+    p.add_argument("--samples", type=int, default=256, help="--auto: calibration pictures for the ranking")
+    p.add_argument("--correlation-steps", type=int, default=0, help="--auto: also distil a student lacking each "
+                   "single unit this many steps and correlate the ranking with the result (0: off)")
 
 
 @_ablate_args.run
 def _ablate(a: argparse.Namespace) -> int:
+    if a.auto:
+        from bksdm.recipes.mini_auto import ablate_auto, auto_markdown
+
+        if a.family != "sd" or a.guided:
+            raise UserError("--auto compares block choices on the SD-layout teacher; drop --family sdxl and --guided")
+        state = ablate_auto(a.out, a.steps, tuple(a.seeds), tuple(a.students or ("bk-small", "bk-tiny")), a.images,
+                            a.teacher, a.gen_steps, a.samples, a.correlation_steps)
+        print(auto_markdown(state, a.steps, a.correlation_steps))
+        return 0
     from bksdm.recipes.mini import ablate, ablation_markdown
 
     rows = ablate(a.out, a.steps, tuple(a.seeds), a.students, a.images, a.teacher, a.gen_steps, a.guided, a.family)
@@ -481,7 +621,7 @@ def _dbbench(a: argparse.Namespace) -> int:
     return 0
 
 
-OUTPUT_FILES = {"evaluate", "fid-stats"}
+OUTPUT_FILES = {"evaluate", "fid-stats", "cmmd-stats", "rank"}
 """Commands whose ``--out`` is a file; every other ``--out`` is a folder."""
 
 

@@ -13,11 +13,15 @@ from bksdm.pipelines import copy_pipeline, write_record
 from bksdm.profile import count_params
 
 
-def compress(teacher: str, student: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write the student pipeline of ``student`` (a built-in name or spec file) for ``teacher`` into ``out``.
+def compress(teacher: str, student: str, out: str | Path, overwrite: bool = False, budget: str | None = None,
+             ranking: str | Path | None = None) -> dict[str, Any]:
+    """Write the student pipeline of ``student`` (a built-in name or spec file, or ``auto``) for ``teacher`` into
+    ``out``.
 
     ``out`` receives the teacher's other components unchanged, the initialised student ``unet/`` (safetensors)
-    and ``bksdm.json`` (spec, module and key maps, layer pairs, parameter counts). Returns that record.
+    and ``bksdm.json`` (spec, module and key maps, layer pairs, parameter counts). ``student="auto"``: the spec is
+    chosen from ``ranking`` (a `bksdm rank` file of this teacher) to meet ``budget`` (:func:`bksdm.rank.choose`),
+    written as ``out/spec.yaml`` and recorded with its choices. Returns the record.
     """
     import torch
 
@@ -25,7 +29,13 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
 
     src = resolve_model(teacher, "teacher")
     teacher_cfg, unet_dir = read_unet_config(src)
-    spec = load_spec(student, teacher_cfg)
+    chosen = None
+    if student == "auto":
+        spec, chosen = auto_spec(teacher_cfg, budget, ranking)
+    elif budget or ranking:
+        raise UserError("--budget and --ranking choose the student: use them with --student auto")
+    else:
+        spec = load_spec(student, teacher_cfg)
     derivation = derive(teacher_cfg, spec)  # fails on a bad spec before any weights are read
     if not (src / "model_index.json").is_file():
         raise UserError(f"{src} is a bare U-Net; compress needs a whole pipeline folder (with model_index.json)")
@@ -40,12 +50,33 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     record = {
         "teacher": teacher,
         **derivation.record(),
+        **({"chosen_by_measurement": chosen} if chosen else {}),
         "params": {"teacher_unet": count_params(teacher_unet), "student_unet": count_params(student_unet)},
         "student_config": derivation.student_config,
     }
     write_record(out, record)
+    if chosen:  # an ordinary spec file: edit it, or compress other teachers with it
+        import yaml
+
+        (out / "spec.yaml").write_text(f"# chosen by bksdm compress --student auto --budget {budget} from {ranking}\n"
+                                       + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None))
     write_model_card(out, record, teacher_cfg, record["params"],
                      {"status": "initialised from the teacher's weights, not yet distilled (bksdm distill retrains it)"})
     del teacher_unet
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return record
+
+
+def auto_spec(teacher_cfg: dict[str, Any], budget: str | None, ranking: str | Path | None):
+    """(spec, what to record) for ``--student auto``: the ranking must be of this teacher's architecture."""
+    from bksdm.rank import choose, load_ranking
+
+    if not budget or not ranking:
+        raise UserError("--student auto needs --budget (e.g. params=0.55) and --ranking (a file from bksdm rank)")
+    rec = load_ranking(ranking)
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    if strip(rec["teacher_config"]) != strip(teacher_cfg):
+        raise UserError(f"ranking {ranking} was measured on another U-Net ({rec['teacher']}); rank this teacher first")
+    spec, trace = choose(rec, budget)
+    return spec, {"budget": budget, "ranking": str(ranking), "ranked_on": f"{rec['samples']} pictures of {rec['data']}",
+                  "steps": trace, "units": [{k: r[k] for k in ("name", "rel_mse", "params_saved")} for r in rec["units"]]}

@@ -243,12 +243,15 @@ def single_file_state(parts: dict[str, Any], layout: str = "comfyui") -> dict[st
 
 
 def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: str = "fp16",
-           overwrite: bool = False, layout: str = "comfyui") -> dict[str, Any]:
+           overwrite: bool = False, layout: str = "comfyui", decoder: str | None = None) -> dict[str, Any]:
     """Write ``model`` (a pipeline folder or hub id) as a single ``.safetensors`` (``fmt="single-file"``, blocks
     numbered per ``layout``: :data:`LAYOUTS`) or as a diffusers folder in half precision
-    (``fmt="diffusers-fp16"``). Returns what was written."""
+    (``fmt="diffusers-fp16"``; ``decoder``: an ``AutoencoderTiny`` folder shipped as its ``vae``). Returns what
+    was written."""
     if layout not in LAYOUTS:
         raise UserError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if decoder and fmt != "diffusers-fp16":
+        raise UserError("--decoder ships a tiny decoder in a diffusers folder: use it with --format diffusers-fp16")
     from bksdm.models import DTYPES, import_own_components, load_components, pipeline_folder
     from bksdm.pipelines import load_record
 
@@ -260,7 +263,7 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
         return _export_kohya(Path(model), out)
     import_own_components(folder)
     if fmt == "diffusers-fp16":
-        return _export_fp16(folder, out)
+        return _export_fp16(folder, out, decoder)
     if fmt != "single-file":
         raise UserError(f"--format {fmt!r} is not one of single-file, diffusers-fp16")
     from safetensors.torch import save_file
@@ -326,17 +329,31 @@ def _removed(folder: Path) -> list[str] | None:
     return out
 
 
-def _export_fp16(folder: Path, out: Path) -> dict[str, Any]:
-    """Every component with floating-point weights saved in fp16; tokenizer, scheduler, record and card copied."""
+def _export_fp16(folder: Path, out: Path, decoder: str | None = None) -> dict[str, Any]:
+    """Every component with floating-point weights saved in fp16; tokenizer, scheduler, record and card copied.
+    ``decoder``: an ``AutoencoderTiny`` folder (:func:`bksdm.fast.load_decoder`) saved as the pipeline's ``vae``
+    (diffusers pipelines load it in the VAE's place; the record and the card say so)."""
     from diffusers import DiffusionPipeline
+
+    from bksdm.fast import load_decoder
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16, safety_checker=None)
+    if decoder:
+        pipe.vae = load_decoder(decoder, pipe.unet, pipe.vae).to(torch.float16)
     pipe.save_pretrained(tmp, safe_serialization=True)
     for extra in ("bksdm.json", "README.md", "samples.png"):
         if (folder / extra).is_file():
             shutil.copy2(folder / extra, tmp / extra)
+    if decoder:
+        said = (f"Its `vae` is the tiny decoder `{decoder}` (AutoencoderTiny, {sum(p.numel() for p in pipe.vae.decoder.parameters()):,} "
+                f"decoder parameters) in place of the VAE of `{folder}`, which this folder does not hold.")
+        if (tmp / "bksdm.json").is_file():
+            rec = json.loads((tmp / "bksdm.json").read_text())
+            (tmp / "bksdm.json").write_text(json.dumps({**rec, "decoder": {"class": "AutoencoderTiny", "source": str(decoder)}}, indent=1))
+        card = tmp / "README.md"
+        card.write_text((card.read_text() + "\n" if card.is_file() else "") + f"## Decoder\n\n{said}\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -122,10 +122,15 @@ def family_pipeline(parts: dict[str, Any], scheduler):
 @torch.no_grad()
 def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds: list[int],
                     steps: int = 25, guidance: float | None = None, resolution: int | None = None,
-                    dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[Image.Image]:
+                    dtype: torch.dtype = torch.float32, device: str = "cpu", cache_interval: int = 1,
+                    cache_branch: int = 0, forward=None) -> list[Image.Image]:
     """Generate one image per (prompt, seed) with the family's diffusers pipeline assembled from ``parts`` (``unet``,
-    ``vae``, the family's tokenizers and text encoders by name, as :func:`bksdm.models.load_components` gives them);
-    ``guidance`` None: the family's default (:attr:`Family.guidance`, SD 7.5, SDXL 5.0)."""
+    ``vae`` or a tiny decoder, the family's tokenizers and text encoders by name, as
+    :func:`bksdm.models.load_components` gives them); ``guidance`` None: the family's default
+    (:attr:`Family.guidance`, SD 7.5, SDXL 5.0). ``cache_interval`` > 1: DeepCache-style feature caching
+    (:class:`bksdm.fast.FeatureCache`); ``forward``: a compiled U-Net forward (:func:`bksdm.fast.compile_unet`)."""
+    from bksdm.fast import FeatureCache
+
     pipe, family = family_pipeline(parts, scheduler)
     unet = parts["unet"]
     pipe.set_progress_bar_config(disable=True)
@@ -135,9 +140,10 @@ def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds:
     latents = initial_latents(seeds, (unet.config.in_channels, size // factor, size // factor))
     # per-image generators for samplers that draw noise while stepping (LCM): an image never depends on its batch
     gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
-    out = pipe(prompts, height=size, width=size, num_inference_steps=steps,
-               guidance_scale=family.guidance if guidance is None else guidance,
-               latents=latents.to(device, dtype), output_type="pil", generator=gens)
+    with FeatureCache(unet, cache_interval, cache_branch, forward):  # one pipeline call: one trajectory
+        out = pipe(prompts, height=size, width=size, num_inference_steps=steps,
+                   guidance_scale=family.guidance if guidance is None else guidance,
+                   latents=latents.to(device, dtype), output_type="pil", generator=gens)
     return out.images
 
 
@@ -215,11 +221,17 @@ def default_dtype(device: str) -> torch.dtype:
 def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, guidance: float | None = None,
              scheduler: str = "pndm", resolution: int | None = None, batch_size: int = 4, seed: int = 0,
              save_size: int | None = 256, dtype: str | None = None, device: str | None = None,
-             limit: int | None = None, lossless: bool = False, lora: str | None = None) -> dict[str, Any]:
+             limit: int | None = None, lossless: bool = False, lora: str | None = None, decoder: str | None = None,
+             cache_interval: int = 1, cache_branch: int = 0, compile: bool = False) -> dict[str, Any]:
     """Generate every missing image of ``prompts`` into ``out/images`` (and a ``save_size`` copy in
     ``out/images_{save_size}``), sharded over the accelerate processes; ``lora``: a LoRA file (LCM-LoRA, DreamBooth)
-    fused into the model first. Returns counts (``redrawn``: existing files that were incomplete and were
-    generated again)."""
+    fused into the model first. The fast path (:mod:`bksdm.fast`): ``decoder`` an ``AutoencoderTiny`` folder
+    decoding instead of the VAE, ``cache_interval`` / ``cache_branch`` feature caching across steps, ``compile``
+    the U-Net compiled (the first batch is run once untimed to compile; ``compile_seconds`` is that run's excess
+    over the timed one). Returns counts (``redrawn``: existing files that were incomplete and were generated
+    again)."""
+    from bksdm.fast import FeatureCache, compile_unet, load_decoder
+
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -242,6 +254,9 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     with reading(source / "scheduler", "scheduler of"):
         sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(source, subfolder="scheduler")
     parts = load_components(folder, generation_parts(folder))
+    FeatureCache(parts["unet"], cache_interval, cache_branch)  # a branch the U-Net lacks fails before any work
+    if decoder:
+        parts["vae"] = load_decoder(decoder, parts["unet"], parts["vae"])
     lora_done = None
     if lora:
         from bksdm.pipelines import load_record
@@ -256,12 +271,22 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     mine = [it for i, it in enumerate(items) if i % state.num_processes == state.process_index]
     todo = [(n, p) for n, p in mine if not image_complete(big / n) or (small and not image_complete(small / n))]
     redrawn = sum((big / n).exists() for n, _ in todo)
+    forward, compile_s = None, None
+    run = lambda chunk: generate_images(parts, sched, [p for _, p in chunk], [prompt_seed(n, seed) for n, _ in chunk],  # noqa: E731
+                                        steps, guidance, resolution, torch_dtype, device, cache_interval, cache_branch, forward)
+    if compile and todo:
+        forward = compile_unet(parts["unet"])
+        t0 = time.perf_counter()
+        run(todo[:batch_size])  # compiles every path (whole and cached steps) for this batch's shapes
+        compile_s = time.perf_counter() - t0
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not state.is_local_main_process)
     t0 = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = generate_images(parts, sched, [p for _, p in chunk], [prompt_seed(n, seed) for n, _ in chunk], steps, guidance,
-                                 resolution, torch_dtype, device)
+        t_batch = time.perf_counter()
+        images = run(chunk)
+        if compile_s is not None and start == 0:
+            compile_s -= time.perf_counter() - t_batch
         for (name, _), im in zip(chunk, images):
             _save(im, big / name)
             if small:  # from the saved file, as the official im256 copies (a JPEG read back, then resized)
@@ -271,6 +296,8 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     bar.close()
     return {"prompts": len(items), "this_process": len(mine), "generated": len(todo), "skipped": len(mine) - len(todo),
             "redrawn": redrawn, "seconds": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads(),
+            "decoder": decoder or "vae", "cache_interval": cache_interval, "cache_branch": cache_branch, "compile": compile,
+            **({"compile_seconds": round(compile_s, 3)} if compile_s is not None else {}),
             **({"lora": {k: v if k != "dropped" else len(v) for k, v in lora_done.items()}} if lora_done else {})}
 
 

@@ -52,6 +52,15 @@ def resolve_model(name: str, what: str = "model", files: tuple[str, ...] = PIPEL
         raise UserError(f"{what} {name!r} could not be fetched from the hub ({type(exc).__name__}); {how}") from None
 
 
+def resolve_weights_folder(name: str, what: str = "model") -> Path:
+    """:func:`resolve_model` for a single-model repository (:data:`MODEL_FILES`), falling back to ``*.bin`` weights
+    for older repositories that hold no safetensors file (only then is the ``.bin`` fetched)."""
+    folder = resolve_model(name, what, MODEL_FILES)
+    if not any(folder.glob("*.safetensors")):
+        folder = resolve_model(name, what, ("*.json", "*.txt", "*.bin"))
+    return folder
+
+
 def read_unet_config(folder: Path) -> tuple[dict[str, Any], Path]:
     """The U-Net config of a pipeline folder (``unet/config.json``) or of a bare U-Net folder, and its folder."""
     for cand in (folder / "unet", folder):

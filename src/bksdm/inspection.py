@@ -103,6 +103,7 @@ def inspect_student(model: str, teacher: str | None = None) -> dict[str, Any]:
         })
     return {"model": str(model), "teacher": str(source), "from_record": record is not None,
             "spec": (record or {}).get("spec", {}).get("name"), "stages": rows,
+            "chosen_by_measurement": (record or {}).get("chosen_by_measurement"),
             "unet_params": {"teacher": count_params(t_unet), "student": count_params(s_unet)},
             "unet_gmacs": {"teacher": t_macs["Global"], "student": s_macs["Global"]}}
 
@@ -124,4 +125,8 @@ def format_inspection(info: dict[str, Any]) -> str:
               f"GMACs per call at batch 1 (attention-score products excluded)."]
     if not info["from_record"]:
         lines.append("No bksdm.json: matched by config, so only how many blocks each stage lost is known.")
+    if info.get("chosen_by_measurement"):
+        from bksdm.cards import chosen_lines
+
+        lines += [""] + chosen_lines(info["chosen_by_measurement"])
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bksdm.arch.families import family_of
+from bksdm.errors import UserError
 from bksdm.models import DTYPES
 
 
@@ -122,8 +123,10 @@ def _vae_decoder_params(vae: torch.nn.Module) -> int:
     return count_params(decoder) if decoder is not None else count_params(vae)
 
 
-def _calls(c: Components, device, dtype, unet_batch: int):
-    """Closures running one text-encoder, U-Net and VAE-decoder call with inputs on ``device``."""
+def _calls(c: Components, device, dtype, unet_batch: int, cache_branch: int | None = None):
+    """Closures running one text-encoder, U-Net and VAE-decoder call with inputs on ``device``; with a
+    ``cache_branch``, also a cached U-Net call (``unet_cached``: :func:`bksdm.fast.unet_forward` with deep
+    features)."""
     ch, h, w = c.latent_shape
     ids = torch.zeros(1, c.text_encoder.config.max_position_embeddings, dtype=torch.long, device=device)
     lat = torch.randn(unet_batch, ch, h, w, device=device, dtype=dtype)
@@ -134,11 +137,18 @@ def _calls(c: Components, device, dtype, unet_batch: int):
     t = torch.full((unet_batch,), 500, device=device)
     vae_ch = getattr(c.vae.config, "latent_channels", ch)
     dec_in = torch.randn(1, vae_ch, h, w, device=device, dtype=dtype)
-    return {
+    calls = {
         "text_encoder": lambda: c.text_encoder(ids),
         "unet": lambda: c.unet(lat, t, **cond),
         "vae_decoder": lambda: c.vae.decode(dec_in),
     }
+    if cache_branch is not None:
+        from bksdm.fast import unet_forward
+
+        with torch.no_grad():
+            deep = unet_forward(c.unet, lat, t, branch=cache_branch, **cond)[1]
+        calls["unet_cached"] = lambda: unet_forward(c.unet, lat, t, branch=cache_branch, deep=deep, **cond)
+    return calls
 
 
 @dataclass
@@ -151,6 +161,13 @@ class Profile:
     device: str = ""
 
     guidance: bool = True  # classifier-free guidance: prompt and empty prompt, U-Net at batch 2 per step
+    decoder: str = "vae"  # the decoder row: the pipeline's VAE decoder, or a tiny decoder (AutoencoderTiny)
+    cache_interval: int = 1  # feature caching: a whole U-Net call every N steps, cached calls between
+
+    def unet_calls(self, steps: int) -> tuple[int, int]:
+        """(whole, cached) U-Net calls of an image of ``steps`` calls (:class:`bksdm.fast.FeatureCache`)."""
+        whole = -(-steps // self.cache_interval)
+        return whole, steps - whole
 
     def record(self, steps: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"name": self.name}
@@ -158,11 +175,19 @@ class Profile:
             rec[f"{comp}_params"] = self.params[comp]
             rec[f"{comp}_gmacs"] = round(self.gmacs[comp], 2)
             rec[f"{comp}_gmacs_with_scores"] = round(self.gmacs_with_scores[comp], 2)
+        rec["decoder"] = self.decoder
         rec["whole_params"] = sum(self.params.values())
         rec["steps"] = steps
         rec["guidance_batch"] = g = 2 if self.guidance else 1
+        whole, cached = self.unet_calls(steps)
+        unet = whole * self.gmacs["unet"]
+        if self.cache_interval > 1:
+            rec["cache_interval"] = self.cache_interval
+            rec["unet_cached_gmacs"] = round(self.gmacs["unet_cached"], 2)
+            rec["unet_cached_share"] = round(self.gmacs["unet_cached"] / self.gmacs["unet"], 4)
+            unet += cached * self.gmacs["unet_cached"]
         # one image: prompt (and empty prompt) encoded, a U-Net call per step at batch g, one decode
-        rec["whole_gmacs"] = round(g * self.gmacs["text_encoder"] + g * steps * self.gmacs["unet"] + self.gmacs["vae_decoder"], 1)
+        rec["whole_gmacs"] = round(g * self.gmacs["text_encoder"] + g * unet + self.gmacs["vae_decoder"], 1)
         if self.latency_s:
             rec["device"] = self.device
             rec["latency_s"] = self.latency_s
@@ -177,6 +202,8 @@ def profile_components(
     steps: int = 25,
     runs: int = 3,
     guidance: bool | None = None,
+    cache_interval: int = 1,
+    cache_branch: int = 0,
 ) -> Profile:
     """Profile ``c``. MACs are counted on meta copies; latency runs the real modules on ``device``.
 
@@ -184,17 +211,23 @@ def profile_components(
     text-encoder calls, ``steps`` U-Net calls and one decode; without it (a few-step LCM U-Net that embeds the
     guidance scale, the default for one with ``time_cond_proj_dim``; LCM-LoRA at guidance 1) batch 1 and one
     text-encoder call. The sampler itself costs nothing measurable next to these, so any scheduler's image time
-    is this for its step count.
+    is this for its step count. ``cache_interval`` > 1: feature caching (:class:`bksdm.fast.FeatureCache`), the
+    cached U-Net call (branch ``cache_branch``) counted and timed as ``unet_cached``.
     """
+    from bksdm.fast import FeatureCache
+
+    FeatureCache(c.unet, cache_interval, cache_branch)  # checks the interval and the branch
+    branch = cache_branch if cache_interval > 1 else None
     if guidance is None:
         guidance = not c.unet.config.get("time_cond_proj_dim")
     g = 2 if guidance else 1
     params = {"unet": count_params(c.unet), "text_encoder": count_params(c.text_encoder), "vae_decoder": _vae_decoder_params(c.vae)}
     meta = Components(c.name, _to_meta(c.unet), _to_meta(c.text_encoder), _to_meta(c.vae))
     gmacs, with_scores = {}, {}
-    for comp, fn in _calls(meta, "meta", torch.float32, unet_batch=1).items():
+    for comp, fn in _calls(meta, "meta", torch.float32, unet_batch=1, cache_branch=branch).items():
         gmacs[comp], with_scores[comp] = count_gmacs(fn)
-    prof = Profile(c.name, params, gmacs, with_scores, guidance=guidance)
+    decoder = "AutoencoderTiny" if type(c.vae).__name__ == "AutoencoderTiny" else "vae"
+    prof = Profile(c.name, params, gmacs, with_scores, guidance=guidance, decoder=decoder, cache_interval=cache_interval)
     if latency:
         dev = torch.device(device)
         prof.device = device_name(dev)
@@ -202,8 +235,9 @@ def profile_components(
             dtype = DTYPES[dname]
             for m in (c.unet, c.text_encoder, c.vae):
                 m.to(dev, dtype=dtype).eval()
-            lat = {comp: median_latency(fn, runs=runs) for comp, fn in _calls(c, dev, dtype, unet_batch=g).items()}
-            lat["whole"] = g * lat["text_encoder"] + steps * lat["unet"] + lat["vae_decoder"]
+            lat = {comp: median_latency(fn, runs=runs) for comp, fn in _calls(c, dev, dtype, g, branch).items()}
+            whole, cached = prof.unet_calls(steps)
+            lat["whole"] = g * lat["text_encoder"] + whole * lat["unet"] + cached * lat.get("unet_cached", 0) + lat["vae_decoder"]
             prof.latency_s[dname] = {k: round(v, 4) for k, v in lat.items()}
         for m in (c.unet, c.text_encoder, c.vae):
             m.to("cpu", dtype=torch.float32)
@@ -260,6 +294,21 @@ def random_components(name: str, unet_config: dict, text_config: dict, vae_confi
     return Components(name, unet, text, vae)
 
 
+def tiny_decoder(decoder: str, c: Components):
+    """The tiny decoder ``decoder`` names for ``c``: ``taesd`` (TAESD's architecture, diffusers' ``AutoencoderTiny``
+    defaults, with random weights: TAESDXL has the same) or a folder (:func:`bksdm.fast.load_decoder`)."""
+    from diffusers import AutoencoderTiny
+
+    from bksdm.fast import decoder_factor, load_decoder
+
+    if decoder != "taesd":
+        return load_decoder(decoder, c.unet, c.vae)
+    tiny = AutoencoderTiny(latent_channels=c.unet.config.out_channels)
+    if decoder_factor(tiny) != decoder_factor(c.vae):
+        raise UserError(f"TAESD upsamples latents {decoder_factor(tiny)}x but {c.name}'s VAE {decoder_factor(c.vae)}x")
+    return materialise(tiny.to("meta"), torch.Generator().manual_seed(0)).eval()
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     """A Markdown table of profile records (teacher first), latency columns when measured."""
     head = ["model", "U-Net params", "U-Net GMACs", "(+attn scores)", "whole params", "whole GMACs"]
@@ -268,7 +317,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
         head += [f"TE {d} ms", f"U-Net {d} s", f"VAE dec {d} s", f"image {d} s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        row = [r["name"], f"{r['unet_params'] / 1e6:.1f}M", f"{r['unet_gmacs']:.1f}", f"{r['unet_gmacs_with_scores']:.1f}",
+        name = r["name"] + (" + tiny decoder" if r.get("decoder") == "AutoencoderTiny" else "") + (
+            f" + cache every {r['cache_interval']} ({r['unet_cached_share']:.0%} of a U-Net call between)"
+            if r.get("cache_interval") else "")
+        row = [name, f"{r['unet_params'] / 1e6:.1f}M", f"{r['unet_gmacs']:.1f}", f"{r['unet_gmacs_with_scores']:.1f}",
                f"{r['whole_params'] / 1e9:.3f}B", f"{r['whole_gmacs'] / 1e3:.2f}T"]
         for d in dnames:
             lat = r.get("latency_s", {}).get(d)
@@ -302,11 +354,15 @@ def profile_models(
     steps: int = 25,
     runs: int = 3,
     guidance: bool | None = None,
+    decoder: str | None = None,
+    cache_interval: int = 1,
+    cache_branch: int = 0,
 ) -> list[dict[str, Any]]:
-    """Profile records of ``arch`` (teacher first) and its ``students`` with random weights, then ``models``."""
+    """Profile records of ``arch`` (teacher first) and its ``students`` with random weights, then ``models``.
+    ``decoder``: an ``AutoencoderTiny`` folder, or ``taesd`` for TAESD's architecture with random weights, in
+    place of each VAE decoder; ``cache_interval`` / ``cache_branch``: feature caching (:func:`profile_components`)."""
     from bksdm.arch import derive, load_spec
     from bksdm.arch.families import FAMILIES, family_component_config
-    from bksdm.errors import UserError
 
     from bksdm.models import default_device
 
@@ -330,6 +386,37 @@ def profile_models(
     records = []
     for build in todo:  # one model in memory at a time
         comps = build()
-        records.append(profile_components(comps, latency, tuple(dtypes), device, steps, runs, guidance).record(steps))
+        if decoder:
+            comps.vae = tiny_decoder(decoder, comps)
+        records.append(profile_components(comps, latency, tuple(dtypes), device, steps, runs, guidance, cache_interval,
+                                          cache_branch).record(steps))
         del comps
     return records
+
+
+def unet_gmacs(config: dict[str, Any]) -> float:
+    """GMACs of one call at batch 1 of a ``UNet2DConditionModel`` of ``config`` at its ``sample_size``, the paper's
+    convention (no attention-score products), counted on the meta device (cached per config)."""
+    import json
+
+    key = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str)
+    if key not in _GMACS:
+        _GMACS[key] = _count_unet_gmacs(config)
+    return _GMACS[key]
+
+
+_GMACS: dict[str, float] = {}
+
+
+def _count_unet_gmacs(config: dict[str, Any]) -> float:
+    from bksdm.arch.derive import meta_unet
+
+    unet = meta_unet({k: v for k, v in config.items() if not k.startswith("_")})
+    size = config["sample_size"] if isinstance(config["sample_size"], int) else config["sample_size"][0]
+    family = family_of(config)
+    with torch.device("meta"):
+        x, t = torch.zeros(1, config["in_channels"], size, size), torch.full((1,), 500)
+        cond = family.unet_kwargs(family.dummy_conditioning(config, 1, "meta", torch.float32))
+    if config.get("time_cond_proj_dim"):
+        cond["timestep_cond"] = torch.zeros(1, config["time_cond_proj_dim"], device="meta")
+    return count_gmacs(lambda: unet(x, t, **cond))[0]

@@ -14,6 +14,7 @@ Because all three come from the same stage/pair bookkeeping, they cannot drift a
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,7 @@ def check_teacher_config(cfg: dict[str, Any]) -> None:
 def teacher_depths(cfg: dict[str, Any]) -> tuple[list[list[int]], int, list[list[int]]]:
     """Transformer layers per attention block of a teacher, as diffusers builds it: (per down stage, one count per
     block), the mid-block's count, (per up stage, one count per block). Plain stages hold zeros."""
-    n, layers = len(cfg["down_block_types"]), _layers(cfg)
+    n, layers = len(cfg["down_block_types"]), stage_layers(cfg)
     tl = cfg.get("transformer_layers_per_block", 1)
     tl = [tl] * n if isinstance(tl, int) else list(tl)
     rev = cfg.get("reverse_transformer_layers_per_block") or list(reversed(tl))
@@ -106,7 +107,8 @@ def teacher_depths(cfg: dict[str, Any]) -> tuple[list[list[int]], int, list[list
     return down, mid, up
 
 
-def _layers(cfg: dict[str, Any]) -> list[int]:
+def stage_layers(cfg: dict[str, Any]) -> list[int]:
+    """(ResBlock, attention) pairs per down stage of a teacher config (``layers_per_block``, one value or one per stage)."""
     lpb = cfg.get("layers_per_block", 2)
     n = len(cfg["down_block_types"])
     return list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
@@ -115,7 +117,7 @@ def _layers(cfg: dict[str, Any]) -> list[int]:
 def _validate(spec: BlockSpec, cfg: dict[str, Any]) -> tuple[list[int], list[int]]:
     """Check the spec against the teacher; return the kept down-stage and up-stage indices."""
     n = len(cfg["down_block_types"])
-    layers = _layers(cfg)
+    layers = stage_layers(cfg)
     where = f"spec {spec.name!r}"
     if len(spec.down) != n or len(spec.up) != n:
         raise UserError(f"{where} lists {len(spec.down)} down and {len(spec.up)} up stages; the teacher has {n} of each")
@@ -253,7 +255,7 @@ def _maps(spec: BlockSpec, cfg: dict[str, Any], kept_down: list[int], kept_up: l
     """(module map, block-output pairs, self-attention pairs). A transformer layer that moved (the student's layer
     j was the teacher's layer k != j) gets its own module-map entry, which outranks its block's."""
     n, ns = len(cfg["down_block_types"]), len(kept_down)
-    layers = _layers(cfg)
+    layers = stage_layers(cfg)
     kept_layers, mid_layers = _kept_layers(spec, cfg, kept_down, kept_up)
     modules: list[tuple[str, str]] = []
     attn: list[tuple[str, str]] = []
@@ -326,7 +328,23 @@ def meta_unet(config: dict[str, Any]):
 
 
 def _meta_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
-    return {k: v.shape for k, v in meta_unet(config).state_dict().items()}
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key not in _SHAPES:  # a ranking derives many students of one teacher: build each U-Net once
+        if len(_SHAPES) > 64:
+            _SHAPES.clear()
+        _SHAPES[key] = {k: v.shape for k, v in meta_unet(config).state_dict().items()}
+    return _SHAPES[key]
+
+
+_SHAPES: dict[str, dict[str, torch.Size]] = {}
+
+
+def param_count(config: dict[str, Any]) -> int:
+    """Parameters (and buffers) of a ``UNet2DConditionModel`` of ``config``, from its shapes on the meta device
+    (cached per config: a ranking's budget search counts many students)."""
+    import math
+
+    return sum(math.prod(shape) for shape in _meta_shapes({k: v for k, v in config.items() if not k.startswith("_")}).values())
 
 
 def _key_map(modules: list[tuple[str, str]], student: dict[str, torch.Size], teacher: dict[str, torch.Size]):

@@ -33,6 +33,16 @@ class EvalInputs:
     device: str = "cpu"
     batch: int = 50
     cache: dict[str, Any] = field(default_factory=dict)  # networks shared between metrics of one call
+    # CMMD, clean-FID/KID and the preference scores (bksdm.evaluate.cmmd, .clean, .preference, .imagereward)
+    cmmd_ref: str | None = None  # folder of real images or a .npy/.npz of their CLIP embeddings
+    cmmd_clip: str = "openai/clip-vit-large-patch14-336"  # transformers folder or hub id
+    clean_ref: str | None = None  # folder of real images or a .npz with clean-fid feats (N, 2048)
+    clean_weights: str | None = None  # clean-fid's inception-2015-12-05.pt
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    hpsv2_weights: str | None = None  # HPS_v2_compressed.pt (or v2.1)
+    imagereward_weights: str | None = None  # ImageReward.pt
+    imagereward_tokenizer: str = "bert-base-uncased"  # BERT tokenizer folder or hub id
 
 
 @dataclass(frozen=True)
@@ -41,20 +51,36 @@ class Metric:
     keys: tuple[str, ...]  # result keys it writes; the first is its headline column
     compute: Callable[[EvalInputs], dict[str, float]]
     help: str
+    per_image: bool = False  # also leaves each image's score in ``cache["per_image"][name]`` (``--per-image``)
+    needs: tuple[tuple[str, str], ...] = ()  # (EvalInputs field, its flag) that must be set: a reference
 
 
 METRICS: dict[str, Metric] = {}
 ALIASES = {"mini-fid": MINI_FID}  # the first version's spelling
-PROVIDERS = ("bksdm.mini.metrics",)
+PROVIDERS = ("bksdm.evaluate.cmmd", "bksdm.evaluate.clean", "bksdm.evaluate.preference",
+             "bksdm.evaluate.imagereward", "bksdm.mini.metrics")
 """Modules that register further metrics (by name, so this library does not depend on them): loaded on first use."""
 
 
-def register(name: str, keys: tuple[str, ...], help: str):
+def register(name: str, keys: tuple[str, ...], help: str, per_image: bool = False,
+             needs: tuple[tuple[str, str], ...] = ()):
     def wrap(fn: Callable[[EvalInputs], dict[str, float]]):
-        METRICS[name] = Metric(name, keys, fn, help)
+        METRICS[name] = Metric(name, keys, fn, help, per_image, needs)
         return fn
 
     return wrap
+
+
+def check_needs(metrics: list[Metric], options: dict[str, Any]) -> None:
+    """One line naming the first option a chosen metric needs and ``options`` (EvalInputs fields) lacks, or a
+    reference path that does not exist: checked before any image is generated or scored."""
+    for metric in metrics:
+        for fieldname, flag in metric.needs:
+            value = options.get(fieldname)
+            if not value:
+                raise UserError(f"{metric.name} needs {flag} (a folder of real images or its saved statistics)")
+            if not Path(value).exists():
+                raise UserError(f"{metric.name}: {flag} {value} does not exist")
 
 
 def load_providers() -> dict[str, Metric]:
@@ -94,7 +120,7 @@ def _fid_net(inputs: EvalInputs):
     return inputs.cache["fid"]
 
 
-@register("fid", (FID,), "FID (pytorch-fid) against --fid-ref")
+@register("fid", (FID,), "FID (pytorch-fid) against --fid-ref", needs=(("fid_ref", "--fid-ref"),))
 def _fid(x: EvalInputs) -> dict[str, float]:
     from bksdm.evaluate import metrics as M
 

@@ -40,6 +40,27 @@ def require(name: str, given: str | None, flag: str, what: str) -> Path:
                     f"{flag} FILE or put it there")
 
 
+def checkpoint_file(given: str | None, own: Path, repo: str, filename: str, what: str, flag: str) -> Path:
+    """A metric checkpoint: ``given`` (the option's value), else ``own`` (where the metric's own package downloads
+    it), else the Hugging Face cache copy of ``repo``/``filename``; otherwise one line naming the file, where it was
+    looked for and ``flag``."""
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise UserError(f"{what} weights {path} do not exist")
+        return path
+    if own.is_file():
+        return own
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo, filename, local_files_only=True))
+    except Exception:
+        pass
+    raise UserError(f"{what} needs {filename} (hub {repo}), not found in {own.parent} or the Hugging Face cache; "
+                    f"download it once and pass {flag} FILE")
+
+
 def fid_inception(weights: str | None = None, device: str = "cpu"):
     """pytorch-fid's InceptionV3 (2048-d pool features), from ``weights`` or the torch hub cache."""
     from pytorch_fid.inception import InceptionV3

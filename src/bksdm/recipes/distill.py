@@ -154,14 +154,17 @@ class DistillRecipe(Trainer):
 
     def finish(self, last: dict[str, float]) -> dict[str, float]:
         """Write ``out/final``: the teacher's other components with the student U-Net, loadable by diffusers."""
-        from bksdm.pipelines import copy_pipeline, write_record
+        from bksdm.pipelines import copy_pipeline, load_record, write_record
 
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             final = self.out / "final"
             copy_pipeline(self.pipeline_dir, final)
             self.final_unet().save_pretrained(final / "unet", safe_serialization=True)
-            record = {"teacher": self.cfg.teacher, **self.derivation.record(), "distill": {"steps": self.step, "skipped": dict(self.skips)}}
+            student = Path(str(self.cfg.student))  # a compressed folder: how its spec was chosen goes on with it
+            chosen = (load_record(student) or {}).get("chosen_by_measurement") if student.is_dir() else None
+            record = {"teacher": self.cfg.teacher, **self.derivation.record(), **({"chosen_by_measurement": chosen} if chosen else {}),
+                      "distill": {"steps": self.step, "skipped": dict(self.skips)}}
             # the key map stays: it is how a LoRA made for the teacher finds the student's weights (bksdm.lora.remap)
             write_record(final, record)
             grid = self.sample_grid() if self.cfg.sample_prompts else None

@@ -34,20 +34,49 @@ def matched_images(images: str | Path, prompts: str | Path) -> tuple[list[Path],
 def evaluate(images: str | Path, prompts: str | Path, metrics: list[str], fid_ref: str | None = None,
              size: int | None = 256, inception_weights: str | None = None, isc_weights: str | None = None,
              clip_name: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", device: str | None = None,
-             batch: int = 50, lossless: bool = False) -> dict[str, Any]:
+             batch: int = 50, lossless: bool = False, per_image: str | Path | None = None,
+             **options: Any) -> dict[str, Any]:
     """Scores of the images named by ``prompts`` in ``images`` for each metric of the registry named in
     ``metrics``; ``fid_ref`` is a pytorch-fid .npz or a folder of real images (squashed the official way, or in
-    memory without JPEG when ``lossless``)."""
+    memory without JPEG when ``lossless``). ``options`` are further :class:`~bksdm.evaluate.registry.EvalInputs`
+    fields (``cmmd_ref``, ``clean_ref``, ``hpsv2_weights``, ...; an unknown one is an error); ``per_image`` is a
+    CSV written with every per-image score (the preference metrics), one row per image."""
+    from dataclasses import fields
+
     from bksdm.models import default_device
 
+    known = {f.name for f in fields(R.EvalInputs)} - {"paths", "texts", "cache"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"unknown evaluation option {unknown[0]!r}; choose from {', '.join(sorted(known))}")
     chosen = R.resolve(metrics)  # an unknown name fails before any image is read
+    R.check_needs(chosen, {"fid_ref": fid_ref, **options})
+    if per_image and not any(m.per_image for m in chosen):
+        raise UserError(f"--per-image needs a per-image metric: "
+                        f"{', '.join(m.name for m in R.METRICS.values() if m.per_image)}")
+    if per_image:
+        from bksdm.errors import check_output
+
+        check_output(per_image, "file")
     paths, texts = matched_images(images, prompts)
     inputs = R.EvalInputs(paths, texts, size, fid_ref, lossless, inception_weights, isc_weights, clip_name,
-                          clip_pretrained, device or default_device(), batch)
+                          clip_pretrained, device or default_device(), batch, **options)
     res: dict[str, Any] = {"images": len(paths)}
     for metric in chosen:
         res.update(metric.compute(inputs))
+    if per_image:
+        write_per_image(per_image, paths, texts, inputs.cache.get("per_image", {}))
     return res
+
+
+def write_per_image(path: str | Path, paths: list[Path], texts: list[str], scores: dict[str, list[float]]) -> None:
+    """CSV ``file_name, prompt, <metric>...`` with each image's score (prompt-file order)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "prompt", *scores])
+        for i, (p, t) in enumerate(zip(paths, texts)):
+            w.writerow([p.name, t, *(f"{v[i]:.9g}" for v in scores.values())])
 
 
 def markdown_row(name: str, res: dict[str, Any]) -> str:
@@ -62,6 +91,7 @@ def progress(run: str | Path, prompts: str | Path, metrics: list[str], out: str 
     from bksdm.pipelines import copy_pipeline
     from bksdm.generate import generate
 
+    R.check_needs(R.resolve(metrics), eval_kwargs)  # a missing reference fails before any checkpoint is generated
     run = Path(run)
     cfg_file = run / "config.json"
     if not cfg_file.is_file():

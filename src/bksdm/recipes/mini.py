@@ -17,7 +17,8 @@ import torch
 
 
 
-def _prompt_file(path: Path, count: int, seed: int = 0) -> Path:
+def prompt_file(path: Path, count: int, seed: int = 0) -> Path:
+    """``count`` held-out prompts of the shapes world (seed ``seed``) written to ``path``."""
     from bksdm.mini.world import ShapesWorld
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +31,11 @@ def _components(folder: Path):
     from bksdm.models import generation_parts, load_components
 
     return load_components(folder, (*generation_parts(folder), "scheduler"))
+
+
+def eval_parts(folder: Path) -> dict:
+    """A pipeline folder's components for scoring: U-Net and text encoders in float32, eval mode."""
+    return _float(_components(folder))
 
 
 def _float(parts: dict) -> dict:
@@ -53,17 +59,21 @@ MINI_METRICS = ("fidelity", "mini_fid", "bg_noise")
 
 
 def score(folder: Path, prompts: Path, out: Path, batch: int = 125, steps: int = 25,
-          guidance: float | None = None) -> dict[str, float]:
-    """Generate with the real `generate` (``guidance`` None: the pipeline's) and evaluate with the real `evaluate`
-    (:data:`MINI_METRICS`, with intervals), plus where images go wrong (``wrong_kind``, ...)."""
+          guidance: float | None = None, metrics: list[str] | tuple[str, ...] = (),
+          metric_options: dict[str, Any] | None = None, **fast: Any) -> dict[str, float]:
+    """Generate with the real `generate` (``guidance`` None: the pipeline's; ``fast``: its fast-path options,
+    ``cache_interval`` ...) and evaluate with the real `evaluate` (:data:`MINI_METRICS`, with intervals, and any
+    further registry ``metrics`` with their ``metric_options``), plus where images go wrong (``wrong_kind``, ...)
+    and the generation time (``generate_seconds``)."""
     from bksdm.evaluate.metrics import opened
     from bksdm.generate import generate, read_prompts
     from bksdm.mini.metrics import fidelity_breakdown
     from bksdm.recipes.evaluate import evaluate
 
-    generate(str(folder), prompts, out, steps=steps, guidance=guidance, batch_size=batch, save_size=None,
-             lossless=True)  # 32 px: no JPEG
-    res = evaluate(out / "images", prompts, list(MINI_METRICS))
+    made = generate(str(folder), prompts, out, steps=steps, guidance=guidance, batch_size=batch, save_size=None,
+                    lossless=True, **fast)  # 32 px: no JPEG
+    chosen = list(MINI_METRICS) + [m for m in metrics if m not in MINI_METRICS]
+    res = {**evaluate(out / "images", prompts, chosen, **(metric_options or {})), "generate_seconds": made["seconds"]}
     items = read_prompts(prompts)
     images = list(opened([out / "images" / (Path(n).stem + ".png") for n, _ in items]))
     wrong = fidelity_breakdown(images, [p for _, p in items])
@@ -89,15 +99,20 @@ PAPER_METHOD = {"lambda_cfg": 0.0, "timestep_bias": "none"}
 
 def demo(out: str | Path = "bksdm-demo", steps: int = 600, images: int = 300, student: str = "bk-small",
          teacher: str | None = None, gen_steps: int = 25, curve_images: int = 100, paper_recipe: bool = False,
-         lcm: bool = False, lcm_steps: int = 300) -> dict[str, Any]:
+         lcm: bool = False, lcm_steps: int = 300, metrics: list[str] | tuple[str, ...] = (),
+         metric_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compress the mini teacher, distil the student, generate, evaluate, profile, score every checkpoint, and write
-    ``out/report.md`` and ``out/report.html`` (optionally LCM-distil the student too: ``lcm``)."""
+    ``out/report.md`` and ``out/report.html`` (optionally LCM-distil the student too: ``lcm``; further registry
+    ``metrics``, e.g. ``kid`` or ``cmmd`` with their ``metric_options``, become extra columns of the first table)."""
     from bksdm.compress import compress
     from bksdm.mini.teacher import teacher_path
     from bksdm.profile import Components, profile_components
     from bksdm.recipes import mini_report as R
+    from bksdm.evaluate.registry import check_needs, resolve
     from bksdm.recipes.evaluate import progress
 
+    extra = [m.name for m in resolve(list(metrics)) if m.name not in MINI_METRICS]  # unknown names fail before work
+    check_needs(resolve(extra), metric_options or {})  # so does a missing reference
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +120,7 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 600, images: int = 300, st
     init_dir = out / "student-init"
     shutil.rmtree(init_dir, ignore_errors=True)
     compress(str(teacher_dir), student, init_dir)
-    prompts = _prompt_file(out / "prompts.txt", images)
+    prompts = prompt_file(out / "prompts.txt", images)
     curve_prompts = out / "prompts-curve.txt"
     curve_prompts.write_text("\n".join(prompts.read_text().splitlines()[:curve_images]) + "\n")
     grid_prompts = prompts.read_text().splitlines()[:8]
@@ -117,14 +132,15 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 600, images: int = 300, st
     t_distill = time.time() - t_start
     final = run / "final"
 
-    t_parts = _float(_components(teacher_dir))
+    t_parts = eval_parts(teacher_dir)
     rows = []
     for name, folder in (("teacher", teacher_dir), (f"{student} (teacher init, no KD)", init_dir), (f"{student} (distilled)", final)):
         rec: dict[str, Any] = {"model": name}
-        parts = t_parts if folder == teacher_dir else _float(_components(folder))
+        parts = t_parts if folder == teacher_dir else eval_parts(folder)
         rec.update(heldout(parts, t_parts["unet"]))
         if folder != init_dir:
-            rec.update(score(folder, prompts, out / "images" / folder.name, steps=gen_steps))
+            rec.update(score(folder, prompts, out / "images" / folder.name, steps=gen_steps, metrics=extra,
+                             metric_options=metric_options))
             prof = profile_components(Components(name, parts["unet"], parts["text_encoder"], parts["vae"]),
                                       latency=True, dtypes=("fp32",), runs=5, steps=gen_steps).record(gen_steps)
             rec.update({"unet_params": prof["unet_params"], "unet_mmacs": round(prof["unet_gmacs"] * 1e3, 1),
@@ -148,7 +164,7 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 600, images: int = 300, st
     minutes = (time.time() - t_start) / 60
     recipe = json.loads((run / "config.json").read_text())
     R.write_demo_report(out, rows, curve, grid_prompts, steps, images, curve_images, minutes, t_distill / 60, recipe,
-                        paper_recipe, lcm_rows)
+                        paper_recipe, lcm_rows, [k for m in resolve(extra) for k in m.keys[:1]])
     (out / "metrics.json").write_text(json.dumps({"rows": rows, "curve": curve, "lcm": lcm_rows, "minutes": minutes,
                                                   "distill_minutes": t_distill / 60}, indent=1))
     return {"rows": rows, "curve": curve, "lcm": lcm_rows, "minutes": minutes}
@@ -216,8 +232,8 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
     if other:
         raise UserError(f"{out} holds an ablation of family {other.pop()}; choose another --out for --family {family}")
     out.mkdir(parents=True, exist_ok=True)
-    t_unet = _float(_components(teacher_dir))["unet"]
-    prompts = _prompt_file(out / "prompts.txt", images)
+    t_unet = eval_parts(teacher_dir)["unet"]
+    prompts = prompt_file(out / "prompts.txt", images)
     done = {(r["student"], r["variant"], r["seed"]) for r in rows}
     for student in students:
         init = out / "init" / Path(student).stem
@@ -233,7 +249,7 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
                 t0 = time.time()
                 distill_run(teacher_dir, init, run, steps, seed=seed, **{**ABLATION_BASE, **overrides})
                 rec = {"family": family, "student": student, "variant": variant, "seed": seed, "steps": steps}
-                rec.update(heldout(_float(_components(run / "final")), t_unet))
+                rec.update(heldout(eval_parts(run / "final"), t_unet))
                 rec.update(score(run / "final", prompts, run / "eval", steps=gen_steps))
                 rec["seconds"] = round(time.time() - t0, 1)
                 rows.append(rec)

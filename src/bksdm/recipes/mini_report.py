@@ -86,13 +86,16 @@ REPORT_COLUMNS = ["model", "unet_params", "unet_mmacs", "latency_ratio", "fideli
 
 def write_demo_report(out: Path, rows: list[dict], curve: list[dict], grid_prompts: list[str], steps: int, images: int,
                        curve_images: int, minutes: float, distill_minutes: float, recipe: dict, paper_recipe: bool,
-                       lcm_rows: list[dict] | None) -> None:
+                       lcm_rows: list[dict] | None, extra: list[str] | None = None) -> None:
+    """``extra``: result keys of further registry metrics, shown after :data:`REPORT_COLUMNS`."""
     from bksdm.report import markdown_to_html
 
     teacher, init, student = rows
+    extra = list(extra or [])
     headline = [{"model": r["model"], "unet_params": f"{r['unet_params']:,}", "unet_mmacs": f"{r['unet_mmacs']:.0f}",
                  "latency_ratio": f"{r['latency_ratio']:.2f}", "fidelity": _interval(r, "fidelity", "{:.3f}"),
-                 "mini_fid": _interval(r, "mini_fid", "{:.0f}"), "bg_noise": _interval(r, "bg_noise", "{:.1f}")}
+                 "mini_fid": _interval(r, "mini_fid", "{:.0f}"), "bg_noise": _interval(r, "bg_noise", "{:.1f}"),
+                 **{k: f"{r[k]:.4g}" for k in extra}}
                 for r in (teacher, student)]
     departures = [] if paper_recipe else [
         f"a fourth loss term, output KD on the classifier-free guided prediction (`lambda_cfg` {recipe['lambda_cfg']}, "
@@ -109,7 +112,7 @@ def write_demo_report(out: Path, rows: list[dict], curve: list[dict], grid_promp
          if recipe.get("timestep_bias", "none") == "earlier" and not paper_recipe else [])
     text = [
         "# bksdm demo: BK-SDM in the mini world", "",
-        markdown_table(headline, REPORT_COLUMNS), "",
+        markdown_table(headline, REPORT_COLUMNS + extra), "",
         f"The shipped mini teacher was compressed to `{student['model'].split(' ')[0]}` (blocks removed, weights "
         f"copied), distilled for {steps} steps with the real recipe, and both generated {images} images for "
         f"held-out prompts with the real `generate` (PNDM {recipe.get('sample_steps', 25)} steps, guidance 7.5). "
