@@ -215,3 +215,19 @@ def test_greedy_choice_latency_shares_and_give_back(ranking):
                 continue
             after = param_count(derive(cfg, trial, with_keys=False).student_config) / total
             assert after > budget or after == cost  # equal: a pair its removed stage holds anyway
+
+
+@pytest.mark.slow
+def test_ablate_auto_runs_and_refuses_other_settings(tmp_path, capsys):
+    """`ablate --auto` on the shipped teacher: the hand and the measured student side by side (tiny budget), and a
+    resumed run with other settings refused instead of mixed in."""
+    out = tmp_path / "auto"
+    args = ["ablate", "--auto", "--out", str(out), "--seeds", "0", "--students", "bk-tiny", "--images", "4",
+            "--samples", "8", "--gen-steps", "2"]
+    assert main(args + ["--steps", "1"]) == 0
+    md = (out / "auto.md").read_text()
+    assert "| bk-tiny | hand (paper) | 1,511,820 | 1 |" in md and "| bk-tiny | measured (auto) |" in md
+    assert (out / "init" / "auto-bk-tiny" / "spec.yaml").is_file()
+    capsys.readouterr()
+    assert main(args + ["--steps", "2"]) == 2
+    assert "holds a comparison run with" in one_line_error(capsys)

@@ -527,10 +527,10 @@ def _ablate(a: argparse.Namespace) -> int:
     if a.auto:
         from bksdm.recipes.mini_auto import ablate_auto, auto_markdown
 
-        if a.family != "sd" or a.guided:
-            raise UserError("--auto compares block choices on the SD-layout teacher; drop --family sdxl and --guided")
-        state = ablate_auto(a.out, a.steps, tuple(a.seeds), tuple(a.students or ("bk-small", "bk-tiny")), a.images,
-                            a.teacher, a.gen_steps, a.samples, a.correlation_steps)
+        if a.guided:
+            raise UserError("--auto compares block choices with the paper's loss; drop --guided")
+        state = ablate_auto(a.out, a.steps, tuple(a.seeds), a.students, a.images, a.teacher, a.gen_steps, a.samples,
+                            a.correlation_steps, a.family)
         print(auto_markdown(state, a.steps, a.correlation_steps))
         return 0
     from bksdm.recipes.mini import ablate, ablation_markdown

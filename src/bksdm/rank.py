@@ -296,7 +296,8 @@ def choose(ranking: dict[str, Any], budget: str, progress: bool = True) -> tuple
             raise UserError(f"--budget {budget} is not reachable: removing every unit that can go leaves {kind} = "
                             f"{reach} of the teacher; ask for at least that")
         _, unit, spec, cost = best
-        inside = [u.name for u in removed if unit.kind == "stage" and u.kind in ("pairs", "layer") and u.stage == unit.stage]
+        n = len(cfg["down_block_types"])
+        inside = [u.name for u in removed if unit.kind == "stage" and _down_stage(u, n) == unit.stage]
         removed.append(unit)
         trace.append({"removed": unit.name, "rel_mse": rows[unit.name]["rel_mse"], kind: round(cost, 6),
                       **({"includes": inside} if inside else {})})
@@ -304,22 +305,24 @@ def choose(ranking: dict[str, Any], budget: str, progress: bool = True) -> tuple
             print(f"  removed {unit.name} (rel_mse {rows[unit.name]['rel_mse']:.4g}): {kind} {cost:.4f} of the teacher")
     if kind != "latency":  # the last removal may overshoot: give back the most important units that still fit
         spec, cost = _give_back(spec, cost, removed, rows, kind, cfg, teacher, target, trace, progress)
-    return BlockSpec(f"auto-{kind}-{value:g}", spec.down, spec.mid, spec.up, spec.depth), trace
+    label = f"{int(value)}" if value > 1 else f"{value:g}"
+    return BlockSpec(f"auto-{kind}-{label}", spec.down, spec.mid, spec.up, spec.depth), trace
+
+
+def _down_stage(u: Unit, n: int) -> int | None:
+    """The down stage (of ``n``) whose removal takes ``u`` with it: a pair's, or a layer's (an up-path layer's mirror)."""
+    if u.kind == "pairs":
+        return u.stage
+    if u.kind == "layer":
+        return u.stage if u.path == "down" else n - 1 - u.stage
+    return None
 
 
 def _latency_saved(removed: list[Unit], rows: dict[str, dict], n: int) -> float:
     """The measured latency shares of ``removed``, summed, where a removed stage's share already holds those of its
     own pairs and layers removed before it (so they are not counted twice)."""
     gone = {u.stage for u in removed if u.kind == "stage"}
-
-    def down_stage(u: Unit) -> int | None:
-        if u.kind == "pairs":
-            return u.stage
-        if u.kind == "layer":
-            return u.stage if u.path == "down" else n - 1 - u.stage
-        return None
-
-    return sum(rows[u.name]["latency_share"] for u in removed if u.kind == "stage" or down_stage(u) not in gone)
+    return sum(rows[u.name]["latency_share"] for u in removed if u.kind == "stage" or _down_stage(u, n) not in gone)
 
 
 def _give_back(spec, cost, removed, rows, kind, cfg, teacher, target, trace, progress):

@@ -139,6 +139,10 @@ def _features(x: EvalInputs) -> tuple[np.ndarray, np.ndarray]:
         raise UserError("clean_fid and kid need --clean-fid-ref: a folder of real images or a .npz with feats")
     if "clean_feats" not in x.cache:
         ref = Path(x.clean_ref)
+        if ref.is_dir():
+            from bksdm.images import list_images
+
+            list_images(ref, "clean-FID/KID reference folder")  # an empty one fails before the network loads
         stored = None if ref.is_dir() else load_features(ref)  # a bad file fails before the network loads
         fn = feature_extractor(x.clean_weights, x.device)
         gen = files_features(M.reference_order(x.paths), fn, x.batch, x.device)

@@ -139,9 +139,9 @@ def folder_embeddings(folder: str | Path, x: EvalInputs) -> np.ndarray:
     from bksdm.images import list_images
     from bksdm.skips import Skips
 
+    files = list_images(folder)  # a missing or empty folder fails before CLIP loads
     net, processor = _net(x)
     skips = Skips()
-    files = list_images(folder)
     emb = embeddings(M.opened(files, skips), net, processor, x.batch, x.device)
     if skips.total:
         from bksdm.errors import note

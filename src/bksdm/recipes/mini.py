@@ -194,7 +194,7 @@ self-attention layer's output), with output KD alone as the reference; the paper
 FAMILY_STUDENTS = {"sd": ("bk-small", "bk-tiny"), "sdxl": ("koala-mini",)}
 
 
-def _student_source(out: Path, student: str) -> str:
+def student_source(out: Path, student: str) -> str:
     """A student name or spec file for ``compress``: the mini specs (:data:`bksdm.mini.teacher.MINI_SPECS`) are
     written to ``out/specs/NAME.json`` first (a record of what was compressed)."""
     from bksdm.mini.teacher import MINI_SPECS
@@ -239,7 +239,7 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
         init = out / "init" / Path(student).stem
         if not (init / "model_index.json").is_file():
             shutil.rmtree(init, ignore_errors=True)
-            compress(str(teacher_dir), _student_source(out, student), init)
+            compress(str(teacher_dir), student_source(out, student), init)
         for variant, overrides in variants.items():
             for seed in seeds:
                 if (student, variant, seed) in done:

@@ -16,23 +16,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bksdm.recipes.mini import (ABLATION_BASE, VARIANTS, distill_run, eval_parts, heldout, prompt_file, score,
-                                summarise)
+from bksdm.recipes.mini import (ABLATION_BASE, FAMILY_STUDENTS, VARIANTS, distill_run, eval_parts, heldout,
+                                prompt_file, score, student_source, summarise)
 
 RECIPE = {**ABLATION_BASE, **VARIANTS["+ output & feature KD"]}
 HAND, MEASURED = "hand (paper)", "measured (auto)"
 
 
 def ablate_auto(out: str | Path = "bksdm-auto", steps: int = 200, seeds: tuple[int, ...] = (0, 1, 2),
-                students: tuple[str, ...] = ("bk-small", "bk-tiny"), images: int = 100, teacher: str | None = None,
-                gen_steps: int = 25, samples: int = 256, correlation_steps: int = 0) -> dict[str, Any]:
-    """Every (student, choice, seed) run, resumable (``OUT/auto.json``); the report in ``OUT/auto.md``."""
+                students: tuple[str, ...] | None = None, images: int = 100, teacher: str | None = None,
+                gen_steps: int = 25, samples: int = 256, correlation_steps: int = 0, family: str = "sd") -> dict[str, Any]:
+    """Every (student, choice, seed) run, resumable (``OUT/auto.json``); the report in ``OUT/auto.md``. ``family``:
+    the shipped teacher of that layout (``sdxl``: koala-mini against the measured choice at its size)."""
     from bksdm.compress import compress
     from bksdm.errors import UserError
     from bksdm.mini.teacher import teacher_path
     from bksdm.rank import rank
 
-    teacher_dir = teacher_path(Path(teacher) if teacher else None, "sd")
+    teacher_dir = teacher_path(Path(teacher) if teacher else None, family)
+    students = tuple(students) if students else FAMILY_STUDENTS[family]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ranking = out / "rank.json"
@@ -40,7 +42,7 @@ def ablate_auto(out: str | Path = "bksdm-auto", steps: int = 200, seeds: tuple[i
         rec = rank(str(teacher_dir), f"mini-world:{samples}", samples=samples, batch=32, seed=0, device="cpu")
         ranking.write_text(json.dumps(rec, indent=1))
     done_file = out / "auto.json"
-    settings = {"steps": steps, "samples": samples, "images": images, "gen_steps": gen_steps}
+    settings = {"steps": steps, "samples": samples, "images": images, "gen_steps": gen_steps, "family": family}
     state = json.loads(done_file.read_text()) if done_file.is_file() else {"settings": settings, "runs": [], "units": []}
     if state.get("settings", settings) != settings:  # resuming another comparison would mix its runs into this one
         raise UserError(f"{out} holds a comparison run with {state['settings']}; choose another --out for {settings}")
@@ -53,7 +55,7 @@ def ablate_auto(out: str | Path = "bksdm-auto", steps: int = 200, seeds: tuple[i
         hand = out / "init" / student
         if not (hand / "model_index.json").is_file():
             shutil.rmtree(hand, ignore_errors=True)
-            compress(str(teacher_dir), student, hand)
+            compress(str(teacher_dir), student_source(out, student), hand)
         count = json.loads((hand / "bksdm.json").read_text())["params"]["student_unet"]
         auto = out / "init" / f"auto-{student}"
         if not (auto / "model_index.json").is_file():
