@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from bksdm.arch import derive, load_spec
-from bksdm.arch.units import Unit, all_units, candidates, full_spec, remove
+from bksdm.arch.units import Unit, all_units, candidates, full_spec, remove, remove_all
 from bksdm.cli import main
 from bksdm.errors import UserError
 from bksdm.rank import bypassed, calibration, choose, rank
@@ -206,11 +206,8 @@ def test_greedy_choice_latency_shares_and_give_back(ranking):
         restored = {t["restored"] for t in trace if "restored" in t}
         kept_out = [u for u in removed if u.name not in restored]
         for unit in kept_out:  # putting any of them back breaks the budget or the student
-            rest = [u for u in kept_out if u != unit]
             try:
-                trial = full_spec(cfg)
-                for u in rest:
-                    trial = remove(trial, u, cfg)
+                trial = remove_all(cfg, [u for u in kept_out if u != unit])
             except UserError:
                 continue
             after = param_count(derive(cfg, trial, with_keys=False).student_config) / total

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from bksdm.arch.spec import BlockSpec
-from bksdm.arch.units import Unit, all_units, candidates, full_spec, remove
+from bksdm.arch.units import Unit, all_units, candidates, full_spec, remove_all
 from bksdm.errors import UserError
 
 BUDGET_KINDS = ("params", "macs", "latency")
@@ -333,9 +333,7 @@ def _give_back(spec, cost, removed, rows, kind, cfg, teacher, target, trace, pro
         for unit in sorted(removed, key=lambda u: -rows[u.name]["rel_mse"]):
             rest = [u for u in removed if u != unit]
             try:
-                trial = full_spec(cfg)
-                for u in rest:
-                    trial = remove(trial, u, cfg)
+                trial = remove_all(cfg, rest)
             except UserError:
                 continue
             after = _cost(kind, trial, cfg, teacher)

@@ -135,6 +135,14 @@ def remove(spec: BlockSpec, unit: Unit, cfg: dict[str, Any]) -> BlockSpec:
     return new
 
 
+def remove_all(cfg: dict[str, Any], units: list[Unit]) -> BlockSpec:
+    """The teacher's spec with ``units`` removed in order (:func:`remove`; its errors)."""
+    spec = full_spec(cfg)
+    for unit in units:
+        spec = remove(spec, unit, cfg)
+    return spec
+
+
 def _set(stages: tuple, i: int, value: Any) -> tuple:
     out = list(stages)
     out[i] = value
