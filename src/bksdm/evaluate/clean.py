@@ -34,6 +34,7 @@ CLEAN_INCEPTION = "inception-2015-12-05.pt"  # clean-fid's (StyleGAN2-ADA's) Tor
 CLEANFID_DOWNLOAD_DIR = "/tmp"  # where clean-fid itself downloads it (and looks for it) on Linux and macOS
 KID_SEED = 0
 KID_SUBSETS, KID_MAX_SUBSET = 100, 1000  # clean-fid's defaults
+CLEAN_REF = "a folder of real images or a .npz with feats (N, 2048)"
 
 
 def weights_file(given: str | None) -> Path | None:
@@ -135,8 +136,6 @@ def _features(x: EvalInputs) -> tuple[np.ndarray, np.ndarray]:
     """(generated, reference) features, computed once per evaluate call for both metrics."""
     from bksdm.evaluate import metrics as M
 
-    if not x.clean_ref:
-        raise UserError("clean_fid and kid need --clean-fid-ref: a folder of real images or a .npz with feats")
     if "clean_feats" not in x.cache:
         ref = Path(x.clean_ref)
         if ref.is_dir():
@@ -151,7 +150,7 @@ def _features(x: EvalInputs) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register(CLEAN_FID, (CLEAN_FID,), "clean-FID (clean-fid package, mode clean) against --clean-fid-ref",
-          needs=(("clean_ref", "--clean-fid-ref"),))
+          needs=(("clean_ref", "--clean-fid-ref", CLEAN_REF),))
 def _clean_fid(x: EvalInputs) -> dict[str, float]:
     from bksdm.evaluate import metrics as M
 
@@ -164,7 +163,7 @@ def _clean_fid(x: EvalInputs) -> dict[str, float]:
 
 
 @register(KID, (KID,), "KID (clean-fid package, mode clean, 100 subsets, seed 0) against --clean-fid-ref",
-          needs=(("clean_ref", "--clean-fid-ref"),))
+          needs=(("clean_ref", "--clean-fid-ref", CLEAN_REF),))
 def _kid(x: EvalInputs) -> dict[str, float]:
     if len(x.paths) < 2:  # before any network loads
         raise UserError(f"KID needs at least 2 generated images for its subsets (got {len(x.paths)})")

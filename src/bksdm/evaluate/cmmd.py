@@ -157,13 +157,11 @@ def _net(x: EvalInputs):
 
 
 @register(CMMD, (CMMD,), "CMMD (CLIP ViT-L/14-336 RBF MMD x1000, google-research cmmd) against --cmmd-ref",
-          needs=(("cmmd_ref", "--cmmd-ref"),))
+          needs=(("cmmd_ref", "--cmmd-ref", "a folder of real images or a .npy of their CLIP embeddings "
+                                            "(bksdm cmmd-stats)"),))
 def _cmmd(x: EvalInputs) -> dict[str, float]:
     from bksdm.evaluate import metrics as M
 
-    if not x.cmmd_ref:
-        raise UserError("cmmd needs --cmmd-ref: a folder of real images or a .npy of their CLIP embeddings "
-                        "(bksdm cmmd-stats)")
     ref = Path(x.cmmd_ref)
     stored = None if ref.is_dir() else load_embeddings(ref)  # a bad file fails before any network loads
     net, processor = _net(x)

@@ -52,7 +52,7 @@ class Metric:
     compute: Callable[[EvalInputs], dict[str, float]]
     help: str
     per_image: bool = False  # also leaves each image's score in ``cache["per_image"][name]`` (``--per-image``)
-    needs: tuple[tuple[str, str], ...] = ()  # (EvalInputs field, its flag) that must be set: a reference
+    needs: tuple[tuple[str, str, str], ...] = ()  # (EvalInputs field, its flag, what it takes): a reference
 
 
 METRICS: dict[str, Metric] = {}
@@ -63,7 +63,7 @@ PROVIDERS = ("bksdm.evaluate.cmmd", "bksdm.evaluate.clean", "bksdm.evaluate.pref
 
 
 def register(name: str, keys: tuple[str, ...], help: str, per_image: bool = False,
-             needs: tuple[tuple[str, str], ...] = ()):
+             needs: tuple[tuple[str, str, str], ...] = ()):
     def wrap(fn: Callable[[EvalInputs], dict[str, float]]):
         METRICS[name] = Metric(name, keys, fn, help, per_image, needs)
         return fn
@@ -73,12 +73,13 @@ def register(name: str, keys: tuple[str, ...], help: str, per_image: bool = Fals
 
 def check_needs(metrics: list[Metric], options: dict[str, Any]) -> None:
     """One line naming the first option a chosen metric needs and ``options`` (EvalInputs fields) lacks, or a
-    reference path that does not exist: checked before any image is generated or scored."""
+    reference path that does not exist: checked before any image is generated or scored (the one place: the metric
+    functions rely on it)."""
     for metric in metrics:
-        for fieldname, flag in metric.needs:
+        for fieldname, flag, what in metric.needs:
             value = options.get(fieldname)
             if not value:
-                raise UserError(f"{metric.name} needs {flag} (a folder of real images or its saved statistics)")
+                raise UserError(f"{metric.name} needs {flag}: {what}")
             if not Path(value).exists():
                 raise UserError(f"{metric.name}: {flag} {value} does not exist")
 
@@ -120,12 +121,11 @@ def _fid_net(inputs: EvalInputs):
     return inputs.cache["fid"]
 
 
-@register("fid", (FID,), "FID (pytorch-fid) against --fid-ref", needs=(("fid_ref", "--fid-ref"),))
+@register("fid", (FID,), "FID (pytorch-fid) against --fid-ref",
+          needs=(("fid_ref", "--fid-ref", "a pytorch-fid .npz (mu, sigma) or a folder of real images"),))
 def _fid(x: EvalInputs) -> dict[str, float]:
     from bksdm.evaluate import metrics as M
 
-    if not x.fid_ref:
-        raise UserError("fid needs --fid-ref: a pytorch-fid .npz (mu, sigma) or a folder of real images")
     M.require_covariance(len(x.paths))  # before any network loads
     ref = Path(x.fid_ref)
     stored = None if ref.is_dir() else M.load_stats(ref, 2048)  # a bad file fails before any network runs
