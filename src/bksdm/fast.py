@@ -23,19 +23,13 @@ import torch
 from bksdm.errors import UserError, reading
 
 
-def decoder_factor(vae) -> int:
-    """How many pixels a latent cell spans for a VAE or tiny decoder (what diffusers pipelines compute from
-    ``block_out_channels``): 8 for SD's VAE and TAESD."""
-    cfg = vae.config
-    if "upsampling_scaling_factor" in cfg:  # AutoencoderTiny: its own upsampling factor per level
-        return int(cfg.upsampling_scaling_factor) ** (len(cfg.decoder_block_out_channels) - 1)
-    return 2 ** (len(cfg.block_out_channels) - 1)
-
-
 def load_decoder(path: str | Path, unet, vae=None):
-    """A diffusers ``AutoencoderTiny`` from ``path`` (a folder with ``config.json`` and weights) checked against the model it will decode for: its latent channels must equal the U-Net's
-    ``out_channels`` and, when ``vae`` is given, its upsampling the VAE's. Errors: one line naming the mismatch."""
+    """A diffusers ``AutoencoderTiny`` from ``path`` (a folder with ``config.json`` and weights) checked against the
+    model it will decode for: its latent channels must equal the U-Net's ``out_channels`` and, when ``vae`` is
+    given, its upsampling the VAE's. Errors: one line naming the mismatch."""
     from diffusers import AutoencoderTiny
+
+    from bksdm.models import decoder_factor
 
     p = Path(path)
     if not p.is_dir() or not (p / "config.json").is_file():

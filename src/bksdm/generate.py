@@ -271,11 +271,11 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     mine = [it for i, it in enumerate(items) if i % state.num_processes == state.process_index]
     todo = [(n, p) for n, p in mine if not image_complete(big / n) or (small and not image_complete(small / n))]
     redrawn = sum((big / n).exists() for n, _ in todo)
-    forward, compile_s = None, None
+    forward = compile_unet(parts["unet"]) if compile and todo else None
     run = lambda chunk: generate_images(parts, sched, [p for _, p in chunk], [prompt_seed(n, seed) for n, _ in chunk],  # noqa: E731
                                         steps, guidance, resolution, torch_dtype, device, cache_interval, cache_branch, forward)
-    if compile and todo:
-        forward = compile_unet(parts["unet"])
+    compile_s = None
+    if forward is not None:
         t0 = time.perf_counter()
         run(todo[:batch_size])  # compiles every path (whole and cached steps) for this batch's shapes
         compile_s = time.perf_counter() - t0

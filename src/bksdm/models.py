@@ -94,6 +94,15 @@ def generation_parts(folder: Path) -> tuple[str, ...]:
     return ("unet", "vae", *pipeline_family(folder).text_components)
 
 
+def decoder_factor(vae) -> int:
+    """How many pixels a latent cell spans for a VAE or tiny decoder (what diffusers pipelines compute from
+    ``block_out_channels``): 8 for SD's VAE and TAESD, 2 for the mini world's."""
+    cfg = vae.config
+    if "upsampling_scaling_factor" in cfg:  # AutoencoderTiny: its own upsampling factor per level
+        return int(cfg.upsampling_scaling_factor) ** (len(cfg.decoder_block_out_channels) - 1)
+    return 2 ** (len(cfg.block_out_channels) - 1)
+
+
 def vae_dtype(vae, dtype: torch.dtype) -> torch.dtype:
     """The precision a VAE encodes in for a run in ``dtype``: float32 instead of float16 where its config asks to
     upcast (``force_upcast``: SDXL's VAE overflows to NaN in float16, as reported against diffusers' and kohya's

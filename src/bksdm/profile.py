@@ -299,7 +299,8 @@ def tiny_decoder(decoder: str, c: Components):
     defaults, with random weights: TAESDXL has the same) or a folder (:func:`bksdm.fast.load_decoder`)."""
     from diffusers import AutoencoderTiny
 
-    from bksdm.fast import decoder_factor, load_decoder
+    from bksdm.fast import load_decoder
+    from bksdm.models import decoder_factor
 
     if decoder != "taesd":
         return load_decoder(decoder, c.unet, c.vae)

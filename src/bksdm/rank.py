@@ -58,7 +58,7 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
 
     from bksdm.distill.data import open_source
     from bksdm.distill.loader import micro_batches
-    from bksdm.models import encode_pixels, load_text_side, pipeline_family
+    from bksdm.models import decoder_factor, encode_pixels, load_text_side, pipeline_family
     from bksdm.skips import Skips
 
     family = pipeline_family(folder)
@@ -66,7 +66,7 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     source = open_source(data)
     cfg = json.loads((folder / "unet" / "config.json").read_text())
-    res = resolution or family.resolution(cfg, 2 ** (len(vae.config.block_out_channels) - 1))
+    res = resolution or family.resolution(cfg, decoder_factor(vae))
     limit = len(source) if not getattr(source, "streamed", False) else None
     gen = torch.Generator().manual_seed(seed)
     skips, items, seen = Skips(), [], 0
@@ -280,7 +280,7 @@ def choose(ranking: dict[str, Any], budget: str, progress: bool = True) -> tuple
     trace: list[dict[str, Any]] = []
     while cost > target + 1e-12:
         best = None
-        for unit, new in candidates(spec, cfg, [u for u in units if u.name not in removed]):
+        for unit, new in candidates(spec, cfg, [u for u in units if u not in removed]):
             if kind == "latency":
                 after = 1.0 - _latency_saved(removed + [unit], rows, len(cfg["down_block_types"]))
             else:

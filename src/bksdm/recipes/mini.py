@@ -111,8 +111,9 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 600, images: int = 300, st
     from bksdm.evaluate.registry import check_needs, resolve
     from bksdm.recipes.evaluate import progress
 
-    extra = [m.name for m in resolve(list(metrics)) if m.name not in MINI_METRICS]  # unknown names fail before work
-    check_needs(resolve(extra), metric_options or {})  # so does a missing reference
+    further = [m for m in resolve(list(metrics)) if m.name not in MINI_METRICS]  # unknown names fail before work
+    check_needs(further, metric_options or {})  # so does a missing reference
+    extra = [m.name for m in further]
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
