@@ -29,8 +29,6 @@ def load_decoder(path: str | Path, unet, vae=None):
     given, its upsampling the VAE's. Errors: one line naming the mismatch."""
     from diffusers import AutoencoderTiny
 
-    from bksdm.models import decoder_factor
-
     p = Path(path)
     if not p.is_dir() or not (p / "config.json").is_file():
         raise UserError(f"decoder {p} is not a diffusers AutoencoderTiny folder (config.json and weights); download "
@@ -41,15 +39,23 @@ def load_decoder(path: str | Path, unet, vae=None):
         if cfg.get("_class_name") not in (None, "AutoencoderTiny"):
             raise ValueError(f"it holds a {cfg['_class_name']}, not an AutoencoderTiny")
         decoder = AutoencoderTiny.from_pretrained(p)
+    check_decoder(decoder, unet, vae, f"decoder {p}")
+    return decoder.eval().requires_grad_(False)
+
+
+def check_decoder(decoder, unet, vae=None, label: str = "decoder") -> None:
+    """One line when ``decoder`` cannot decode what ``unet`` makes: other latent channels than its ``out_channels``,
+    or (``vae`` given) another upsampling than the model's VAE."""
+    from bksdm.models import decoder_factor
+
     channels = unet.config.out_channels
     if decoder.config.latent_channels != channels:
-        raise UserError(f"decoder {p} decodes {decoder.config.latent_channels}-channel latents but the U-Net makes "
+        raise UserError(f"{label} decodes {decoder.config.latent_channels}-channel latents but the U-Net makes "
                         f"{channels}: use the tiny decoder of this model's family (TAESD for SD-v1/v2, TAESDXL for "
                         "SDXL)")
     if vae is not None and decoder_factor(decoder) != decoder_factor(vae):
-        raise UserError(f"decoder {p} upsamples latents {decoder_factor(decoder)}x but this model's VAE "
+        raise UserError(f"{label} upsamples latents {decoder_factor(decoder)}x but this model's VAE "
                         f"{decoder_factor(vae)}x; it was made for another autoencoder")
-    return decoder.eval().requires_grad_(False)
 
 
 def partial_blocks(unet, branch: int) -> tuple[int, int]:

@@ -299,14 +299,12 @@ def tiny_decoder(decoder: str, c: Components):
     defaults, with random weights: TAESDXL has the same) or a folder (:func:`bksdm.fast.load_decoder`)."""
     from diffusers import AutoencoderTiny
 
-    from bksdm.fast import load_decoder
-    from bksdm.models import decoder_factor
+    from bksdm.fast import check_decoder, load_decoder
 
     if decoder != "taesd":
         return load_decoder(decoder, c.unet, c.vae)
     tiny = AutoencoderTiny(latent_channels=c.unet.config.out_channels)
-    if decoder_factor(tiny) != decoder_factor(c.vae):
-        raise UserError(f"TAESD upsamples latents {decoder_factor(tiny)}x but {c.name}'s VAE {decoder_factor(c.vae)}x")
+    check_decoder(tiny, c.unet, c.vae, f"TAESD for {c.name}")
     return materialise(tiny.to("meta"), torch.Generator().manual_seed(0)).eval()
 
 
