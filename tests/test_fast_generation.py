@@ -172,6 +172,10 @@ def test_tiny_decoder_faults(tmp_path, capsys, tiny_teacher_dir):
     assert "holds a UNet2DConditionModel, not an AutoencoderTiny" in one_line_error(capsys)
     assert main(base + ["--cache-interval", "2", "--cache-branch", "5"]) == 2
     assert "cache branch 5 does not exist" in one_line_error(capsys)
+    assert main(base + ["--cache-interval", "0"]) == 2
+    assert "--cache-interval 0 is too small" in one_line_error(capsys)
+    assert main(["profile", "--model", str(tiny_teacher_dir), "--no-latency", "--decoder", str(tmp_path / "nothing")]) == 2
+    assert "is not a diffusers AutoencoderTiny folder" in one_line_error(capsys)
     assert not (tmp_path / "o" / "images").exists() or not any((tmp_path / "o" / "images").iterdir())
 
 

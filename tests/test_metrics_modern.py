@@ -494,6 +494,9 @@ def test_missing_weights_fail_fast_naming_the_file_and_flag(data, tmp_path, caps
 def test_references_and_counts_are_checked_before_networks_load(data, tmp_path, capsys, clean_weights):
     assert _cli(data, "--metrics", "cmmd") == 2
     assert "--cmmd-ref" in one_line_error(capsys)
+    # cmmd-stats of a folder that is not there: one line, before CLIP loads, nothing written
+    assert main(["cmmd-stats", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e.npy")]) == 2
+    assert "does not exist" in one_line_error(capsys) and not (tmp_path / "e.npy").exists()
     assert _cli(data, "--metrics", "kid", "--clean-fid-weights", str(clean_weights)) == 2
     assert "--clean-fid-ref" in one_line_error(capsys)
     np.save(tmp_path / "bad.npy", np.zeros(5))

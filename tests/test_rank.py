@@ -160,6 +160,11 @@ def test_rank_and_auto_faults(ranking, tiny_teacher_dir, tiny_sdxl_dir, tmp_path
     (tmp_path / "broken" / "metadata.csv").write_text("file_name,text\na.png,a red circle\n")
     assert main(["rank", "--teacher", str(tiny_teacher_dir), "--data", str(tmp_path / "broken"), "--samples", "4"]) == 2
     assert "no usable calibration pictures" in one_line_error(capsys)
+    # a plot file of a kind matplotlib cannot write, and --auto with --guided: refused before any work
+    assert main(["rank", "--teacher", str(tiny_teacher_dir), "--data", "mini-world:4", "--plot", str(tmp_path / "r.txt")]) == 2
+    assert "--plot" in one_line_error(capsys) and not (tmp_path / "r.txt").exists()
+    assert main(["ablate", "--auto", "--guided", "--out", str(tmp_path / "ab")]) == 2
+    assert "drop --guided" in one_line_error(capsys) and not (tmp_path / "ab").exists()
     (tmp_path / "bad.json").write_text("{\"units\": 3}")
     assert main(base + ["--student", "auto", "--budget", "params=0.5", "--ranking", str(tmp_path / "bad.json")]) == 2
     assert "not a bksdm rank file" in one_line_error(capsys)
