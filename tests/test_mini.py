@@ -105,6 +105,23 @@ def test_ablation_summary_and_ordering():
     assert "0.7050 (0.0100)" in md  # + output & feature KD: mean of 0.70 and 0.71, spread 0.01
 
 
+def test_ablation_verdict_reads_the_seed_spread():
+    """A gain in the mean that lies inside the seeds' spread is not reported as the paper's ordering holding."""
+    from bksdm.recipes.mini import VARIANTS, ablation_markdown, ordering_verdict, summarise
+
+    fid = {0: (0.0, 0.02), 1: (0.20, 0.30), 2: (0.22, 0.32), 3: (0.60, 0.62)}  # output KD: +0.02, spreads 0.10
+    rows = [{"student": "bk-tiny", "variant": v, "seed": seed, "heldout_mse": 0.1, "teacher_mse": 0.1,
+             "fidelity": fid[k][seed], "mini_fid": 100.0 - 10 * k - seed, "bg_noise": 20.0 - 2 * k + (3 * seed + 1) * (k == 2)}
+            for k, v in enumerate(VARIANTS) for seed in (0, 1)]
+    s = summarise(rows)
+    assert ordering_verdict(s, "bk-tiny", "fidelity") == ("**holds in the mean only**: inside the seed spread from "
+                                                         "teacher init to + output KD")
+    assert ordering_verdict(s, "bk-tiny", "mini_fid") == "**holds**"  # 10 per step against spreads of 1
+    assert ordering_verdict(s, "bk-tiny", "bg_noise").startswith("**does not hold**: no gain from teacher init to + output KD")
+    md = ablation_markdown(rows, 200)
+    assert "- bk-tiny, fidelity: **holds in the mean only**" in md and "| background noise |" in md
+
+
 def test_sdxl_ablation_verdicts_need_a_gap_beyond_the_seed_spread():
     from bksdm.recipes.mini import SDXL_VARIANTS, ablation_markdown, compare, summarise
 
