@@ -51,7 +51,9 @@ def _compress(a: argparse.Namespace) -> int:
 
     rec = compress(a.teacher, a.student, a.out, overwrite=a.overwrite, budget=a.budget, ranking=a.ranking)
     p = rec["params"]
-    print(f"{rec['spec']['name']}: U-Net {p['teacher_unet']:,} -> {p['student_unet']:,} parameters "
+    part = "transformer" if "teacher_transformer" in p else "unet"  # the backbone compress wrote
+    print(f"{rec['spec']['name']}: {'U-Net' if part == 'unet' else 'transformer'} {p['teacher_' + part]:,} -> "
+          f"{p['student_' + part]:,} parameters "
           f"({len(rec['key_map'])} tensors from the teacher, {len(rec['unused_teacher_keys'])} left out); wrote {a.out}")
     return 0
 
@@ -100,7 +102,8 @@ def _rank(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- inspect
 @command("inspect", "which blocks a student kept and removed, stage by stage, with parameters and MACs per stage")
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a student pipeline folder (or bare U-Net folder) or hub id")
+    p.add_argument("model", help="a student pipeline folder (or bare U-Net folder) or hub id; SD3/FLUX students "
+                   "(transformer/) show kept and removed blocks per block list")
     p.add_argument("--teacher", default=None, help="its teacher (default: the one named in bksdm.json)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON record")
 
@@ -148,8 +151,12 @@ def _export(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- profile
 @command("profile", "parameters, MACs and latency per component and per image (paper Table 1)")
 def _profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", help="teacher family built with random weights: sd-v1, sd-v2-base, sd-v2, sdxl")
-    p.add_argument("--student", nargs="*", default=[], help="specs applied to --arch (bk-base bk-small bk-tiny; SDXL: bk-base bk-small koala-1b koala-700m; or files)")
+    p.add_argument("--arch", help="teacher family built with random weights: sd-v1, sd-v2-base, sd-v2, sdxl; or a "
+                   "transformer on the meta device (with --no-latency): flux-dev, flux-schnell, sd3-medium, "
+                   "sd3.5-medium, sd3.5-large")
+    p.add_argument("--student", nargs="*", default=[], help="specs applied to --arch (bk-base bk-small bk-tiny; SDXL: "
+                   "bk-base bk-small koala-1b koala-700m ssd-1b; transformers: bk-base bk-small bk-tiny, FLUX also "
+                   "flux-mini; or files)")
     p.add_argument("--model", nargs="*", default=[], help="pipeline folders or hub ids to profile (their real weights)")
     p.add_argument("--no-latency", action="store_true", help="count parameters and MACs only")
     p.add_argument("--dtypes", nargs="+", default=None, help="latency precisions (default: fp32 bf16 on CPU, fp32 fp16 on GPU)")
@@ -172,7 +179,8 @@ def _profile(a: argparse.Namespace) -> int:
     from bksdm.profile import profile_models
 
     if not a.arch and not a.model:
-        raise UserError("profile needs --arch (sd-v1, sd-v2-base, sd-v2, sdxl) or --model FOLDER")
+        raise UserError("profile needs --arch (sd-v1, sd-v2-base, sd-v2, sdxl, flux-dev, flux-schnell, sd3-medium, "
+                        "sd3.5-medium, sd3.5-large) or --model FOLDER")
     records = profile_models(a.arch, a.student, a.model, latency=not a.no_latency, dtypes=a.dtypes,
                              device=a.device, steps=a.steps, runs=a.runs, guidance=a.guidance, decoder=a.decoder,
                              cache_interval=a.cache_interval, cache_branch=a.cache_branch)

@@ -9,7 +9,7 @@ from bksdm.arch import derive, init_student_from_teacher, load_spec
 from bksdm.errors import UserError, check_output
 from bksdm.hub import read_unet_config, resolve_model
 from bksdm.cards import write_model_card
-from bksdm.pipelines import copy_pipeline, write_record
+from bksdm.pipelines import copy_pipeline, load_transformer, read_transformer_config, write_record
 from bksdm.profile import count_params
 
 
@@ -28,6 +28,11 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     from bksdm.models import load_unet
 
     src = resolve_model(teacher, "teacher")
+    if read_transformer_config(src) is not None:
+        if student == "auto" or budget or ranking:
+            raise UserError("--student auto, --budget and --ranking rank U-Net units; for a transformer teacher give a "
+                            "spec (bk-base, bk-small, bk-tiny, flux-mini for FLUX.1, or a spec file)")
+        return compress_transformer(teacher, src, student, out, overwrite)
     teacher_cfg, unet_dir = read_unet_config(src)
     chosen = None
     if student == "auto":
@@ -64,6 +69,34 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
                      {"status": "initialised from the teacher's weights, not yet distilled (bksdm distill retrains it)"})
     del teacher_unet
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return record
+
+
+def compress_transformer(teacher: str, src: Path, student: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """:func:`compress` for a pipeline whose denoiser is ``transformer/`` (SD3 / SD3.5, FLUX.1): the student
+    transformer built from the derived config and filled from the teacher through the asserted key map, the other
+    components copied unchanged, ``bksdm.json`` written (no model card yet: cards describe U-Net students)."""
+    from bksdm.arch import dit
+
+    teacher_cfg, folder = read_transformer_config(src)
+    derivation = dit.derive(teacher_cfg, load_spec(student, teacher_cfg))  # fails on a bad spec before any weights
+    if not (src / "model_index.json").is_file():
+        raise UserError(f"{src} is a bare transformer; compress needs a whole pipeline folder (with model_index.json)")
+    out = check_output(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} is not empty; choose another or pass --overwrite")
+    teacher_model = load_transformer(folder, teacher_cfg)
+    student_model = init_student_from_teacher(teacher_model, derivation)
+    copy_pipeline(src, out, skip=("transformer",))
+    student_model.save_pretrained(out / "transformer", safe_serialization=True)
+    record = {
+        "teacher": teacher,
+        "backbone": teacher_cfg["_class_name"],
+        **derivation.record(),
+        "params": {"teacher_transformer": count_params(teacher_model), "student_transformer": count_params(student_model)},
+        "student_config": derivation.student_config,
+    }
+    write_record(out, record)
     return record
 
 

@@ -105,17 +105,21 @@ def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tens
 
 
 def family_pipeline(parts: dict[str, Any], scheduler):
-    """The family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) around ``parts``
-    (``unet``, ``vae`` and the family's text components by name)."""
+    """The family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``StableDiffusion3Pipeline``, ``FluxPipeline``) around ``parts`` (the denoiser, ``unet`` or ``transformer``,
+    ``vae`` and the family's text components by name; SD3 without ``text_encoder_3`` gets T5 zeros, as diffusers)."""
     import diffusers
 
-    from bksdm.arch.families import family_of
+    from bksdm.arch.flow_families import family_for
 
-    family = family_of(parts["unet"].config)
-    missing = [n for n in ("unet", "vae", *family.text_components) if n not in parts]
+    backbone = "transformer" if parts.get("transformer") is not None else "unet"
+    family = family_for(parts[backbone].config, [n for n, v in parts.items() if v is not None])
+    missing = [n for n in (backbone, "vae", *family.text_components) if n not in parts]
     if missing:
         raise UserError(f"a {family.pipeline_class} needs components {missing} as well")
-    comps = {n: parts[n] for n in ("unet", "vae", *family.text_components)}
+    comps = {n: parts[n] for n in (backbone, "vae", *family.text_components)}
+    if family.name == "sd3" and "text_encoder_3" not in comps:
+        comps.update(tokenizer_3=None, text_encoder_3=None)
     return getattr(diffusers, family.pipeline_class)(scheduler=scheduler, **comps, **dict(family.pipeline_kwargs)), family
 
 
@@ -124,26 +128,32 @@ def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds:
                     steps: int = 25, guidance: float | None = None, resolution: int | None = None,
                     dtype: torch.dtype = torch.float32, device: str = "cpu", cache_interval: int = 1,
                     cache_branch: int = 0, forward=None) -> list[Image.Image]:
-    """Generate one image per (prompt, seed) with the family's diffusers pipeline assembled from ``parts`` (``unet``,
-    ``vae`` or a tiny decoder, the family's tokenizers and text encoders by name, as
+    """Generate one image per (prompt, seed) with the family's diffusers pipeline assembled from ``parts`` (``unet``
+    or ``transformer``, ``vae`` or a tiny decoder, the family's tokenizers and text encoders by name, as
     :func:`bksdm.models.load_components` gives them); ``guidance`` None: the family's default
-    (:attr:`Family.guidance`, SD 7.5, SDXL 5.0). ``cache_interval`` > 1: DeepCache-style feature caching
-    (:class:`bksdm.fast.FeatureCache`); ``forward``: a compiled U-Net forward (:func:`bksdm.fast.compile_unet`)."""
+    (:attr:`Family.guidance`: SD 7.5, SDXL 5.0, SD3 7.0, Flux 3.5 (embedded for Flux-dev)). ``cache_interval`` > 1:
+    DeepCache-style feature caching (:class:`bksdm.fast.FeatureCache`, U-Nets); ``forward``: a compiled U-Net
+    forward (:func:`bksdm.fast.compile_unet`). Each image's initial latent comes from its own seed
+    (:func:`initial_latents`, in the family's layout: Flux packs it), so an image does not depend on its batch."""
+    from contextlib import nullcontext
+
     from bksdm.fast import FeatureCache
 
     pipe, family = family_pipeline(parts, scheduler)
-    unet = parts["unet"]
+    model = parts[family.backbone]
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device, dtype)
     factor = pipe.vae_scale_factor
-    size = resolution or family.resolution(unet.config, factor)
-    latents = initial_latents(seeds, (unet.config.in_channels, size // factor, size // factor))
+    size = resolution or family.resolution(model.config, factor)
+    latents = family.pipeline_latents(initial_latents(seeds, family.latent_shape(model.config, size, factor)))
     # per-image generators for samplers that draw noise while stepping (LCM): an image never depends on its batch
     gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
-    with FeatureCache(unet, cache_interval, cache_branch, forward):  # one pipeline call: one trajectory
+    kw = {"max_sequence_length": family.max_sequence_length} if family.backbone == "transformer" else {}
+    cache = FeatureCache(model, cache_interval, cache_branch, forward) if family.backbone == "unet" else nullcontext()
+    with cache:  # one pipeline call: one trajectory
         out = pipe(prompts, height=size, width=size, num_inference_steps=steps,
                    guidance_scale=family.guidance if guidance is None else guidance,
-                   latents=latents.to(device, dtype), output_type="pil", generator=gens)
+                   latents=latents.to(device, dtype), output_type="pil", generator=gens, **kw)
     return out.images
 
 
@@ -251,10 +261,15 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
         lora_dir = Path(lora).parent if Path(lora).is_file() else Path(lora)
         if (lora_dir / "scheduler" / "scheduler_config.json").is_file():
             source = lora_dir
+    names = generation_parts(folder)
+    if names[0] == "transformer":  # flow matching: the pipeline's own FlowMatchEulerDiscreteScheduler, nothing else yet
+        _check_flow_options(scheduler, lora, decoder, cache_interval, compile)
     with reading(source / "scheduler", "scheduler of"):
-        sched = getattr(diffusers, SCHEDULERS[scheduler]).from_pretrained(source, subfolder="scheduler")
-    parts = load_components(folder, generation_parts(folder))
-    FeatureCache(parts["unet"], cache_interval, cache_branch)  # a branch the U-Net lacks fails before any work
+        cls = diffusers.FlowMatchEulerDiscreteScheduler if names[0] == "transformer" else getattr(diffusers, SCHEDULERS[scheduler])
+        sched = cls.from_pretrained(source, subfolder="scheduler")
+    parts = load_components(folder, names)
+    if "unet" in parts:
+        FeatureCache(parts["unet"], cache_interval, cache_branch)  # a branch the U-Net lacks fails before any work
     if decoder:
         parts["vae"] = load_decoder(decoder, parts["unet"], parts["vae"])
     lora_done = None
@@ -299,6 +314,15 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
             "decoder": decoder or "vae", "cache_interval": cache_interval, "cache_branch": cache_branch, "compile": compile,
             **({"compile_seconds": round(compile_s, 3)} if compile_s is not None else {}),
             **({"lora": {k: v if k != "dropped" else len(v) for k, v in lora_done.items()}} if lora_done else {})}
+
+
+def _check_flow_options(scheduler: str, lora, decoder, cache_interval: int, compile: bool) -> None:
+    """One-line refusals of what transformer (flow-matching) pipelines do not support in ``generate`` yet."""
+    asked = [f for f, on in (("--scheduler " + scheduler, scheduler != "pndm"), ("--lora", lora), ("--decoder", decoder),
+                             ("--cache-interval", cache_interval != 1), ("--compile", compile)) if on]
+    if asked:
+        raise UserError(f"{asked[0]} does not apply to flow-matching transformer pipelines (SD3, Flux): they sample "
+                        "with their own FlowMatchEulerDiscreteScheduler and the full transformer")
 
 
 def _save(image: Image.Image, path: Path) -> None:

@@ -62,6 +62,10 @@ def inspect_student(model: str, teacher: str | None = None) -> dict[str, Any]:
     from bksdm.profile import count_params
 
     folder = resolve_model(model, "model")
+    from bksdm.pipelines import read_transformer_config
+
+    if read_transformer_config(folder) is not None:
+        return inspect_transformer(folder, str(model), teacher)
     student_cfg, _ = read_unet_config(folder)
     record = load_record(folder)
     source = teacher or (record or {}).get("teacher")
@@ -109,7 +113,10 @@ def inspect_student(model: str, teacher: str | None = None) -> dict[str, Any]:
 
 
 def format_inspection(info: dict[str, Any]) -> str:
-    """The stage table in Markdown, with totals and where the names came from."""
+    """The stage table in Markdown, with totals and where the names came from (a transformer's block-list table:
+    :func:`format_transformer`)."""
+    if "block_lists" in info:
+        return format_transformer(info)
     lines = [f"{info['model']} vs teacher {info['teacher']}" + (f" (spec {info['spec']})" if info["spec"] else ""),
              "", "| stage | blocks (teacher -> student) | removed | params (teacher -> student) | GMACs |",
              "|---|---|---|---:|---:|"]
@@ -129,4 +136,81 @@ def format_inspection(info: dict[str, Any]) -> str:
         from bksdm.cards import chosen_lines
 
         lines += [""] + chosen_lines(info["chosen_by_measurement"])
+    return "\n".join(lines)
+
+
+def _block_gmacs(config: dict[str, Any]) -> dict[str, float]:
+    """GMACs of each block (``transformer_blocks.3``) and of the whole call (``Global``) of a transformer at its
+    default size (SD3: ``sample_size`` latents; FLUX: 1024 px), 256 text tokens, batch 1, on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bksdm.arch import dit
+
+    model = dit.meta_model(config)
+    inputs = dit.dummy_inputs(config, 8 * config.get("sample_size", 128), TEXT_TOKENS)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**inputs)
+    out = {}
+    for name, ops in counter.get_flop_counts().items():
+        counts = {str(k): v for k, v in ops.items()}
+        out[name.split(".", 1)[1] if "." in name else name] = (sum(counts.values()) - counts.get("aten.bmm", 0)) / 2e9
+    return out
+
+
+TEXT_TOKENS = 256
+"""Text tokens of the transformer calls whose MACs inspect counts."""
+
+
+def inspect_transformer(folder, model: str, teacher: str | None = None) -> dict[str, Any]:
+    """The block-list table of a transformer student (``transformer/``) against its teacher: per list the kept and
+    removed teacher blocks (from ``bksdm.json``), parameters and GMACs."""
+    from bksdm.arch import dit
+    from bksdm.hub import resolve_model
+    from bksdm.pipelines import derivation_for, load_record, read_transformer_config
+
+    student_cfg, _ = read_transformer_config(folder)
+    record = load_record(folder)
+    source = teacher or (record or {}).get("teacher")
+    if not source or record is None:
+        raise UserError(f"{model} has no bksdm.json naming its teacher and its kept blocks; inspect needs a transformer "
+                        f"student written by bksdm compress")
+    found = read_transformer_config(resolve_model(str(source), "teacher"))
+    if found is None:
+        raise UserError(f"teacher {source} has no SD3/FLUX transformer; pass --teacher (the pipeline it came from)")
+    teacher_cfg = found[0]
+    kept = dict(dit.DiTSpec.from_dict(record["spec"]).kept(teacher_cfg))
+    derivation_for(teacher_cfg, str(folder))  # the record still derives on this teacher (key map asserted)
+    t_model, s_model = dit.meta_model(teacher_cfg), dit.meta_model(student_cfg)
+    t_macs, s_macs = _block_gmacs(teacher_cfg), _block_gmacs(student_cfg)
+    from bksdm.profile import count_params
+
+    rows = []
+    for name, n in dit.block_counts(teacher_cfg).items():
+        idx = kept[name]
+        rows.append({"list": name, "teacher_blocks": n, "student_blocks": len(idx), "kept": idx,
+                     "removed": [i for i in range(n) if i not in idx],
+                     "teacher_params": count_params(getattr(t_model, name)),
+                     "student_params": count_params(getattr(s_model, name)),
+                     "teacher_gmacs": sum(t_macs.get(f"{name}.{i}", 0.0) for i in range(n)),
+                     "student_gmacs": sum(s_macs.get(f"{name}.{j}", 0.0) for j in range(len(idx)))})
+    return {"model": model, "teacher": str(source), "from_record": True, "spec": record["spec"].get("name"),
+            "backbone": teacher_cfg["_class_name"], "block_lists": rows,
+            "transformer_params": {"teacher": count_params(t_model), "student": count_params(s_model)},
+            "transformer_gmacs": {"teacher": t_macs["Global"], "student": s_macs["Global"]}}
+
+
+def format_transformer(info: dict[str, Any]) -> str:
+    """The block-list table of :func:`inspect_transformer` in Markdown."""
+    lines = [f"{info['model']} vs teacher {info['teacher']} ({info['backbone']}, spec {info['spec']})", "",
+             "| block list | blocks (teacher -> student) | kept | removed | params (teacher -> student) | GMACs |",
+             "|---|---|---|---|---:|---:|"]
+    for r in info["block_lists"]:
+        lines.append(f"| {r['list']} | {r['teacher_blocks']} -> {r['student_blocks']} | {', '.join(map(str, r['kept']))} | "
+                     f"{', '.join(map(str, r['removed'])) or '-'} | {r['teacher_params']:,} -> {r['student_params']:,} | "
+                     f"{r['teacher_gmacs']:.3f} -> {r['student_gmacs']:.3f} |")
+    p, g = info["transformer_params"], info["transformer_gmacs"]
+    lines += ["", f"Transformer: {p['teacher']:,} -> {p['student']:,} parameters, {g['teacher']:.3f} -> "
+              f"{g['student']:.3f} GMACs per call at batch 1 with {TEXT_TOKENS} text tokens (attention-score products "
+              f"excluded)."]
     return "\n".join(lines)

@@ -82,16 +82,26 @@ def load_unet(unet_dir: Path):
 
 
 def pipeline_family(folder: Path):
-    """The :class:`~bksdm.arch.families.Family` of a pipeline folder, read from its U-Net config."""
-    from bksdm.arch.families import family_of
+    """The :class:`~bksdm.arch.families.Family` of a pipeline folder, read from its denoiser's config: the U-Net's,
+    or the transformer's (SD3, Flux; :func:`bksdm.arch.flow_families.family_for`, which also reads which text
+    components ``model_index.json`` provides)."""
+    from bksdm.arch.flow_families import family_for, pipeline_components
     from bksdm.hub import read_unet_config
 
-    return family_of(read_unet_config(folder)[0])
+    index = model_index(folder) if (folder / "model_index.json").is_file() else {}
+    if "transformer" in pipeline_components(index):
+        path = folder / "transformer" / "config.json"
+        with reading(path, "transformer config", "restore the folder from its source"):
+            config = json.loads(path.read_text())
+        return family_for(config, pipeline_components(index))
+    return family_for(read_unet_config(folder)[0])
 
 
 def generation_parts(folder: Path) -> tuple[str, ...]:
-    """What generation loads from a pipeline: U-Net, VAE and the family's tokenizers and text encoders."""
-    return ("unet", "vae", *pipeline_family(folder).text_components)
+    """What generation loads from a pipeline: the denoiser (U-Net or transformer), VAE and the family's tokenizers
+    and text encoders."""
+    family = pipeline_family(folder)
+    return (family.backbone, "vae", *family.text_components)
 
 
 def decoder_factor(vae) -> int:

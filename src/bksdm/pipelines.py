@@ -42,12 +42,44 @@ def write_record(folder: str | Path, record: dict[str, Any]) -> None:
 
 
 def derivation_for(teacher_cfg: dict[str, Any], student: str) -> Derivation:
-    """The derivation of a student given as a spec name/file or as a folder written by ``bksdm compress``."""
+    """The derivation of a student given as a spec name/file or as a folder written by ``bksdm compress``; a
+    transformer teacher (``SD3Transformer2DModel``, ``FluxTransformer2DModel``) gets its transformer derivation."""
+    from bksdm.arch import dit
+
     record = load_record(student) if Path(student).is_dir() else None
     if record is not None:
         from bksdm.arch.spec import BlockSpec
 
-        return derive(teacher_cfg, BlockSpec.from_dict(record["spec"], source=str(Path(student) / RECORD)))
+        source = str(Path(student) / RECORD)
+        if dit.is_transformer(teacher_cfg):
+            return dit.derive(teacher_cfg, dit.DiTSpec.from_dict(record["spec"], source=source))
+        return derive(teacher_cfg, BlockSpec.from_dict(record["spec"], source=source))
     if Path(student).is_dir():
         raise UserError(f"{student} has no {RECORD}; pass a folder written by `bksdm compress`, a spec name or a spec file")
-    return derive(teacher_cfg, load_spec(student, teacher_cfg))
+    return dit.derive_backbone(teacher_cfg, load_spec(student, teacher_cfg))
+
+
+def read_transformer_config(folder: Path) -> tuple[dict[str, Any], Path] | None:
+    """(config, folder) of a pipeline's ``transformer/`` (or of a bare transformer folder) when it is an SD3 or
+    FLUX transformer; None when the folder has none (a U-Net pipeline)."""
+    from bksdm.arch import dit
+
+    for cand in (folder / "transformer", folder):
+        path = cand / "config.json"
+        if path.is_file():
+            with reading(path, "transformer config", "restore it from the model's source"):
+                data = json.loads(path.read_text())
+            if dit.is_transformer(data):
+                return data, cand
+            if cand.name == "transformer":
+                raise UserError(f"{path} is a {data.get('_class_name')}; supported transformers: "
+                                f"{', '.join(dit.BLOCK_LISTS)}")
+    return None
+
+
+def load_transformer(folder: Path, config: dict[str, Any]):
+    """The transformer of ``config`` from ``folder`` (one-line error when its weights are missing or corrupt)."""
+    import diffusers
+
+    with reading(folder, "transformer", "restore the folder from its source (or run bksdm compress again)"):
+        return getattr(diffusers, config["_class_name"]).from_pretrained(folder)

@@ -308,8 +308,38 @@ def tiny_decoder(decoder: str, c: Components):
     return materialise(tiny.to("meta"), torch.Generator().manual_seed(0)).eval()
 
 
+TRANSFORMER_NOTE = ("transformer only: text encoders and VAE of SD3/FLUX families are not profiled yet; GMACs of one "
+                    "call at batch 1")
+
+
+def transformer_records(arch: str, students: list[str], resolution: int = 1024) -> list[dict[str, Any]]:
+    """Records of the transformer of ``arch`` (:data:`bksdm.arch.dit_configs.DIT_CONFIGS`) and of its
+    ``students`` (spec names or files): exact parameters and GMACs of one call at ``resolution`` px with the
+    family's default text length, counted on the meta device."""
+    from bksdm.arch import dit, load_spec
+    from bksdm.arch.dit_configs import DIT_CONFIGS, TEXT_TOKENS
+
+    teacher = DIT_CONFIGS[arch]
+    configs = [(arch, teacher)] + [(s, {**dit.derive(teacher, load_spec(s, teacher), with_keys=False).student_config,
+                                        "_class_name": teacher["_class_name"]}) for s in students]
+    records = []
+    for name, cfg in configs:
+        model, inputs = dit.meta_model(cfg), dit.dummy_inputs(cfg, resolution, TEXT_TOKENS[arch])
+        gmacs, with_scores = count_gmacs(lambda: model(**inputs))
+        records.append({"name": name, "transformer_params": count_params(model), "transformer_gmacs": round(gmacs, 2),
+                        "transformer_gmacs_with_scores": round(with_scores, 2), "resolution": resolution,
+                        "text_tokens": TEXT_TOKENS[arch], "blocks": dit.block_counts({**cfg}), "note": TRANSFORMER_NOTE})
+    return records
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     """A Markdown table of profile records (teacher first), latency columns when measured."""
+    if records and "transformer_params" in records[0]:
+        rows = ["| model | blocks | transformer params | GMACs | (+attn scores) |", "|---|---|---:|---:|---:|"]
+        rows += [f"| {r['name']} | {' + '.join(str(n) for n in r['blocks'].values())} | {r['transformer_params']:,} | "
+                 f"{r['transformer_gmacs']:.1f} | {r['transformer_gmacs_with_scores']:.1f} |" for r in records]
+        r = records[0]
+        return "\n".join(rows + [f"\nAt {r['resolution']} px with {r['text_tokens']} text tokens; {r['note']}."])
     head = ["model", "U-Net params", "U-Net GMACs", "(+attn scores)", "whole params", "whole GMACs"]
     dnames = sorted({d for r in records for d in r.get("latency_s", {})}, key=list(DTYPES).index)
     for d in dnames:
@@ -365,6 +395,14 @@ def profile_models(
 
     from bksdm.models import default_device
 
+    from bksdm.arch.dit_configs import DIT_CONFIGS
+
+    if arch in DIT_CONFIGS:
+        if latency:
+            raise UserError(f"--arch {arch}: latency of transformer backbones is not measured yet; pass --no-latency")
+        if models:
+            raise UserError(f"--arch {arch} (a transformer) cannot be profiled with --model in one call yet")
+        return transformer_records(arch, students)
     device = device or default_device()
     if dtypes is None:
         dtypes = ["fp32", "fp16"] if device.startswith("cuda") else ["fp32", "bf16"]

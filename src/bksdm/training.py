@@ -21,14 +21,19 @@ def noisy_inputs(scheduler, latents: torch.Tensor, gen: torch.Generator,
 
     ``latents`` (B, C, h, w); the noise and then the timesteps are drawn from the CPU generator ``gen`` in that
     order, which resumed runs and the reference checks rely on: uniformly (the paper), or in proportion to
-    ``weights`` (T,) (:func:`timestep_weights`). The target is :func:`training_target`'s."""
-    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-    if weights is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    else:
-        t = torch.multinomial(weights, latents.shape[0], replacement=True, generator=gen)
-    t = t.to(latents.device)
-    return scheduler.add_noise(latents, noise, t), t, training_target(scheduler, latents, noise, t)
+    ``weights`` (T,) (:func:`timestep_weights`). The target is :func:`training_target`'s. A wrapper of
+    :class:`bksdm.objectives.DDPMObjective` (same draws, bit for bit) for a DDPM ``scheduler``."""
+    from bksdm.objectives import DDPMObjective
+
+    return DDPMObjective(scheduler, weights).sample(latents, gen)
+
+
+def to_latent_space(z: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE latents ``z`` (B, C, h, w) in the denoiser's space: ``(z - shift_factor) * scaling_factor``. SD and SDXL
+    have no shift; SD3 and Flux do (0.0609 / 0.1159), and their pipelines decode ``latents / scaling_factor +
+    shift_factor`` (diffusers ``pipeline_stable_diffusion_3.py``, ``pipeline_flux.py``)."""
+    shift = vae_config.get("shift_factor", None) or 0.0
+    return (z - shift) * vae_config.get("scaling_factor", 0.18215)
 
 
 def timestep_weights(num_timesteps: int, strategy: str, portion: float = 0.25, multiplier: float = 1.0) -> torch.Tensor | None:
@@ -46,10 +51,12 @@ def timestep_weights(num_timesteps: int, strategy: str, portion: float = 0.25, m
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the U-Net learns to predict for ``(latents, noise, t)``: the noise, or the velocity when the
-    scheduler's config says ``v_prediction`` (SD-v2, the mini teacher). Same shape as ``latents``."""
-    prediction = scheduler.config.prediction_type  # the family's target, as Family.prediction_type reads it
-    return noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    """What the U-Net learns to predict for ``(latents, noise, t)``: the noise, the velocity when the scheduler's
+    config says ``v_prediction`` (SD-v2, the mini teacher), the clean latents for ``sample``. Same shape as
+    ``latents``."""
+    from bksdm.objectives import DDPMObjective
+
+    return DDPMObjective(scheduler).target(latents, noise, t)
 
 
 class FrozenTeacher(torch.nn.Module):

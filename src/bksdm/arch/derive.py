@@ -43,7 +43,7 @@ _PER_STAGE_KEYS = (
 class Derivation:
     """The student a spec yields for one teacher: config, weight map and feature-KD pairs."""
 
-    spec: BlockSpec
+    spec: BlockSpec  # a bksdm.arch.dit.DiTSpec for a transformer teacher (same to_dict / record contract)
     teacher_config: dict[str, Any]
     student_config: dict[str, Any]
     module_map: list[tuple[str, str]]  # (student module, teacher module), block-level
@@ -347,7 +347,41 @@ def param_count(config: dict[str, Any]) -> int:
     return sum(math.prod(shape) for shape in _meta_shapes({k: v for k, v in config.items() if not k.startswith("_")}).values())
 
 
-def _key_map(modules: list[tuple[str, str]], student: dict[str, torch.Size], teacher: dict[str, torch.Size]):
+UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block")
+"""Top-level modules of a U-Net whose every tensor must be covered by a module-map entry."""
+
+FEATURE_PICK = "#"
+"""Separator of a feature point's tuple pick: ``transformer_blocks.3#1`` is item 1 of that module's tuple output
+(:func:`feature_point`); a name without it keeps today's rule (first item of a tuple, ``.sample`` of an output)."""
+
+
+def feature_point(module: str, item: int | None = None) -> str:
+    """The name feature hooks capture: ``module`` itself, or ``module#item`` for item ``item`` of its tuple output
+    (MMDiT blocks return ``(encoder_hidden_states, hidden_states)``: the image stream is item 1)."""
+    return module if item is None else f"{module}{FEATURE_PICK}{item}"
+
+
+def split_feature_point(name: str) -> tuple[str, int | None]:
+    """(module name, tuple item or None) of a feature-point name written by :func:`feature_point`."""
+    module, sep, item = name.partition(FEATURE_PICK)
+    return (module, int(item)) if sep else (module, None)
+
+
+def map_keys(modules: list[tuple[str, str]], student: dict[str, torch.Size], teacher: dict[str, torch.Size],
+             roots: tuple[str, ...] = UNET_ROOTS) -> tuple[dict[str, str], list[str]]:
+    """The tensor key map (student key -> teacher key) of a module map, and the unused teacher keys (sorted).
+
+    Each student key takes its longest mapped module prefix (a moved layer's entry outranks its block's); a key
+    with no mapped prefix keeps its name, except under ``roots`` (the backbone's block lists), where that is an
+    :class:`AssertionError`: a depth-pruned block must never take the same-numbered teacher block silently.
+    Checked: the source exists with the identical shape (:class:`UserError` naming both), and no teacher tensor
+    is used twice (:class:`AssertionError`). ``student``/``teacher``: key -> shape (buffers included).
+    """
+    return _key_map(modules, student, teacher, roots)
+
+
+def _key_map(modules: list[tuple[str, str]], student: dict[str, torch.Size], teacher: dict[str, torch.Size],
+             roots: tuple[str, ...] = UNET_ROOTS):
     prefixes = dict(modules)
     key_map: dict[str, str] = {}
     for key, shape in student.items():
@@ -359,7 +393,7 @@ def _key_map(modules: list[tuple[str, str]], student: dict[str, torch.Size], tea
                 src = prefixes[head] + key[len(head):]
                 break
         else:
-            if parts[0] in ("down_blocks", "up_blocks", "mid_block"):
+            if parts[0] in roots:
                 raise AssertionError(f"student tensor {key} is not covered by the module map")
         if src not in teacher:
             raise UserError(f"student tensor {key} maps to {src}, which the teacher does not have")

@@ -194,6 +194,8 @@ class Family:
     guidance: float = 7.5
     """The classifier-free guidance scale images are generated with unless one is given: the family's diffusers
     pipeline default (SD: 7.5, the paper's; SDXL: 5.0)."""
+    backbone: str = "unet"  # the denoiser's component folder ("transformer" for SD3 and Flux)
+    classifier_free: bool = True  # the pipeline guides with an unconditional pass (Flux-dev embeds guidance instead)
 
     def encode_prompt(self, parts: Mapping[str, Any], texts: list[str], device: Any) -> dict[str, Any]:
         """The prompt's conditioning: ``{"encoder_hidden_states": (B, L, D)}``. ``parts`` holds the loaded
@@ -227,6 +229,19 @@ class Family:
         """The U-Net's keyword arguments for a conditioning dict (LCM's ``timestep_cond`` passes through)."""
         return dict(cond)
 
+    def denoise(self, model: Any, x: Any, t: Any, cond: Mapping[str, Any]) -> Any:
+        """The denoiser's prediction (B, C, h, w) for latents ``x`` (B, C, h, w) at timesteps ``t`` (B,) in scheduler
+        units (0-1000) under the conditioning dict ``cond``: ``model(x, t, **unet_kwargs(cond)).sample``."""
+        return model(x, t, **self.unet_kwargs(cond)).sample
+
+    def latent_shape(self, config: Mapping[str, Any], size: int, vae_scale_factor: int) -> tuple[int, int, int]:
+        """(C, h, w) of one image's initial latent at ``size`` px, as the pipeline's ``prepare_latents`` shapes it."""
+        return int(config["in_channels"]), size // vae_scale_factor, size // vae_scale_factor
+
+    def pipeline_latents(self, latents: Any) -> Any:
+        """Latents (B, C, h, w) in the layout the pipeline's ``latents=`` argument takes (Flux: packed)."""
+        return latents
+
     def resolution(self, unet_config: Mapping[str, Any], vae_scale_factor: int = 8) -> int:
         """Default image size in pixels: the U-Net's latent size times the VAE's factor (SD-v1/v2-base 512, v2 768,
         SDXL 1024)."""
@@ -244,6 +259,10 @@ class Family:
     def from_cache(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """The prompt's conditioning of a cached item or batch (the inverse of :meth:`to_cache`)."""
         return {"encoder_hidden_states": item["emb"]}
+
+    def cache_meta(self) -> dict[str, Any]:
+        """What a cache of this family's embeddings must record and match besides the family (SD3/Flux: T5)."""
+        return {}
 
     def dummy_conditioning(self, unet_config: Mapping[str, Any], batch: int, device: Any, dtype: Any) -> dict[str, Any]:
         """Random conditioning of the right shapes for a U-Net of ``unet_config`` (profiling, checks)."""

@@ -195,18 +195,33 @@ def builtin_specs(n_stages: int = 4) -> dict[str, BlockSpec]:
     return SDXL_SPECS if n_stages == 3 else BUILTIN_SPECS
 
 
-def load_spec(name_or_path: str | Path, teacher_config: dict[str, Any] | None = None) -> BlockSpec:
-    """A built-in spec by name (``bk-base``, ``bk-small``, ``bk-tiny``; for SDXL also ``koala-1b``,
-    ``koala-700m``) for ``teacher_config``'s number of stages (default four), or a spec file (.yaml/.yml/.json)."""
+def load_spec(name_or_path: str | Path, teacher_config: dict[str, Any] | None = None):
+    """A built-in spec by name or a spec file (.yaml/.yml/.json), for the kind of ``teacher_config``.
+
+    A U-Net teacher (or none: four stages) gets a :class:`BlockSpec`: ``bk-base``, ``bk-small``, ``bk-tiny``, for
+    SDXL also ``koala-1b``, ``koala-700m``, ``ssd-1b``. A transformer teacher (``_class_name``
+    ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``) gets a :class:`bksdm.arch.dit.DiTSpec`, built-ins
+    computed from its config (:func:`bksdm.arch.dit.builtin_specs`). A spec of the other kind is a one-line error."""
+    from bksdm.arch import dit
+
     key = str(name_or_path)
-    builtins = builtin_specs(len(teacher_config["down_block_types"]) if teacher_config else 4)
+    transformer = bool(teacher_config) and dit.is_transformer(teacher_config)
+    if transformer:
+        builtins: dict[str, Any] = dit.builtin_specs(teacher_config)
+    else:
+        builtins = builtin_specs(len(teacher_config["down_block_types"]) if teacher_config else 4)
     if key in builtins:
+        if transformer:
+            dit.check_spec(builtins[key], teacher_config)
         return builtins[key]
     path = Path(key)
     if path.suffix.lower() not in {".yaml", ".yml", ".json"}:
         known = ", ".join(builtins)
         if key in SDXL_SPECS:
             raise UserError(f"student {key!r} is a built-in spec for SDXL teachers; this teacher's are: {known}")
+        if key in dit.TRANSFORMER_ONLY_SPECS:
+            raise UserError(f"student {key!r} is a built-in spec for FLUX.1 (19 + 38 blocks) transformer teachers; "
+                            f"this teacher's are: {known}")
         raise UserError(f"unknown student {key!r}; use a built-in spec ({known}) or a spec file (.yaml or .json)")
     if not path.is_file():
         raise UserError(f"spec file {key} does not exist")
@@ -221,6 +236,17 @@ def load_spec(name_or_path: str | Path, teacher_config: dict[str, Any] | None = 
     except Exception as exc:  # the parser's message says where the syntax error is
         raise UserError(f"spec file {key} could not be parsed: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise UserError(f"spec file {key} must hold a mapping with keys name, down, mid, up")
+        raise UserError(f"spec file {key} must hold a mapping with keys name, down, mid, up (a U-Net spec) or "
+                        f"name, keep (a transformer spec)")
     data.setdefault("name", path.stem)
+    if transformer and "keep" not in data and {"down", "up"} & set(data):
+        raise UserError(f"spec file {key} is a U-Net spec (down, mid, up) but the teacher is a "
+                        f"{teacher_config['_class_name']}; a transformer spec has keys name and keep")
+    if not transformer and "keep" in data:
+        raise UserError(f"spec file {key} is a transformer spec (keep) but the teacher is a U-Net; a U-Net spec has "
+                        f"keys name, down, mid, up")
+    if transformer:
+        spec = dit.DiTSpec.from_dict(data, source=str(path))
+        dit.check_spec(spec, teacher_config)
+        return spec
     return BlockSpec.from_dict(data, source=str(path))
