@@ -167,10 +167,24 @@ def test_fast_demo_runs_end_to_end(tmp_path):
     assert [r["steps"] for r in lcm] == [2, 2, 1, 2, 4, 8] and all(0 <= r["fidelity"] <= 1 for r in lcm)
     assert "Fewer steps" in report
     rows = json.loads((out / "metrics.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["teacher", "bk-small (teacher init, no KD)", "bk-small (distilled)"]
-    assert rows[0]["teacher_mse"] == 0 and rows[2]["unet_params"] < rows[0]["unet_params"]
+    assert [r["model"] for r in rows] == ["teacher", "measured-small (teacher init, no KD)", "measured-small (distilled)"]
+    assert rows[0]["teacher_mse"] == 0 and rows[2]["unet_params"] == 1_875_372  # the measured choice at BK-Small's size
+    assert "the student: BK-Small's parameter count" in report  # the departure is named
     fidelities = [r["fidelity"] for r in rows if "fidelity" in r]
     assert len(fidelities) == 2 and all((f * 8).is_integer() and 0 <= f <= 1 for f in fidelities)  # teacher, student: k of 8
+
+
+@pytest.mark.slow
+def test_the_demos_measured_student_is_what_rank_chooses_today():
+    """MEASURED_SMALL is not a hand-written spec: a fresh `bksdm rank` of the shipped teacher (mini-world:256, seed 0,
+    as `ablate --auto` runs it) and `compress --student auto --budget params=1923276` choose exactly its blocks."""
+    from bksdm.mini.teacher import MEASURED_SMALL, teacher_path
+    from bksdm.rank import choose, rank
+
+    ranking = rank(str(teacher_path()), "mini-world:256", samples=256, batch=32, seed=0, device="cpu", progress=False)
+    spec, _ = choose(ranking, "params=1923276", progress=False)
+    assert (spec.down, spec.mid, spec.up, spec.depth) == (MEASURED_SMALL.down, MEASURED_SMALL.mid, MEASURED_SMALL.up,
+                                                           MEASURED_SMALL.depth)
 
 
 def test_teacher_recipe_runs_from_the_cli_with_its_shipped_config(tmp_path, capsys):

@@ -481,14 +481,17 @@ def _progress(a: argparse.Namespace) -> int:
 @command("demo", "the whole BK-SDM method in the mini world, offline on a CPU in minutes: writes a report")
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-demo", help="output folder (report.md, pictures, models)")
-    p.add_argument("--steps", type=int, default=600, help="distillation steps (of batch 16)")
+    p.add_argument("--steps", type=int, default=750, help="distillation steps (of batch 16)")
     p.add_argument("--images", type=int, default=300, help="generated images per model for the metrics")
     p.add_argument("--curve-images", type=int, default=100, help="images per checkpoint for the fidelity-vs-step curve")
-    p.add_argument("--student", default="bk-small", help="spec to compress the mini teacher with")
+    p.add_argument("--student", default=None, help="spec to compress the mini teacher with (default: measured-small, "
+                   "BK-Small's size with the blocks bksdm rank measures as least needed; with --paper-recipe: "
+                   "bk-small)")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one)")
-    p.add_argument("--paper-recipe", action="store_true", help="undo the demo's departure from the paper's loss "
-                   "(guided output KD); keep only the CPU-scale changes")
+    p.add_argument("--paper-recipe", action="store_true", help="undo the demo's departures from the paper (guided "
+                   "output KD, low-noise timesteps, the measured student): BK-Small and the paper's loss, with only "
+                   "the CPU-scale changes")
     p.add_argument("--lcm", action="store_true", help="then LCM-distil the student and score it at 1, 2, 4, 8 steps")
     p.add_argument("--lcm-steps", type=int, default=300, help="LCM distillation steps (with --lcm)")
     p.add_argument("--metrics", nargs="*", default=[], help="further registry metrics for the report's table (e.g. "

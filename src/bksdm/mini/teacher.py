@@ -35,7 +35,14 @@ KOALA_MINI = BlockSpec("koala-mini", down=((0,), (0,), (0,)), mid=False, up=((0,
 """KOALA-700M's rules on the SDXL-layout mini teacher: BK-style block removal (each down stage keeps its first
 block, each up stage its first and last), the mid-block removed, and the innermost stage's transformer depth
 halved (2 -> 1, as KOALA cuts SDXL's 10 -> 5) while the stage before keeps its depth 2."""
-MINI_SPECS = {"koala-mini": KOALA_MINI}
+MEASURED_SMALL = BlockSpec("measured-small", down=((0, 1), (0,), (0,), None), mid=True,
+                           up=(None, (1, 2), (1, 2), (0, 1, 2)))
+"""The demo's student: the block choice ``bksdm compress --student auto --budget params=1923276`` makes from
+``bksdm rank`` of the shipped teacher (mini-world:256, seed 0) — BK-Small's parameter count (1,875,372 against
+1,923,276), spent differently. BK-Small removes one pair of every stage; the measurement keeps the outermost
+(32-pixel) stage whole and removes the innermost stage, whose removal changes the teacher's output least. Tested
+against a fresh ranking in the slow tier (``tests/test_mini.py``); docs/mini-world.md says why the demo uses it."""
+MINI_SPECS = {"koala-mini": KOALA_MINI, "measured-small": MEASURED_SMALL}
 
 
 def to_tensor(images) -> torch.Tensor:

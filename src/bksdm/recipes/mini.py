@@ -97,13 +97,20 @@ PAPER_METHOD = {"lambda_cfg": 0.0, "timestep_bias": "none"}
 ``configs/distill_mini.yaml`` are only the changes a few-minute CPU run needs (batch, learning rate, bf16)."""
 
 
-def demo(out: str | Path = "bksdm-demo", steps: int = 600, images: int = 300, student: str = "bk-small",
+DEMO_STUDENT = "measured-small"
+"""The demo's student (:data:`bksdm.mini.teacher.MEASURED_SMALL`): BK-Small's size with the blocks bksdm's
+measurement chooses; ``--paper-recipe`` distils the paper's BK-Small instead."""
+
+
+def demo(out: str | Path = "bksdm-demo", steps: int = 750, images: int = 300, student: str | None = None,
          teacher: str | None = None, gen_steps: int = 25, curve_images: int = 100, paper_recipe: bool = False,
          lcm: bool = False, lcm_steps: int = 300, metrics: list[str] | tuple[str, ...] = (),
          metric_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compress the mini teacher, distil the student, generate, evaluate, profile, score every checkpoint, and write
     ``out/report.md`` and ``out/report.html`` (optionally LCM-distil the student too: ``lcm``; further registry
-    ``metrics``, e.g. ``kid`` or ``cmmd`` with their ``metric_options``, become extra columns of the first table)."""
+    ``metrics``, e.g. ``kid`` or ``cmmd`` with their ``metric_options``, become extra columns of the first table).
+    ``student``: a built-in or mini spec name or a spec file; default :data:`DEMO_STUDENT`, or ``bk-small`` with
+    ``paper_recipe`` (the paper's student and loss)."""
     from bksdm.compress import compress
     from bksdm.mini.teacher import teacher_path
     from bksdm.profile import Components, profile_components
@@ -114,13 +121,14 @@ def demo(out: str | Path = "bksdm-demo", steps: int = 600, images: int = 300, st
     further = [m for m in resolve(list(metrics)) if m.name not in MINI_METRICS]  # unknown names fail before work
     check_needs(further, metric_options or {})  # so does a missing reference
     extra = [m.name for m in further]
+    student = student or ("bk-small" if paper_recipe else DEMO_STUDENT)
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = teacher_path(Path(teacher) if teacher else None)
     init_dir = out / "student-init"
     shutil.rmtree(init_dir, ignore_errors=True)
-    compress(str(teacher_dir), student, init_dir)
+    compress(str(teacher_dir), student_source(out, student), init_dir)
     prompts = prompt_file(out / "prompts.txt", images)
     curve_prompts = out / "prompts-curve.txt"
     curve_prompts.write_text("\n".join(prompts.read_text().splitlines()[:curve_images]) + "\n")
