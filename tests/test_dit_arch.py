@@ -195,6 +195,14 @@ def test_full_size_counts_on_meta():
     assert dit.param_count({**der.student_config, "_class_name": flux["_class_name"]}) == 3_179_199_552
     medium = dit.derive(DIT_CONFIGS["sd3.5-medium"], load_spec("bk-small", DIT_CONFIGS["sd3.5-medium"]))
     assert medium.student_config["dual_attention_layers"] == list(range(8))  # teacher blocks 0-7 kept, 8-12 removed
+    # the built-in students' counts in docs/architecture.md
+    for arch, counts in (("flux-dev", (9_890_771_776, 7_540_303_936, 4_765_060_672)),
+                         ("sd3.5-large", (6_565_629_760, 5_074_632_000, 2_944_635_200)),
+                         ("sd3.5-medium", (1_870_195_648, 1_480_693_824, 921_230_016))):
+        cfg = DIT_CONFIGS[arch]
+        for name, count in zip(("bk-base", "bk-small", "bk-tiny"), counts):
+            student = dit.derive(cfg, load_spec(name, cfg)).student_config
+            assert dit.param_count({**student, "_class_name": cfg["_class_name"]}) == count, (arch, name)
 
 
 def test_profile_cli_transformer_counts(capsys, tmp_path):

@@ -157,7 +157,22 @@ def test_ddpm_objective_sample_prediction_targets_the_latents():
     obj = DDPMObjective(DDPMScheduler(prediction_type="sample"))
     lat = torch.randn(2, 4, 4, 4)
     noisy, t, target = obj.sample(lat, torch.Generator().manual_seed(0))
-    assert torch.equal(target, lat) and torch.equal(obj.x0(target, noisy, t), lat)
+    assert torch.equal(target, lat)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_x0_is_the_schedulers_pred_original_sample(prediction):
+    """x0 from a network output is what diffusers' own DDPMScheduler.step computes, for every parameterisation."""
+    from diffusers import DDPMScheduler
+
+    from bksdm.objectives import DDPMObjective
+
+    sched = DDPMScheduler(prediction_type=prediction, clip_sample=False, beta_schedule="scaled_linear")
+    noisy, out = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.randn(3, 4, 4, 4)
+    for step in (0, 420, 999):
+        ref = sched.step(out, step, noisy).pred_original_sample
+        ours = DDPMObjective(sched).x0(out, noisy, torch.full((3,), step))
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_load_objective_of_a_sd_folder_draws_what_the_trainer_draws(tiny_teacher_dir):
@@ -471,11 +486,37 @@ def test_generate_refuses_unet_options_on_transformer_pipelines(tmp_path, prompt
 
     tiny_flux(guidance=False).save_pretrained(tmp_path / "model")
     capsys.readouterr()  # saving's progress bars
-    for extra, what in ((["--scheduler", "ddim"], "--scheduler ddim"), (["--cache-interval", "2"], "--cache-interval"),
-                        (["--lora", "x.safetensors"], "--lora")):
+    for extra, what in ((["--scheduler", "ddim"], "--scheduler ddim"), (["--scheduler", "pndm"], "--scheduler pndm"),
+                        (["--cache-interval", "2"], "--cache-interval"), (["--cache-branch", "1"], "--cache-branch"),
+                        (["--lora", "x.safetensors"], "--lora"), (["--decoder", "taesd"], "--decoder"),
+                        (["--compile"], "--compile")):
         code = main(["generate", "--model", str(tmp_path / "model"), "--prompts", str(prompts_csv_texts), "--out",
                      str(tmp_path / "o"), "--steps", "1", "--dtype", "fp32", *extra])
         assert code == 2 and what in one_line_error(capsys)
+    # another flow sampler in the folder: refused rather than swapped for Euler with a warning
+    import json
+
+    cfg = tmp_path / "model" / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "_class_name": "FlowMatchHeunDiscreteScheduler"}))
+    code = main(["generate", "--model", str(tmp_path / "model"), "--prompts", str(prompts_csv_texts), "--out",
+                 str(tmp_path / "o"), "--steps", "1", "--dtype", "fp32"])
+    assert code == 2 and "FlowMatchHeunDiscreteScheduler" in one_line_error(capsys)
+    assert not (tmp_path / "o" / "images").exists()  # refused before any work
+
+
+def test_objective_reads_every_flow_scheduler_and_refuses_a_config_without_betas():
+    """A FlowMatchHeun/LCM config is a flow teacher too; a config with neither betas nor a flow class is not
+    silently taken for linear-beta epsilon DDPM."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from bksdm.errors import UserError
+    from bksdm.objectives import FlowObjective, objective_for
+
+    cfg = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    for name in ("FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler"):
+        assert isinstance(objective_for({**cfg, "_class_name": name}), FlowObjective)
+    with pytest.raises(UserError, match="neither beta_schedule nor trained_betas"):
+        objective_for({"_class_name": "SomeScheduler", "num_train_timesteps": 1000})
 
 
 @pytest.fixture

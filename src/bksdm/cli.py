@@ -298,8 +298,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (paper: 25)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
                    "pipeline's, SD 7.5 as the paper, SDXL 5.0)")
-    p.add_argument("--scheduler", default="pndm", help="pndm (paper), ddim, euler, dpm, lcm (a `bksdm lcm` model: "
-                   "--steps 4; with a guidance-embedding U-Net there is no classifier-free batch doubling)")
+    p.add_argument("--scheduler", default=None, help="U-Net pipelines: pndm (default, the paper's), ddim, euler, dpm, "
+                   "lcm (a `bksdm lcm` model: --steps 4; with a guidance-embedding U-Net there is no classifier-free "
+                   "batch doubling); SD3 and Flux sample with their own flow-matching Euler scheduler")
     p.add_argument("--lora", default=None, help="a LoRA file fused into the model first (LCM-LoRA: --scheduler lcm "
                    "--steps 4 --guidance 1)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's, 512 for SD-v1)")

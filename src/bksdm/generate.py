@@ -14,6 +14,7 @@ filter and saved as JPEG again (``im256``). ``lossless=True`` saves both as PNG 
 from __future__ import annotations
 
 import csv
+import json
 import re
 import time
 import zlib
@@ -229,7 +230,7 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, guidance: float | None = None,
-             scheduler: str = "pndm", resolution: int | None = None, batch_size: int = 4, seed: int = 0,
+             scheduler: str | None = None, resolution: int | None = None, batch_size: int = 4, seed: int = 0,
              save_size: int | None = 256, dtype: str | None = None, device: str | None = None,
              limit: int | None = None, lossless: bool = False, lora: str | None = None, decoder: str | None = None,
              cache_interval: int = 1, cache_branch: int = 0, compile: bool = False) -> dict[str, Any]:
@@ -239,7 +240,8 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     decoding instead of the VAE, ``cache_interval`` / ``cache_branch`` feature caching across steps, ``compile``
     the U-Net compiled (the first batch is run once untimed to compile; ``compile_seconds`` is that run's excess
     over the timed one). Returns counts (``redrawn``: existing files that were incomplete and were generated
-    again)."""
+    again). ``scheduler``: the sampler of a U-Net pipeline (default ``pndm``, the paper's); a flow-matching
+    pipeline (SD3, Flux) samples with its own ``FlowMatchEulerDiscreteScheduler`` and refuses any."""
     from bksdm.fast import FeatureCache, compile_unet, load_decoder
 
     from accelerate import PartialState
@@ -248,7 +250,8 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
     from bksdm.models import DTYPES, default_device, generation_parts, load_components, pipeline_folder
 
     items = [(image_name(n, lossless), p) for n, p in read_prompts(prompts)[:limit]]
-    check_value("scheduler", scheduler)  # the CLI checked it already; API callers get the same message
+    if scheduler is not None:
+        check_value("scheduler", scheduler)  # the CLI checked it already; API callers get the same message
     state = PartialState(cpu=(device or default_device()) == "cpu")
     device = device or str(state.device)
     torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
@@ -263,7 +266,8 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
             source = lora_dir
     names = generation_parts(folder)
     if names[0] == "transformer":  # flow matching: the pipeline's own FlowMatchEulerDiscreteScheduler, nothing else yet
-        _check_flow_options(scheduler, lora, decoder, cache_interval, compile)
+        _check_flow_options(folder, scheduler, lora, decoder, cache_interval, cache_branch, compile)
+    scheduler = scheduler or "pndm"
     with reading(source / "scheduler", "scheduler of"):
         cls = diffusers.FlowMatchEulerDiscreteScheduler if names[0] == "transformer" else getattr(diffusers, SCHEDULERS[scheduler])
         sched = cls.from_pretrained(source, subfolder="scheduler")
@@ -316,13 +320,22 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
             **({"lora": {k: v if k != "dropped" else len(v) for k, v in lora_done.items()}} if lora_done else {})}
 
 
-def _check_flow_options(scheduler: str, lora, decoder, cache_interval: int, compile: bool) -> None:
-    """One-line refusals of what transformer (flow-matching) pipelines do not support in ``generate`` yet."""
-    asked = [f for f, on in (("--scheduler " + scheduler, scheduler != "pndm"), ("--lora", lora), ("--decoder", decoder),
-                             ("--cache-interval", cache_interval != 1), ("--compile", compile)) if on]
+def _check_flow_options(folder: Path, scheduler: str | None, lora, decoder, cache_interval: int, cache_branch: int,
+                        compile: bool) -> None:
+    """One-line refusals of what transformer (flow-matching) pipelines do not support in ``generate`` yet: every
+    U-Net option asked for, and a folder whose scheduler is another flow sampler (diffusers would only warn)."""
+    asked = [f for f, on in ((f"--scheduler {scheduler}", scheduler is not None), ("--lora", lora),
+                             ("--decoder", decoder), ("--cache-interval", cache_interval != 1),
+                             ("--cache-branch", cache_branch != 0), ("--compile", compile)) if on]
     if asked:
         raise UserError(f"{asked[0]} does not apply to flow-matching transformer pipelines (SD3, Flux): they sample "
                         "with their own FlowMatchEulerDiscreteScheduler and the full transformer")
+    config = folder / "scheduler" / "scheduler_config.json"
+    with reading(config, "scheduler config of"):
+        name = json.loads(config.read_text()).get("_class_name")
+    if name != "FlowMatchEulerDiscreteScheduler":
+        raise UserError(f"{folder} ships the scheduler {name}; bksdm generate samples flow-matching pipelines with "
+                        "FlowMatchEulerDiscreteScheduler only")
 
 
 def _save(image: Image.Image, path: Path) -> None:

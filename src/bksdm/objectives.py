@@ -86,14 +86,25 @@ class DDPMObjective:
         return torch.ones(t.shape[0], device=t.device)
 
     def x0(self, pred: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Clean latents implied by ``pred`` at ``t`` for ``noisy`` (Salimans & Ho 2022 for v; DDPM eq. 15)."""
-        ac = self.scheduler.alphas_cumprod.to(noisy.device)[t]
-        a, s = _rows(ac.sqrt(), noisy), _rows((1 - ac).sqrt(), noisy)
-        if self.name == "epsilon":
-            return (noisy - s * pred) / a
-        if self.name == "v_prediction":
-            return a * noisy - s * pred
-        return pred
+        """Clean latents implied by ``pred`` at ``t`` for ``noisy`` (:func:`x0_and_eps`)."""
+        return x0_and_eps(pred, t, noisy, self.scheduler.alphas_cumprod, self.name)[0]
+
+
+def x0_and_eps(output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, alphas_cumprod: torch.Tensor,
+               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0, epsilon)`` implied by a DDPM-family network ``output`` (B, C, h, w) at integer timesteps ``t`` (B,)
+    for the noisy ``sample``: DDPM eq. 15 for epsilon, Salimans & Ho 2022 (v = sqrt(a) eps - sqrt(1 - a) x0) for
+    v_prediction, and the output itself for sample (diffusers' ``DDPMScheduler.step`` computes the same
+    ``pred_original_sample``). Used by :class:`DDPMObjective` and LCM's solver (:mod:`bksdm.lcm.solver`)."""
+    ac = alphas_cumprod.to(sample.device)[t]
+    a, s = _rows(ac.sqrt(), sample), _rows((1 - ac).sqrt(), sample)
+    if prediction_type == "epsilon":
+        return (sample - s * output) / a, output
+    if prediction_type == "v_prediction":
+        return a * sample - s * output, a * output + s * sample
+    if prediction_type == "sample":
+        return output, (sample - a * output) / s
+    raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported; use epsilon, v_prediction or sample")
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
@@ -164,6 +175,8 @@ class FlowObjective:
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
         u = compute_density_for_timestep_sampling(self.density, latents.shape[0], self.logit_mean, self.logit_std,
                                                   self.mode_scale, device="cpu", generator=gen)
+        if latents.ndim != 4:  # packed Flux latents (B, tokens, 64) would give a wrong mu, silently
+            raise ValueError(f"FlowObjective.sample takes unpacked latents (B, C, h, w), not {tuple(latents.shape)}")
         sigma = self.sigmas(u, latents.shape[-2], latents.shape[-1])
         s = _rows(sigma, latents)
         noisy = (1 - s) * latents + s * noise
@@ -181,7 +194,9 @@ class FlowObjective:
         return noisy - _rows(t.float() / self.num_timesteps, noisy) * pred
 
 
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+FLOW_PREFIX = "FlowMatch"
+"""diffusers names every flow-matching scheduler ``FlowMatch...`` (Euler, Heun, LCM): all share the sigma table
+and shift keys the objective reads, so any of them names a flow-matching teacher."""
 
 
 def is_flow_config(scheduler_config: Mapping[str, Any]) -> bool:
@@ -189,7 +204,7 @@ def is_flow_config(scheduler_config: Mapping[str, Any]) -> bool:
     has no name, and a flow config has no betas)."""
     name = scheduler_config.get("_class_name")
     if name is not None:
-        return name in FLOW_SCHEDULERS
+        return str(name).startswith(FLOW_PREFIX)
     return "use_dynamic_shifting" in scheduler_config and "beta_schedule" not in scheduler_config
 
 
@@ -209,6 +224,9 @@ def objective_for(scheduler_config: Mapping[str, Any], weights: torch.Tensor | N
     if flow:
         raise UserError(f"{', '.join(sorted(flow))} apply to flow-matching teachers; this one's scheduler is "
                         f"{config.get('_class_name', 'a DDPM-family scheduler')}")
+    if "beta_schedule" not in config and config.get("trained_betas") is None:  # diffusers would assume linear betas
+        raise UserError(f"scheduler config {config.get('_class_name', '')} has neither beta_schedule nor trained_betas "
+                        f"nor a flow-matching class; bksdm cannot tell how this teacher was trained")
     return DDPMObjective(diffusers.DDPMScheduler.from_config(config), weights)
 
 

@@ -4,8 +4,11 @@ Each is the public ``transformer/config.json`` of the model's diffusers reposito
 ``_diffusers_version`` line; keys at diffusers' defaults are left as they are there. Parameter counts on the meta
 device (``tests/test_dit_arch.py``): FLUX.1-dev 11,901,408,320 (schnell: 11,891,178,560, no guidance embedder),
 SD3.5-Large 8,056,627,520, SD3.5-Medium 2,243,171,520, SD3-Medium 2,028,328,000 (parameters only; SD3's
-``pos_embed.pos_embed`` is a persistent buffer on top: 89,653,248 values for ``pos_embed_max_size`` 192, 226,492,416
-for SD3.5-Medium's 384, which is why that model is called "2.5B").
+``pos_embed.pos_embed`` is a persistent buffer on top, ``pos_embed_max_size``^2 x width values: 56,623,104 for
+SD3-Medium (192, 1536), 89,653,248 for SD3.5-Large (192, 2432), 226,492,416 for SD3.5-Medium (384, 1536), which is
+why that model is called "2.5B"). The FLUX.1 and SD3.5 values were checked against public copies of those files
+(diffusers-based projects that vendor them); SD3.5-Large's ``pos_embed_max_size`` is 192 in the copies that name
+diffusers 0.37 and 384 in one other: it changes the buffer, not the parameter count.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ DIT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 """Transformer configs by the name ``bksdm profile --arch`` takes."""
 
-TEXT_TOKENS: dict[str, int] = {"flux-dev": 512, "flux-schnell": 256, "sd3-medium": 333, "sd3.5-medium": 333,
+TEXT_TOKENS: dict[str, int] = {"flux-dev": 512, "flux-schnell": 512, "sd3-medium": 333, "sd3.5-medium": 333,
                                "sd3.5-large": 333}
-"""Text tokens the pipelines feed the transformer by default: FLUX's T5 ``max_sequence_length`` (dev 512, schnell
-256); SD3's 77 CLIP tokens followed by 256 T5 tokens."""
+"""Text tokens the diffusers pipelines feed the transformer by default: FLUX's T5 ``max_sequence_length`` 512 for
+dev and schnell alike (``FluxPipeline``'s default, which ``bksdm generate`` uses too; BFL's reference code gives
+schnell 256); SD3's 77 CLIP tokens followed by 256 T5 tokens."""

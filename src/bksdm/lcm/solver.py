@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from bksdm.objectives import x0_and_eps  # noqa: F401 (the solver's users call S.x0_and_eps)
+
 
 class DDIMSolver:
     """A DDIM solver over ``steps`` of the ``T`` training timesteps: ``timesteps[i] = (i + 1) * (T // steps) - 1``;
@@ -55,20 +57,6 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     emb = w[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-def x0_and_eps(output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, alphas_cumprod: torch.Tensor,
-               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0, epsilon)`` implied by a U-Net ``output`` at timesteps ``t`` for the noisy ``sample``."""
-    ac = alphas_cumprod.to(sample.device)[t]
-    a, s = _expand(ac.sqrt(), sample), _expand((1 - ac).sqrt(), sample)
-    if prediction_type == "epsilon":
-        return (sample - s * output) / a, output
-    if prediction_type == "v_prediction":
-        return a * sample - s * output, a * output + s * sample
-    if prediction_type == "sample":
-        return output, (sample - a * output) / s
-    raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber", c: float = 0.001) -> torch.Tensor:
