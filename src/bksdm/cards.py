@@ -30,23 +30,30 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
                      params: dict[str, int], training: dict[str, Any] | None = None,
                      metrics: dict[str, float] | None = None, samples: str | None = None) -> Path:
     """``folder/README.md`` for a student pipeline: ``record`` is its ``bksdm.json`` (spec, module map, teacher),
-    ``params`` the U-Net parameter counts (``teacher_unet``, ``student_unet``), ``training`` what the recipe ran
-    (steps, data, loss weights, ...), ``metrics`` any measured scores, ``samples`` an image file in ``folder``."""
+    ``teacher_config`` the teacher denoiser's ``config.json`` (a U-Net's, or an SD3 / FLUX transformer's with its
+    ``_class_name``), ``params`` the denoiser parameter counts (``teacher_unet`` / ``student_unet``, or
+    ``teacher_transformer`` / ``student_transformer``), ``training`` what the recipe ran (steps, data, loss weights,
+    ...), ``metrics`` any measured scores, ``samples`` an image file in ``folder``."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from bksdm.arch import dit
+
     spec = record["spec"]
-    removed = removed_blocks(teacher_config, record["module_map"])
+    transformer = dit.is_transformer(teacher_config)
     teacher = str(record.get("teacher", ""))
+    family_tags = ({"SD3Transformer2DModel": ["stable-diffusion-3"], "FluxTransformer2DModel": ["flux"]}
+                   .get(teacher_config.get("_class_name", ""), [])
+                   + (["stable-diffusion-xl"] if teacher_config.get("addition_embed_type") == "text_time" else []))
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", license=None,
                          base_model=teacher if re.match(r"^[\w.-]+/[\w.-]+$", teacher) else None,
-                         tags=["bk-sdm", "knowledge-distillation", "block-removal", "stable-diffusion",
-                               "text-to-image", "diffusers", f"bksdm-{spec['name']}"]
-                         + (["stable-diffusion-xl"] if teacher_config.get("addition_embed_type") == "text_time" else []))
-    t, s = params["teacher_unet"], params["student_unet"]
+                         tags=["bk-sdm", "knowledge-distillation", "block-removal",
+                               *([] if transformer else ["stable-diffusion"]), "text-to-image", "diffusers",
+                               f"bksdm-{spec['name']}"] + family_tags)
+    what = f"{teacher_config['_class_name']} transformer" if transformer else "Stable Diffusion U-Net"
     lines = [
         f"# {spec['name']} student of {teacher or 'its teacher'}",
         "",
-        "A block-removed, knowledge-distilled Stable Diffusion U-Net (BK-SDM, \"On Architectural Compression of "
+        f"A block-removed, knowledge-distilled {what} (BK-SDM, \"On Architectural Compression of "
         "Text-to-Image Diffusion Models\"), made with bksdm. It loads in plain diffusers:",
         "",
         "```python",
@@ -56,13 +63,7 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
         "",
         "## Architecture",
         "",
-        f"- Block-removal spec `{spec['name']}`: down stages keep pairs {spec['down']}, mid-block "
-        f"{_MID[spec['mid']]}, up stages keep {spec['up']}"
-        + ("; transformer layers kept per stage (down, mid, up): "
-           + ", ".join(json.dumps(spec["depth"][k]) for k in ("down", "mid", "up")) + " (null: all)" if spec.get("depth") else "")
-        + ".",
-        f"- Removed teacher blocks ({len(removed)}): " + (", ".join(f"`{b}`" for b in removed) or "none") + ".",
-        f"- U-Net parameters: {s:,} (teacher {t:,}; {100 * (1 - s / t):.1f}% fewer).",
+        *(transformer_lines(spec, teacher_config, params) if transformer else unet_lines(record, teacher_config, params)),
         "- Student initialised from the teacher's weights (every student tensor from one teacher tensor of the same "
         "shape); feature-distillation pairs (teacher -> student): " + ", ".join(f"`{a}` -> `{b}`" for a, b in record.get("layer_pairs", [])) + ".",
     ]
@@ -78,6 +79,36 @@ def write_model_card(folder: str | Path, record: dict[str, Any], teacher_config:
     path = Path(folder) / "README.md"
     card.save(path)
     return path
+
+
+def unet_lines(record: dict[str, Any], teacher_config: dict[str, Any], params: dict[str, int]) -> list[str]:
+    """The architecture lines of a U-Net student: its spec, the removed teacher blocks, parameters."""
+    spec, removed = record["spec"], removed_blocks(teacher_config, record["module_map"])
+    t, s = params["teacher_unet"], params["student_unet"]
+    return [
+        f"- Block-removal spec `{spec['name']}`: down stages keep pairs {spec['down']}, mid-block "
+        f"{_MID[spec['mid']]}, up stages keep {spec['up']}"
+        + ("; transformer layers kept per stage (down, mid, up): "
+           + ", ".join(json.dumps(spec["depth"][k]) for k in ("down", "mid", "up")) + " (null: all)" if spec.get("depth") else "")
+        + ".",
+        f"- Removed teacher blocks ({len(removed)}): " + (", ".join(f"`{b}`" for b in removed) or "none") + ".",
+        f"- U-Net parameters: {s:,} (teacher {t:,}; {100 * (1 - s / t):.1f}% fewer).",
+    ]
+
+
+def transformer_lines(spec: dict[str, Any], teacher_config: dict[str, Any], params: dict[str, int]) -> list[str]:
+    """The architecture lines of an SD3 / FLUX transformer student: kept and removed blocks of each block list (in
+    the teacher's numbering), parameters."""
+    from bksdm.arch import dit
+
+    t, s = params["teacher_transformer"], params["student_transformer"]
+    out = [f"- Depth-removal spec `{spec['name']}` (blocks in the teacher's numbering):"]
+    for name, n in dit.block_counts(teacher_config).items():
+        kept = spec["keep"].get(name, list(range(n)))
+        gone = [i for i in range(n) if i not in kept]
+        out.append(f"  - `{name}`: keeps {len(kept)} of {n} {kept}; removed: {gone or 'none'}.")
+    out.append(f"- Transformer parameters: {s:,} (teacher {t:,}; {100 * (1 - s / t):.1f}% fewer).")
+    return out
 
 
 def chosen_lines(chosen: dict[str, Any]) -> list[str]:

@@ -536,6 +536,12 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 
 @_ablate_args.run
 def _ablate(a: argparse.Namespace) -> int:
+    from bksdm.config import check_value
+    from bksdm.recipes.mini import FAMILY_STUDENTS
+
+    check_value("family", a.family)
+    if a.family not in FAMILY_STUDENTS:  # a family mini-teacher trains (sd3) before its ablation exists
+        raise UserError(f"--family {a.family}: no mini ablation of that family yet; ablations: {', '.join(FAMILY_STUDENTS)}")
     if a.auto:
         from bksdm.recipes.mini_auto import ablate_auto, auto_markdown
 
@@ -556,8 +562,8 @@ def _ablate(a: argparse.Namespace) -> int:
 def _mini_teacher_args(p: argparse.ArgumentParser) -> None:
     from bksdm.mini.config import TeacherConfig
 
-    p.add_argument("--config", help="YAML file or shipped name (configs/mini_teacher_default.yaml: --config default); "
-                   "flags and key=value override it")
+    p.add_argument("--config", help="YAML file or shipped name (configs/mini_teacher_default.yaml: --config default; "
+                   "configs/mini_teacher_sd3.yaml: --config sd3); flags and key=value override it")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of any config key, anywhere on the line")
     _add_config_flags(p, TeacherConfig)
 

@@ -30,8 +30,10 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     src = resolve_model(teacher, "teacher")
     if read_transformer_config(src) is not None:
         if student == "auto" or budget or ranking:
-            raise UserError("--student auto, --budget and --ranking rank U-Net units; for a transformer teacher give a "
-                            "spec (bk-base, bk-small, bk-tiny, flux-mini for FLUX.1, or a spec file)")
+            from bksdm.models import unsupported
+
+            raise unsupported("compress --student auto", "--budget and --ranking rank U-Net units; give a spec: "
+                              "bk-base, bk-small, bk-tiny, flux-mini for FLUX.1, or a spec file")
         return compress_transformer(teacher, src, student, out, overwrite)
     teacher_cfg, unet_dir = read_unet_config(src)
     chosen = None
@@ -75,7 +77,7 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
 def compress_transformer(teacher: str, src: Path, student: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """:func:`compress` for a pipeline whose denoiser is ``transformer/`` (SD3 / SD3.5, FLUX.1): the student
     transformer built from the derived config and filled from the teacher through the asserted key map, the other
-    components copied unchanged, ``bksdm.json`` written (no model card yet: cards describe U-Net students)."""
+    components copied unchanged, ``bksdm.json`` and the model card written."""
     from bksdm.arch import dit
 
     teacher_cfg, folder = read_transformer_config(src)
@@ -97,6 +99,8 @@ def compress_transformer(teacher: str, src: Path, student: str, out: str | Path,
         "student_config": derivation.student_config,
     }
     write_record(out, record)
+    write_model_card(out, record, teacher_cfg, record["params"],
+                     {"status": "initialised from the teacher's weights, not yet distilled (bksdm distill retrains it)"})
     return record
 
 

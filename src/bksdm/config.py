@@ -41,15 +41,18 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "dtype": {"choices": PRECISIONS}, "dtypes": {"choices": PRECISIONS},
     "scheduler": {"choices": tuple(SCHEDULERS)},
     "feature_points": {"choices": ("blocks", "self_attn")},
-    "family": {"choices": ("sd", "sdxl")},
+    "family": {"choices": ("sd", "sdxl", "sd3")},
     "mixed_precision": {"choices": ("no", "fp16", "bf16")},
     "init": {"choices": ("teacher", "random")},
     "timestep_bias": {"choices": ("none", "earlier", "later")},
     "timestep_bias_portion": {"above": 0, "max": 1},
     "timestep_bias_multiplier": {"above": 0},
+    "density": {"choices": ("logit_normal", "uniform", "mode")},  # bksdm.objectives.DENSITIES
+    "weighting": {"choices": ("none", "sigma_sqrt", "cosmap")},  # bksdm.objectives.WEIGHTINGS
+    **{k: {"above": 0} for k in ("logit_std", "mode_scale")},
     "report_to": {"choices": ("tensorboard", "wandb", "none")},
     "lora_preset": {"choices": ("bk-sdm", "diffusers")},
-    "prediction": {"choices": ("v_prediction", "epsilon")},
+    "prediction": {"choices": ("auto", "v_prediction", "epsilon")},
 }
 """The allowed range or choices of every numeric and named setting, by name: one table for flags, YAML keys and
 ``key=value`` overrides of every command."""

@@ -252,7 +252,7 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
         raise UserError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if decoder and fmt != "diffusers-fp16":
         raise UserError("--decoder ships a tiny decoder in a diffusers folder: use it with --format diffusers-fp16")
-    from bksdm.models import DTYPES, import_own_components, load_components, pipeline_folder
+    from bksdm.models import DTYPES, import_own_components, load_components, pipeline_folder, refuse_transformer
     from bksdm.pipelines import load_record
 
     out = check_output(out, "folder" if fmt == "diffusers-fp16" else "file")
@@ -261,6 +261,7 @@ def export(model: str | Path, out: str | Path, fmt: str = "single-file", dtype: 
         raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     if fmt == "kohya":
         return _export_kohya(Path(model), out)
+    refuse_transformer(folder, "export", "no round trip through the original layouts is tested")
     import_own_components(folder)
     if fmt == "diffusers-fp16":
         return _export_fp16(folder, out, decoder)

@@ -43,6 +43,14 @@ def import_own_components(folder: Path) -> None:
             importlib.import_module(value[0])
 
 
+def absent_components(folder: Path) -> dict[str, None]:
+    """``{name: None}`` for every component ``model_index.json`` records as absent (``[null, null]``), to pass to
+    ``from_pretrained``: diffusers 0.42 refuses a folder whose pipeline class requires a component it does not
+    have unless it is passed (``pipeline_utils.py``, "expected ... but only ... were passed") — SD3 without T5
+    (``text_encoder_3``, ``tokenizer_3``), as diffusers' SD3 docs load it."""
+    return {k: None for k, v in model_index(folder).items() if isinstance(v, list) and v and all(x is None for x in v)}
+
+
 GENERATION_PARTS = ("unet", "vae", "tokenizer", "text_encoder", "scheduler")
 """What an SD-family pipeline generates with (:func:`generation_parts` names a folder's, SDXL's included)."""
 
@@ -95,6 +103,27 @@ def pipeline_family(folder: Path):
             config = json.loads(path.read_text())
         return family_for(config, pipeline_components(index))
     return family_for(read_unet_config(folder)[0])
+
+
+def unsupported(command: str, why: str = "") -> UserError:
+    """The one message of every command that does not support transformer pipelines yet."""
+    return UserError(f"SD3/FLUX transformer pipelines are not supported by `bksdm {command}` yet" + (f" ({why})" if why else ""))
+
+
+def refuse_transformer(folder: Path, command: str, why: str = "") -> None:
+    """A one-line :func:`unsupported` error when the pipeline (or bare model) folder ``folder`` has an SD3 / FLUX
+    transformer denoiser and ``command`` works on U-Nets only (before any misleading "no U-Net config")."""
+    index = model_index(folder) if (folder / "model_index.json").is_file() else {}
+    if "transformer" in index or (folder / "transformer" / "config.json").is_file():
+        raise unsupported(command, why)
+    path = folder / "config.json"  # a bare model folder
+    if not index and path.is_file():
+        from bksdm.arch.flow_families import transformer_kind
+
+        with reading(path, "model config", "restore the folder from its source"):
+            config = json.loads(path.read_text())
+        if transformer_kind(config) is not None:
+            raise unsupported(command, why)
 
 
 def generation_parts(folder: Path) -> tuple[str, ...]:

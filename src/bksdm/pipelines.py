@@ -83,3 +83,20 @@ def load_transformer(folder: Path, config: dict[str, Any]):
 
     with reading(folder, "transformer", "restore the folder from its source (or run bksdm compress again)"):
         return getattr(diffusers, config["_class_name"]).from_pretrained(folder)
+
+
+def read_backbone_config(folder: Path) -> tuple[dict[str, Any], Path]:
+    """(config, folder) of a pipeline's denoiser: its SD3 / FLUX ``transformer/`` when it has one, else its
+    ``unet/`` (:func:`bksdm.hub.read_unet_config`)."""
+    from bksdm.hub import read_unet_config
+
+    return read_transformer_config(folder) or read_unet_config(folder)
+
+
+def load_backbone(folder: Path, teacher_config: dict[str, Any]):
+    """The denoiser saved in ``folder`` (a ``unet/`` or ``transformer/`` folder) of the class of ``teacher_config``
+    (a U-Net, or the teacher's transformer class): a one-line error when missing or corrupt."""
+    from bksdm.arch import dit
+    from bksdm.models import load_unet
+
+    return load_transformer(folder, teacher_config) if dit.is_transformer(teacher_config) else load_unet(folder)

@@ -192,12 +192,13 @@ def rank(teacher: str, data: str, samples: int = 256, batch: int = 16, seed: int
     """The ranking record of ``teacher`` (a pipeline folder): calibration, per-unit rows, and the teacher's totals.
     Errors (:class:`UserError`): counts below 1, a teacher that is not a pipeline, data with no usable picture."""
     from bksdm.hub import read_unet_config
-    from bksdm.models import default_device, load_unet, pipeline_folder
+    from bksdm.models import default_device, load_unet, pipeline_folder, refuse_transformer
     from bksdm.profile import count_params, unet_gmacs
 
     if samples < 1 or batch < 1:
         raise UserError("--samples and --batch-size must be at least 1")
     folder = pipeline_folder(teacher, "teacher")
+    refuse_transformer(folder, "rank", "it measures U-Net units")
     device = device or default_device()
     cfg = {k: v for k, v in read_unet_config(folder)[0].items() if not k.startswith("_")}  # as compress reads it
     unet = load_unet(folder / "unet").to(device).eval().requires_grad_(False)

@@ -1,6 +1,7 @@
 """The training loop every data-driven recipe shares (``distill``, ``lcm``): accelerate set-up, data (image
-sources, ``hf:`` datasets, the latent cache), prompt encoding through the family, the optimiser and learning-rate
-schedule, gradient accumulation, atomic checkpoints and exact resume, per-term logging.
+sources, ``hf:`` datasets, the latent cache), prompt encoding through the family, the objective from the teacher's
+scheduler (:mod:`bksdm.objectives`: DDPM or flow matching), the optimiser and learning-rate schedule, gradient
+accumulation, atomic checkpoints and exact resume, per-term logging.
 
 A recipe subclasses :class:`Trainer` and supplies its models (:meth:`build_models`), its loss
 (:meth:`loss_step`, every term by name, listed in :attr:`terms`), what follows each optimiser step
@@ -21,22 +22,23 @@ from typing import Any
 import torch
 
 from bksdm.config import TrainConfig
-from bksdm.distill.checkpoints import checkpoints
+from bksdm.distill.checkpoints import checkpoints, claim_run_folder
 from bksdm.errors import UserError, check_output, reading
 from bksdm.models import encode_pixels
 from bksdm.skips import Skips, Unusable
-from bksdm.training import check_precision, fresh_accelerator_state, unwrap
+from bksdm.training import check_precision, fresh_accelerator_state, to_latent_space, unwrap
 
 MAX_EMPTY_MICRO_BATCHES = 50
 """Consecutive micro-batches of only unreadable items after which a run stops (instead of reading forever)."""
-RUN_OUTPUTS = ("checkpoints", "final", "logs", "samples", "config.json")
-"""What a run writes into its folder: present means the folder holds a run."""
 
 
 class Trainer:
     terms: tuple[str, ...] = ("loss",)
     """The names :meth:`loss_step` returns (``loss`` first): logged per step, shown in the progress bar."""
     tracker_name = "train"
+    backbones: tuple[str, ...] = ("unet",)
+    """The denoiser folders (``Family.backbone``) the recipe trains; another is refused in one line at set-up."""
+    transformer_note = ""  # why a recipe refuses transformer pipelines, said with the refusal
 
     def __init__(self, cfg: TrainConfig, source: Any = None):
         self.cfg = cfg.validate()
@@ -54,6 +56,13 @@ class Trainer:
     def build_models(self) -> torch.nn.Module:
         """Load the recipe's models; return the module to train (before ``accelerate.prepare``)."""
         raise NotImplementedError
+
+    def build_objective(self):
+        """The training objective (:mod:`bksdm.objectives`) from the teacher's scheduler config: ``sample(latents,
+        gen) -> (noisy, t, target)``, ``weight(t)``, ``x0``; ``self.noise_scheduler`` is its scheduler."""
+        from bksdm.objectives import load_objective
+
+        return load_objective(self.pipeline_dir)
 
     def on_prepared(self) -> None:
         """After ``prepare``, before resume: register extra state for checkpoints, move helpers to the device."""
@@ -78,8 +87,8 @@ class Trainer:
         return None
 
     def save_weights(self, folder: Path) -> None:
-        """The trained weights in a checkpoint, readable without accelerate (``folder/unet``)."""
-        unwrap(self.acc.unwrap_model(self.student)).save_pretrained(folder / "unet", safe_serialization=True)
+        """The trained weights in a checkpoint, readable without accelerate (``folder/unet`` or ``transformer``)."""
+        unwrap(self.acc.unwrap_model(self.student)).save_pretrained(folder / self.family.backbone, safe_serialization=True)
 
     def save_extra(self, folder: Path) -> None:
         """State beyond accelerate's that a checkpoint needs (main process)."""
@@ -91,17 +100,21 @@ class Trainer:
     def setup(self) -> "Trainer":
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
-        from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
 
-        from bksdm.arch.families import family_of
-        from bksdm.hub import read_unet_config
-        from bksdm.models import DTYPES, default_device, load_text_side, pipeline_folder
+        from bksdm.models import DTYPES, default_device, load_text_side, pipeline_family, pipeline_folder, unsupported
+        from bksdm.pipelines import read_backbone_config
 
         cfg = self.cfg
         check_precision(cfg.mixed_precision)
         self.out = check_output(cfg.out)
-        self._claim_run_folder()
+        claim_run_folder(self.out, cfg.resume, cfg.overwrite)  # refuse a used folder before fetching the teacher
+        self.pipeline_dir = pipeline_folder(self.pipeline_source(), "model")
+        self.family = pipeline_family(self.pipeline_dir)  # SD, SDXL (unet/), SD3, Flux (transformer/)
+        if self.family.backbone not in self.backbones:
+            raise unsupported(self.tracker_name, self.transformer_note)
+        factor = 2 ** (len(self.vae_config.get("block_out_channels") or (0,) * 4) - 1)
+        self.family.latent_shape(read_backbone_config(self.pipeline_dir)[0], cfg.resolution, factor)  # SD3/Flux sides
         log_with = None if cfg.report_to == "none" else cfg.report_to
         fresh_accelerator_state()
         self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision,
@@ -109,14 +122,14 @@ class Trainer:
                                log_with=log_with, project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                                        logging_dir=str(self.out / "logs")))
         self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no": fp32
-        self.pipeline_dir = pipeline_folder(self.pipeline_source(), "model")
-        self.family = family_of(read_unet_config(self.pipeline_dir)[0])
+        self.objective = self.build_objective()
+        self.noise_scheduler = self.objective.scheduler  # DDPM users: LCM's solver, timestep weights, sample grids
         self.source = self._open_data()
         trainable = self.build_models()
+        claim_run_folder(self.out, cfg.resume, cfg.overwrite, remove=True)  # every setting checked: now replace
+        self.acc.wait_for_everyone()
         if not getattr(self.source, "is_cache", False):
             self.vae, self.text_parts = load_text_side(self.pipeline_dir, self.acc.device, self.weight_dtype)
-        with reading(self.pipeline_dir / "scheduler", "scheduler of"):
-            self.noise_scheduler = DDPMScheduler.from_pretrained(self.pipeline_dir, subfolder="scheduler")
 
         fused = cfg.fused_adam and self.acc.device.type in ("cpu", "cuda")
         params = [p for p in trainable.parameters() if p.requires_grad]
@@ -154,21 +167,6 @@ class Trainer:
         """``cond`` with its prompt part replaced by the empty prompt's (other conditioning, SDXL's sizes, kept)."""
         return {**cond, **{k: v.expand(len(cond[k]), *v.shape[1:]).to(cond[k].dtype) for k, v in self.empty_cond.items()}}
 
-    def _claim_run_folder(self) -> None:
-        """Refuse to mix two runs in one folder: an earlier run is continued (``resume``), replaced
-        (``overwrite``: its outputs are removed first) or left alone (an error, before any work)."""
-        cfg = self.cfg
-        used = [n for n in RUN_OUTPUTS if (self.out / n).exists()]
-        if not used or cfg.resume:
-            return
-        if not cfg.overwrite:
-            raise UserError(f"{self.out} already holds a run ({', '.join(used)}); pass --resume latest to continue it, "
-                            f"--overwrite to replace it, or choose another --out")
-        if int(os.environ.get("RANK", "0")) == 0:  # before accelerate exists: the launcher's rank
-            for n in used:
-                target = self.out / n
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-
     def _open_data(self):
         from bksdm.distill.cache import CacheSource
         from bksdm.distill.data import open_source
@@ -176,27 +174,26 @@ class Trainer:
         if self.source_override is not None:
             return open_source(self.source_override)
         if self.cfg.cache:
-            src = CacheSource(self.cfg.cache)
-            if src.info["resolution"] != self.cfg.resolution:
-                raise UserError(f"cache {self.cfg.cache} was built at {src.info['resolution']} px, not {self.cfg.resolution}")
-            return src
+            return CacheSource(self.cfg.cache).check(self.family, self.cfg.resolution)
         return open_source(self.cfg.data, **self.cfg.data_options())
 
     # ------------------------------------------------------------------ data
     def encode(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(latents (B, C, h, w), the conditioning dict) from pixels and captions through the pipeline's VAE and the
-        family's prompt encoding, or from the cache; ``self.family.unet_kwargs(cond)`` are the U-Net's arguments."""
+        family's prompt encoding, or from the cache; latents in the denoiser's space (:func:`bksdm.training.to_latent_space`:
+        ``(z - shift_factor) * scaling_factor``, SD3 / Flux shift); ``self.family.denoise(model, x, t, cond)`` calls the
+        denoiser with them."""
         dev = self.acc.device
         if "mean" in batch:
             eps = torch.randn(batch["mean"].shape, generator=gen)
             latents = batch["mean"] + batch["std"] * eps
-            latents = (latents * self.scaling_factor).to(dev)
+            latents = to_latent_space(latents, self.vae_config).to(dev)
             cond = {k: v.to(dev).float() for k, v in self.family.from_cache(batch).items()}
         else:
             with torch.no_grad():
                 dist = encode_pixels(self.vae, batch["pixels"].to(dev))  # fp32 where the VAE asks (SDXL)
                 eps = torch.randn(dist.mean.shape, generator=gen).to(dev, dist.mean.dtype)
-                latents = (dist.mean + dist.std * eps).float() * self.vae.config.scaling_factor
+                latents = to_latent_space((dist.mean + dist.std * eps).float(), self.vae.config)
                 cond = {k: v.float() for k, v in self.family.encode_prompt(self.text_parts, batch["text"], dev).items()}
         cond.update(self.family.added_conditioning(latents.shape[0], self.cfg.resolution, dev, batch.get("size_ids")))
         if self.caption_dropout() > 0:  # drawn only when on, so runs without it keep their random stream
@@ -205,12 +202,13 @@ class Trainer:
         return latents, cond
 
     @property
-    def scaling_factor(self) -> float:
-        """The VAE's latent scale (read once; the cached path has no VAE loaded)."""
-        if not hasattr(self, "_scaling"):
-            cfg = json.loads((self.pipeline_dir / "vae" / "config.json").read_text())
-            self._scaling = float(cfg.get("scaling_factor", 0.18215))
-        return self._scaling
+    def vae_config(self) -> dict[str, Any]:
+        """The VAE's config (its ``scaling_factor`` and ``shift_factor``; read once: the cached path has no VAE)."""
+        if not hasattr(self, "_vae_config"):
+            path = self.pipeline_dir / "vae" / "config.json"
+            with reading(path, "VAE config", "restore the folder from its source"):
+                self._vae_config = json.loads(path.read_text())
+        return self._vae_config
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict[str, float]:

@@ -36,6 +36,19 @@ def to_latent_space(z: torch.Tensor, vae_config) -> torch.Tensor:
     return (z - shift) * vae_config.get("scaling_factor", 0.18215)
 
 
+def task_loss(objective, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The denoising task term for predictions ``pred`` and ``target`` (B, C, h, w) at ``t`` (B,): plain MSE (the
+    papers'; exactly ``F.mse_loss``) unless the objective weights rows (a flow objective's ``weighting``
+    sigma_sqrt / cosmap), then ``mean_b w_b mean(pred_b - target_b)^2`` with ``w = objective.weight(t)``, as
+    diffusers' ``train_dreambooth_sd3.py`` / ``train_dreambooth_flux.py`` compute it."""
+    import torch.nn.functional as F
+
+    if getattr(objective, "weighting", "none") == "none":
+        return F.mse_loss(pred, target)
+    w = objective.weight(t).to(pred.device, pred.dtype).reshape(-1, *([1] * (pred.ndim - 1)))
+    return (w * (pred - target) ** 2).reshape(pred.shape[0], -1).mean(1).mean()
+
+
 def timestep_weights(num_timesteps: int, strategy: str, portion: float = 0.25, multiplier: float = 1.0) -> torch.Tensor | None:
     """Sampling weights (T,) over the training timesteps, as diffusers' SDXL training script's
     ``--timestep_bias_strategy`` builds them: ``earlier`` multiplies the lowest ``portion`` of timesteps (little
@@ -60,7 +73,8 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: to
 
 
 class FrozenTeacher(torch.nn.Module):
-    """Wraps the teacher so it stays frozen and in eval mode even when ``train()`` is called on a parent."""
+    """Wraps the teacher denoiser (a U-Net or an SD3 / FLUX transformer, kept as ``.unet``) so it stays frozen and in
+    eval mode even when ``train()`` is called on a parent; calls pass through (``family.denoise(teacher, ...)``)."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()

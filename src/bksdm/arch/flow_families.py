@@ -82,10 +82,15 @@ class SD3Family(Family):
         return "flow"
 
     def to_cache(self, cond: Mapping[str, Any]) -> dict[str, Any]:
-        return {"emb": cond["encoder_hidden_states"], "pooled": cond["pooled_projections"]}
+        """``emb`` (B, 77 + T, D) and ``pooled``; without T5 only the CLIP part (B, 77, D): the rest is zeros."""
+        emb = cond["encoder_hidden_states"]
+        return {"emb": emb if self.t5 else emb[:, : emb.shape[1] - self.max_sequence_length], "pooled": cond["pooled_projections"]}
 
     def from_cache(self, item: Mapping[str, Any]) -> dict[str, Any]:
-        return {"encoder_hidden_states": item["emb"], "pooled_projections": item["pooled"]}
+        emb = item["emb"]
+        if not self.t5:  # T5's zeros, as encode_prompt makes them (cache_meta records which it was)
+            emb = torch.cat([emb, emb.new_zeros(*emb.shape[:-2], self.max_sequence_length, emb.shape[-1])], dim=-2)
+        return {"encoder_hidden_states": emb, "pooled_projections": item["pooled"]}
 
     def cache_meta(self) -> dict[str, Any]:
         """What a cache of this family's embeddings must record and match (T5 length, T5 present or zeros)."""

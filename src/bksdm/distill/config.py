@@ -13,6 +13,11 @@ from typing import Any
 from bksdm.config import TrainConfig, load_yaml_config
 from bksdm.errors import UserError
 
+FLOW_OPTIONS = ("density", "logit_mean", "logit_std", "mode_scale", "weighting")
+"""The fields that configure the flow-matching objective (SD3, Flux teachers); a DDPM teacher refuses any that is
+changed. Their defaults are :class:`bksdm.objectives.FlowObjective`'s (diffusers' SD3 / Flux scripts'), restated here
+so that ``--help`` needs no torch (a test checks they agree)."""
+
 
 @dataclass
 class DistillConfig(TrainConfig):
@@ -39,6 +44,11 @@ class DistillConfig(TrainConfig):
     timestep_bias: str = "none"  # none (paper: uniform) | earlier (low-noise steps, where grain is decided) | later
     timestep_bias_portion: float = 0.25  # share of the timesteps that timestep_bias weights (diffusers' SDXL script)
     timestep_bias_multiplier: float = 1.0  # how many times more often those timesteps are drawn (1: no bias)
+    density: str = "logit_normal"  # flow-matching teachers (SD3, Flux): how sigma is drawn: logit_normal (SD3 paper) | uniform | mode
+    logit_mean: float = 0.0  # flow teachers, density logit_normal: mean of the normal before the sigmoid
+    logit_std: float = 1.0  # flow teachers, density logit_normal: its standard deviation
+    mode_scale: float = 1.29  # flow teachers, density mode: how strongly middle sigmas are favoured
+    weighting: str = "none"  # flow teachers: task-loss weight per sigma: none | sigma_sqrt | cosmap (SD3 paper)
 
     def validate(self) -> "DistillConfig":
         self.validate_training()
@@ -47,6 +57,11 @@ class DistillConfig(TrainConfig):
         if not self.teacher:
             raise UserError("no teacher: pass --teacher (a hub id or a local pipeline folder)")
         return self
+
+    def flow_options(self) -> dict[str, Any]:
+        """The flow-objective options changed from their defaults (``objectives.objective_for`` refuses them on a
+        DDPM teacher)."""
+        return {k: getattr(self, k) for k in FLOW_OPTIONS if getattr(self, k) != getattr(DistillConfig, k)}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, **flags: Any) -> DistillConfig:

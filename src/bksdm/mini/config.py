@@ -10,6 +10,11 @@ from bksdm.config import Config
 from bksdm.errors import UserError
 
 
+FAMILY_TARGETS = {"sd": "v_prediction", "sdxl": "v_prediction", "sd3": "flow"}
+"""What each mini teacher family learns by default (``prediction: auto``): v for the U-Nets (SD-v2's target; the
+shipped teachers), the rectified-flow velocity for SD3 (its scheduler's objective, not a setting)."""
+
+
 @dataclass
 class TeacherConfig(Config):
     out: str = ""  # run folder (required): the teacher in OUT/final, EMA checkpoints in OUT/step-N
@@ -21,12 +26,16 @@ class TeacherConfig(Config):
     bf16: bool = True  # bf16 autocast (native on CPUs with AVX512-BF16/AMX); --no-bf16 trains in fp32
     save_every: int = 500  # an EMA checkpoint OUT/step-N every N steps (0: only the end)
     init_from: str = ""  # continue from this teacher folder (its VAE shift and scheduler are reset to the recipe's)
-    ema_decay: float = 0.999  # EMA of U-Net and text encoder; what is saved
+    ema_decay: float = 0.999  # EMA of the denoiser and the text encoders; what is saved
     start_index: int = 0  # first world index: continuations see new pictures (avoid 1,100,000+ and 5,000,000+)
-    prediction: str = "v_prediction"  # v_prediction (SD-v2's target; the shipped teacher) or epsilon (SD-v1's)
+    prediction: str = "auto"  # auto: the family's (v_prediction for sd, sdxl; eps - x0 for sd3); v_prediction or epsilon: U-Nets only
     fresh_text: int = 0  # with init_from: replace the text encoder by a new one of this many layers
-    family: str = "sd"  # sd (the shipped teacher's SD-v1 layout) or sdxl (two text encoders, size ids, transformer depth 2)
+    family: str = "sd"  # sd (SD-v1 layout), sdxl (two text encoders, size ids, transformer depth 2), sd3 (MMDiT, flow matching)
     overwrite: bool = False  # replace a teacher already in out (without it, one there is refused)
+
+    def target(self) -> str:
+        """What the denoiser learns: ``prediction``, or with ``auto`` the family's (:data:`FAMILY_TARGETS`)."""
+        return FAMILY_TARGETS.get(self.family, "v_prediction") if self.prediction == "auto" else self.prediction
 
     def validate(self) -> "TeacherConfig":
         if not self.out:
@@ -34,4 +43,9 @@ class TeacherConfig(Config):
         if (Path(self.out) / "final" / "model_index.json").exists() and not self.overwrite:
             raise UserError(f"{self.out} already holds a trained teacher (final/); pass --overwrite to replace it or "
                             f"choose another --out")
+        if self.fresh_text and self.family != "sd":
+            raise UserError(f"fresh_text replaces the SD layout's one text encoder; a {self.family} teacher has two")
+        if self.prediction != "auto" and FAMILY_TARGETS.get(self.family) == "flow":
+            raise UserError(f"prediction {self.prediction!r} sets a U-Net teacher's target; family {self.family} learns "
+                            f"flow matching's eps - x0: leave prediction at auto")
         return self

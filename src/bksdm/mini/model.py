@@ -1,9 +1,10 @@
-"""Tiny SD-shaped pipeline components: word-level tokenizer, CLIP text encoder, space-to-depth "VAE", U-Net.
+"""Tiny pipeline components: word-level tokenizer, CLIP text encoders, space-to-depth "VAE", U-Nets, MMDiT.
 
 The U-Net has exactly the SD-v1 block layout (three cross-attention down stages and a plain one, two pairs per
-down stage, a cross-attention mid-block, mirrored up stages), so the built-in ``bk-*`` specs apply unchanged.
+down stage, a cross-attention mid-block, mirrored up stages), so the built-in ``bk-*`` specs apply unchanged;
+:func:`build_sdxl_pipeline` and :func:`build_sd3_pipeline` give the SDXL and SD3 (MMDiT, flow matching) layouts.
 The latent space is a lossless 2x2 space-to-depth of the RGB image (32x32x3 -> 16x16x12): the teacher's quality
-is then the U-Net's alone, and no VAE has to be trained.
+is then the denoiser's alone, and no VAE has to be trained.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from bksdm.errors import UserError
+
 
 class SpaceToDepthVAE(ModelMixin, ConfigMixin):
     """An exact, parameter-free autoencoder: ``encode`` folds each 2x2 pixel block into channels.
@@ -27,9 +30,11 @@ class SpaceToDepthVAE(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, factor: int = 2, in_channels: int = 3, sample_size: int = 32, scaling_factor: float = 1.0,
-                 block_out_channels: tuple[int, ...] = (12, 12), shift: float = 0.0):
+                 block_out_channels: tuple[int, ...] = (12, 12), shift: float = 0.0, shift_factor: float | None = None):
         super().__init__()
-        # block_out_channels only tells pipelines the downscale factor: 2 ** (len - 1) == factor
+        # block_out_channels only tells pipelines the downscale factor: 2 ** (len - 1) == factor.
+        # shift_factor is read only by SD3 / Flux pipelines, which decode `latents / scaling_factor + shift_factor`:
+        # 0.0 for them (the centring is `shift`, inside encode / decode, as for the U-Net teachers), None otherwise
         # a saved buffer gives the module a device, a dtype and a weight file that from_pretrained expects
         self.register_buffer("anchor", torch.zeros(1))
 
@@ -121,6 +126,21 @@ def text_encoder(vocab_size: int, max_length: int, width: int = 64, layers: int 
     return text
 
 
+def text_encoder_with_projection(vocab_size: int, max_length: int, width: int, layers: int, projection: int,
+                                 embed_std: float | None = None):
+    """A randomly initialised ``CLIPTextModelWithProjection`` (pooled output ``text_embeds`` (B, ``projection``):
+    SDXL's second text encoder, both of SD3's); ``embed_std`` as :func:`text_encoder`'s."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = {**text_encoder_config(vocab_size, max_length, width, layers), "projection_dim": projection}
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    if embed_std is not None:
+        with torch.no_grad():
+            for emb in (text.text_model.embeddings.token_embedding, text.text_model.embeddings.position_embedding):
+                emb.weight.normal_(0.0, embed_std)
+    return text
+
+
 def build_pipeline(words: list[str], max_length: int = 24, image_size: int = 32, seed: int = 0,
                    unet: dict[str, Any] | None = None, text_width: int = 64, text_layers: int = 2, vae_shift: float = 0.0,
                    text_embed_std: float | None = None):
@@ -162,17 +182,11 @@ def build_sdxl_pipeline(words: list[str], max_length: int = 24, image_size: int 
     CLIP text encoder with projection (pooled output), an SDXL-layout U-Net and ``vae`` (default: a tiny
     ``AutoencoderKL``; the mini teacher's recipe passes the world's space-to-depth VAE)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tok, tok2 = make_tokenizer(words, max_length), make_tokenizer(words, max_length)
     text = text_encoder(len(tok), max_length, widths[0], text_layers, text_embed_std)
-    cfg2 = {**text_encoder_config(len(tok2), max_length, widths[1], text_layers), "projection_dim": pooled_width}
-    text2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg2))
-    if text_embed_std is not None:
-        with torch.no_grad():
-            for emb in (text2.text_model.embeddings.token_embedding, text2.text_model.embeddings.position_embedding):
-                emb.weight.normal_(0.0, text_embed_std)
+    text2 = text_encoder_with_projection(len(tok2), max_length, widths[1], text_layers, pooled_width, text_embed_std)
     vae = vae or AutoencoderKL(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
                                up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
                                latent_channels=4, sample_size=image_size)
@@ -180,3 +194,54 @@ def build_sdxl_pipeline(words: list[str], max_length: int = 24, image_size: int 
     sched = PNDMScheduler.from_config(SCHEDULER_CONFIG)  # the mini world's sampler, as the SD-layout pipeline's
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2,
                                      unet=UNet2DConditionModel.from_config(ucfg), scheduler=sched, add_watermarker=False)
+
+
+def sd3_transformer_config(layers: int = 8, heads: int = 4, head_dim: int = 16, text_width: int = 64,
+                           pooled_width: int = 64, sample_size: int = 16, latent_channels: int = 12,
+                           patch_size: int = 2, pos_embed_max_size: int = 16) -> dict[str, Any]:
+    """An SD3-layout ``SD3Transformer2DModel`` config scaled down: ``layers`` joint (MMDiT) blocks of width
+    ``heads * head_dim`` (the context stream as wide: ``caption_projection_dim``), 2x2 patches, SD3's plain attention
+    (no QK norm, no dual-attention layers: SD3.5-Medium's). ``text_width``: ``joint_attention_dim``, the width of
+    the text sequence (both CLIPs' hidden states concatenated; without T5 the pipeline appends zeros this wide);
+    ``pooled_width``: both CLIPs' projections concatenated. ``pos_embed_max_size``: patches a side the position
+    table covers (16: images up to 16 x 2 x 2 = 64 px)."""
+    return {"sample_size": sample_size, "patch_size": patch_size, "in_channels": latent_channels,
+            "out_channels": latent_channels, "num_layers": layers, "attention_head_dim": head_dim,
+            "num_attention_heads": heads, "joint_attention_dim": text_width, "caption_projection_dim": heads * head_dim,
+            "pooled_projection_dim": pooled_width, "pos_embed_max_size": pos_embed_max_size}
+
+
+SD3_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.6}
+"""``FlowMatchEulerDiscreteScheduler`` for 16x16 latents (64 patches). SD3 uses shift 3.0 for 128x128 latents (4,096
+patches; its 256 px pretraining, 256 patches, used none): more pixels carry the same picture more redundantly, so
+noise must be stronger to hide it, and fewer need less. 1.6 is (a) Flux's resolution rule at 64 patches
+(``exp(calculate_shift(64))`` = 1.596, :func:`bksdm.objectives.calculate_shift`), and (b) the shift whose
+logit-normal training draws have the median log-SNR (-0.94) of the uniform DDPM timesteps the shipped U-Net
+teachers learnt from on the same latents (-0.96). The sigma table holds it: training draws and sampling both use it."""
+
+
+def build_sd3_pipeline(words: list[str], max_length: int = 24, image_size: int = 32, seed: int = 0,
+                       transformer: dict[str, Any] | None = None, widths: tuple[int, int] = (32, 32),
+                       vae: Any = None, text_layers: int = 2, text_embed_std: float | None = None,
+                       scheduler: dict[str, Any] | None = None):
+    """A randomly initialised tiny ``StableDiffusion3Pipeline``: two word-level tokenizers, two CLIP text encoders
+    with projection (widths ``widths``, each pooled as wide as it is), no T5 (``text_encoder_3`` None: the pipeline
+    feeds ``max_sequence_length`` zero tokens instead), an SD3-layout transformer (:func:`sd3_transformer_config`,
+    ``joint_attention_dim`` = sum of ``widths``), ``vae`` (default: the world's space-to-depth VAE, unshifted) and
+    :data:`SD3_SCHEDULER_CONFIG`. Images (B, 3, 32, 32) <-> latents (B, 12, 16, 16) <-> 64 image tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tok, tok2 = make_tokenizer(words, max_length), make_tokenizer(words, max_length)
+    text = text_encoder_with_projection(len(tok), max_length, widths[0], text_layers, widths[0], text_embed_std)
+    text2 = text_encoder_with_projection(len(tok2), max_length, widths[1], text_layers, widths[1], text_embed_std)
+    vae = vae or SpaceToDepthVAE(sample_size=image_size, shift_factor=0.0)
+    tcfg = transformer or sd3_transformer_config(text_width=sum(widths), pooled_width=sum(widths),
+                                                 sample_size=image_size // 2)
+    if tcfg["joint_attention_dim"] < sum(widths) or tcfg["pooled_projection_dim"] != sum(widths):
+        raise UserError(f"an SD3 transformer for text encoders {widths} needs joint_attention_dim >= {sum(widths)} and "
+                        f"pooled_projection_dim == {sum(widths)}")
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler or SD3_SCHEDULER_CONFIG)
+    return StableDiffusion3Pipeline(transformer=SD3Transformer2DModel.from_config(tcfg), scheduler=sched, vae=vae,
+                                    text_encoder=text, tokenizer=tok, text_encoder_2=text2, tokenizer_2=tok2,
+                                    text_encoder_3=None, tokenizer_3=None)

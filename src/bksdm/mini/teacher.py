@@ -19,8 +19,11 @@ from bksdm.errors import UserError
 
 ASSET = Path(__file__).parent / "assets" / "teacher"
 SDXL_ASSET = Path(__file__).parent / "assets" / "teacher_sdxl"
-ASSETS = {"sd": ASSET, "sdxl": SDXL_ASSET}
-"""The shipped teachers by family: SD-v1 layout (the demo's) and SDXL layout (``bksdm ablate --family sdxl``)."""
+SD3_ASSET = Path(__file__).parent / "assets" / "teacher_sd3"
+ASSETS = {"sd": ASSET, "sdxl": SDXL_ASSET, "sd3": SD3_ASSET}
+"""The shipped teachers by family: SD-v1 layout (the demo's), SDXL layout (``bksdm ablate --family sdxl``) and SD3
+layout (MMDiT, flow matching; for ``bksdm ablate --family sd3``: its weights are not trained yet, see
+docs/mini-world.md, "SD3 layout")."""
 CHECKSUMS = "checksums.json"
 TEACHER_UNET = dict(channels=(32, 64, 64, 64), cross_attention_dim=64, groups=8, heads=4)
 TEXT_LAYERS = 4
@@ -30,6 +33,12 @@ SDXL_TEACHER_UNET = dict(channels=(32, 64, 64), depth=(1, 2, 2), text_width=64, 
                          sample_size=16, groups=8, heads=4)
 """An SDXL-layout mini teacher (``mini-teacher family=sdxl``): transformer depth 2 in both attention stages, two
 32-wide text encoders, the same world and VAE as the shipped SD-layout one."""
+SD3_TEACHER_TRANSFORMER = dict(layers=8, heads=4, head_dim=32, text_width=64, pooled_width=64, latent_channels=12,
+                               sample_size=16)
+"""An SD3-layout mini teacher (``mini-teacher family=sd3``): 8 joint (MMDiT) blocks 128 wide (4 heads of 32), 2x2
+patches of the world's 16x16x12 latents (64 image tokens), two 4-layer 32-wide CLIP text encoders with 32-d pooled
+projections (``joint_attention_dim`` and ``pooled_projection_dim`` 64), no T5; 4,663,088 transformer parameters.
+Eight blocks so that removing half of them (first half, middle, last half, alternate) leaves four."""
 KOALA_MINI = BlockSpec("koala-mini", down=((0,), (0,), (0,)), mid=False, up=((0, 2), (0, 2), (0, 2)),
                        depth={"down": (None, None, (0,)), "mid": None, "up": ((0,), None, None)})
 """KOALA-700M's rules on the SDXL-layout mini teacher: BK-style block removal (each down stage keeps its first
@@ -83,12 +92,13 @@ def _sha256(path: Path) -> str:
 
 
 def teacher_path(path: Path | None = None, family: str = "sd") -> Path:
-    """The shipped teacher folder of ``family`` ('sd' or 'sdxl'; or ``path``), after verifying every weight
+    """The shipped teacher folder of ``family`` ('sd', 'sdxl' or 'sd3'; or ``path``), after verifying every weight
     file's sha256."""
     path = Path(path) if path else ASSETS[family]
     sums_file = path / CHECKSUMS
     if not sums_file.is_file():
-        raise UserError(f"no mini teacher at {path} (missing {CHECKSUMS}); train one with `bksdm mini-teacher --out DIR`")
+        how = "--out DIR" if family == "sd" else f"--out DIR family={family}"
+        raise UserError(f"no mini teacher at {path} (missing {CHECKSUMS}); train one with `bksdm mini-teacher {how}`")
     for rel, digest in json.loads(sums_file.read_text()).items():
         f = path / rel
         if not f.is_file() or _sha256(f) != digest:
@@ -97,10 +107,12 @@ def teacher_path(path: Path | None = None, family: str = "sd") -> Path:
 
 
 def load_teacher(path: Path | None = None, dtype: torch.dtype = torch.float32, family: str = "sd"):
-    """A mini teacher as the pipeline its folder names (``StableDiffusionPipeline`` or
-    ``StableDiffusionXLPipeline``; fp32 by default, weights ship in fp16)."""
+    """A mini teacher as the pipeline its folder names (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+    ``StableDiffusion3Pipeline``; fp32 by default, weights ship in fp16)."""
     from diffusers import DiffusionPipeline
 
     import bksdm.mini.model  # noqa: F401  (diffusers loads the VAE class only from an imported module)
+    from bksdm.models import absent_components
 
-    return DiffusionPipeline.from_pretrained(teacher_path(path, family), dtype=dtype)
+    folder = teacher_path(path, family)
+    return DiffusionPipeline.from_pretrained(folder, dtype=dtype, **absent_components(folder))  # SD3: no T5

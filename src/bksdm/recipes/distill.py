@@ -5,6 +5,11 @@ loss = lambda_sd * MSE(student, target) + lambda_out * MSE(student, teacher) + l
 ``DistillRecipe(cfg).setup().train()`` runs it; ``loss_step`` returns every term by name. The teacher is wrapped so
 it stays frozen in eval mode; feature hooks sit on the unwrapped modules so DDP/compile names never matter. The
 loop, data, checkpoints and exact resume are :class:`bksdm.trainer.Trainer`'s.
+
+The same code distils a U-Net (SD, SDXL: DDPM objective) and a transformer (SD3 / SD3.5, Flux.1: flow matching):
+``self.objective`` (from the teacher's scheduler) draws ``(noisy, t, target)`` and weights the task term,
+``self.family.denoise`` calls either denoiser, ``self.family.backbone`` names its folder (``unet`` or
+``transformer``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from bksdm.distill.config import DistillConfig
 from bksdm.distill.hooks import FeatureHooks
 from bksdm.errors import UserError
 from bksdm.trainer import Trainer
-from bksdm.training import FrozenTeacher, noisy_inputs, timestep_weights, unwrap
+from bksdm.training import FrozenTeacher, task_loss, timestep_weights, unwrap
 
 TERMS = ("loss", "task", "out_kd", "feat_kd", "cfg_kd")
 
@@ -28,27 +33,48 @@ TERMS = ("loss", "task", "out_kd", "feat_kd", "cfg_kd")
 class DistillRecipe(Trainer):
     terms = TERMS
     tracker_name = "distill"
+    backbones = ("unet", "transformer")
     cfg: DistillConfig
 
     def pipeline_source(self) -> str:
         return self.cfg.teacher
 
-    def build_models(self) -> torch.nn.Module:
-        """The frozen teacher with its feature hooks, the student (from the teacher, a compressed folder or at
-        random) with its hooks, and the student's EMA."""
-        from bksdm.hub import read_unet_config
-        from bksdm.models import load_unet
-        from bksdm.pipelines import derivation_for
+    def build_objective(self):
+        """The teacher's objective with this run's options: timestep bias (DDPM teachers) or the flow density and
+        weighting (flow teachers); an option the teacher's objective does not have is a one-line error."""
+        from bksdm.objectives import load_objective
 
         cfg = self.cfg
-        teacher_cfg, unet_dir = read_unet_config(self.pipeline_dir)
-        self.derivation = derivation_for(teacher_cfg, cfg.student)
-        teacher_unet = load_unet(unet_dir)
-        student = self._student(teacher_unet)
+        objective = load_objective(self.pipeline_dir, **cfg.flow_options())
+        if cfg.timestep_bias != "none":
+            if objective.name == "flow":
+                raise UserError("timestep_bias applies to DDPM teachers; a flow-matching teacher (SD3, Flux) draws its "
+                                "timesteps from density (logit_normal, uniform, mode)")
+            objective.weights = timestep_weights(objective.scheduler.config.num_train_timesteps, cfg.timestep_bias,
+                                                 cfg.timestep_bias_portion, cfg.timestep_bias_multiplier)
+        return objective
+
+    def build_models(self) -> torch.nn.Module:
+        """The frozen teacher with its feature hooks, the student (from the teacher, a compressed folder or at
+        random) with its hooks, and the student's EMA. The denoiser is the pipeline's ``unet/`` or
+        ``transformer/`` (``family.backbone``)."""
+        from bksdm.pipelines import derivation_for, load_backbone, read_backbone_config
+
+        cfg = self.cfg
+        if cfg.lambda_cfg > 0 and not self.family.classifier_free:
+            raise UserError(f"lambda_cfg distils classifier-free guidance, and this {self.family.name} teacher is not "
+                            f"guided with an unconditional pass (FLUX.1 is guidance-distilled); set lambda_cfg 0")
+        self.teacher_config, teacher_dir = read_backbone_config(self.pipeline_dir)
+        if cfg.feature_points != "blocks" and self.family.backbone != "unet":
+            raise UserError("feature_points self_attn pairs U-Net self-attention layers; transformer students use blocks")
+        self.derivation = derivation_for(self.teacher_config, cfg.student)
+        teacher_model = load_backbone(teacher_dir, self.teacher_config)
+        student = self._student(teacher_model)
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        self.teacher = FrozenTeacher(teacher_unet).to(self.acc.device, self.weight_dtype)
-        # block outputs (BK-SDM) or the self-attention layers of the kept transformer layers (KOALA)
+        self.teacher = FrozenTeacher(teacher_model).to(self.acc.device, self.weight_dtype)
+        # block outputs (BK-SDM; transformers: segment ends, image stream) or the self-attention layers of the
+        # kept transformer layers (KOALA)
         pairs = self.derivation.layer_pairs if cfg.feature_points == "blocks" else self.derivation.attn_pairs
         self.t_hooks = FeatureHooks(self.teacher.unet, [t for t, _ in pairs], "teacher")
         self.s_hooks = FeatureHooks(student, [s for _, s in pairs], "student")
@@ -62,9 +88,6 @@ class DistillRecipe(Trainer):
     def on_prepared(self) -> None:
         if self.ema is not None:
             self.ema.to(self.acc.device)
-        cfg = self.cfg  # None (uniform, the paper) unless timestep_bias asks otherwise
-        self.t_weights = timestep_weights(self.noise_scheduler.config.num_train_timesteps, cfg.timestep_bias,
-                                          cfg.timestep_bias_portion, cfg.timestep_bias_multiplier)
 
     def needs_empty_prompt(self) -> bool:
         return super().needs_empty_prompt() or self.cfg.lambda_cfg > 0
@@ -82,18 +105,16 @@ class DistillRecipe(Trainer):
             self.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
             self.ema.to(self.acc.device)
 
-    def _student(self, teacher_unet):
+    def _student(self, teacher_model):
         """A new student initialised from the teacher (or at random), or a student folder checked against it."""
-        from diffusers import UNet2DConditionModel
-
         from bksdm.arch import init_student_from_teacher
-        from bksdm.models import load_unet
+        from bksdm.pipelines import load_backbone
 
         cfg, der = self.cfg, self.derivation
         folder = Path(cfg.student)
         student = None
         if folder.is_dir():
-            student = load_unet(folder / "unet")
+            student = load_backbone(folder / self.family.backbone, self.teacher_config)
             for key, want in der.student_config.items():
                 have = student.config.get(key)
                 if isinstance(want, (list, tuple)):
@@ -103,23 +124,23 @@ class DistillRecipe(Trainer):
                                     f"the teacher's spec gives {want!r}; compress it from this teacher")
         if cfg.init == "random":  # the ablation's N1: the student's architecture, none of its weights
             torch.manual_seed(cfg.seed)
-            return UNet2DConditionModel.from_config(der.student_config)
-        return student if student is not None else init_student_from_teacher(teacher_unet, der)
+            return type(teacher_model).from_config(der.student_config)
+        return student if student is not None else init_student_from_teacher(teacher_model, der)
 
     # ------------------------------------------------------------------ loss
     def loss_step(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """All loss terms for one micro-batch: ``loss`` (weighted total), ``task``, ``out_kd``, ``feat_kd``,
-        ``cfg_kd`` (zero unless ``lambda_cfg``)."""
+        """All loss terms for one micro-batch: ``loss`` (weighted total), ``task`` (the objective's target, weighted
+        per row by ``objective.weight(t)``), ``out_kd``, ``feat_kd``, ``cfg_kd`` (zero unless ``lambda_cfg``)."""
         cfg = self.cfg
         latents, cond = self.encode(batch, gen)
-        noisy, t, target = noisy_inputs(self.noise_scheduler, latents, gen, self.t_weights)
-        kw = self.family.unet_kwargs
+        noisy, t, target = self.objective.sample(latents, gen)
+        denoise = self.family.denoise
         t_cond = {k: v.to(self.weight_dtype) for k, v in cond.items()}
-        t_pred = self.teacher(noisy.to(self.weight_dtype), t, **kw(t_cond)).sample.float()
+        t_pred = denoise(self.teacher, noisy.to(self.weight_dtype), t, t_cond).float()
         t_feats = [f.float() for f in self.t_hooks.pop()]
-        s_pred = self.student(noisy, t, **kw(cond)).sample.float()
+        s_pred = denoise(self.student, noisy, t, cond).float()
         s_feats = [f.float() for f in self.s_hooks.pop()]
-        task = F.mse_loss(s_pred, target)
+        task = task_loss(self.objective, s_pred, target, t)
         out_kd = F.mse_loss(s_pred, t_pred)
         feat_kd = sum(F.mse_loss(s, tf) for s, tf in zip(s_feats, t_feats))
         cfg_kd = self._guided_kd(noisy, t, cond, s_pred, t_pred) if cfg.lambda_cfg > 0 else torch.zeros((), device=s_pred.device)
@@ -136,34 +157,38 @@ class DistillRecipe(Trainer):
         b = max(1, round(noisy.shape[0] * self.cfg.cfg_fraction))  # the first b rows: a cheaper, unbiased estimate
         noisy, t, s_cond, t_cond = noisy[:b], t[:b], s_cond[:b], t_cond[:b]
         uncond = self.unconditional({k: v[:b] for k, v in cond.items()})
-        kw = self.family.unet_kwargs
-        t_unc = self.teacher(noisy.to(self.weight_dtype), t, **kw({k: v.to(self.weight_dtype) for k, v in uncond.items()})).sample.float()
-        s_unc = self.student(noisy, t, **kw(uncond)).sample.float()
+        denoise = self.family.denoise
+        t_unc = denoise(self.teacher, noisy.to(self.weight_dtype), t, {k: v.to(self.weight_dtype) for k, v in uncond.items()}).float()
+        s_unc = denoise(self.student, noisy, t, uncond).float()
         self.t_hooks.pop(), self.s_hooks.pop()  # the block features of these extra calls are not distilled
         return F.mse_loss(s_unc + g * (s_cond - s_unc), t_unc + g * (t_cond - t_unc))
 
     # ------------------------------------------------------------------ outputs
-    def final_unet(self):
-        """The student U-Net to ship: a copy holding the EMA weights when EMA is on."""
+    def final_model(self):
+        """The student denoiser (U-Net or transformer) to ship: a copy holding the EMA weights when EMA is on."""
         import copy
 
-        unet = copy.deepcopy(unwrap(self.acc.unwrap_model(self.student))).float()
+        model = copy.deepcopy(unwrap(self.acc.unwrap_model(self.student))).float()
         if self.ema is not None:
-            self.ema.copy_to(unet.parameters())
-        return unet
+            self.ema.copy_to(model.parameters())
+        return model
+
+    final_unet = final_model  # the name U-Net callers know
 
     def finish(self, last: dict[str, float]) -> dict[str, float]:
-        """Write ``out/final``: the teacher's other components with the student U-Net, loadable by diffusers."""
+        """Write ``out/final``: the teacher's other components with the student denoiser (``unet/`` or
+        ``transformer/``), loadable by the family's diffusers pipeline class."""
         from bksdm.pipelines import copy_pipeline, load_record, write_record
 
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            final = self.out / "final"
-            copy_pipeline(self.pipeline_dir, final)
-            self.final_unet().save_pretrained(final / "unet", safe_serialization=True)
+            final, backbone = self.out / "final", self.family.backbone
+            copy_pipeline(self.pipeline_dir, final, skip=(backbone,))
+            self.final_model().save_pretrained(final / backbone, safe_serialization=True)
             student = Path(str(self.cfg.student))  # a compressed folder: how its spec was chosen goes on with it
             chosen = (load_record(student) or {}).get("chosen_by_measurement") if student.is_dir() else None
-            record = {"teacher": self.cfg.teacher, **self.derivation.record(), **({"chosen_by_measurement": chosen} if chosen else {}),
+            kind = {"backbone": self.teacher_config["_class_name"]} if backbone != "unet" else {}
+            record = {"teacher": self.cfg.teacher, **kind, **self.derivation.record(), **({"chosen_by_measurement": chosen} if chosen else {}),
                       "distill": {"steps": self.step, "skipped": dict(self.skips)}}
             # the key map stays: it is how a LoRA made for the teacher finds the student's weights (bksdm.lora.remap)
             write_record(final, record)
@@ -179,8 +204,8 @@ class DistillRecipe(Trainer):
         from bksdm.cards import write_model_card
         from bksdm.profile import count_params
 
-        cfg = self.cfg
-        params = {"teacher_unet": count_params(self.teacher.unet), "student_unet": count_params(unwrap(self.student))}
+        cfg, backbone = self.cfg, self.family.backbone
+        params = {f"teacher_{backbone}": count_params(self.teacher.unet), f"student_{backbone}": count_params(unwrap(self.student))}
         training = {
             "recipe": "BK-SDM distillation: task + output-KD + feature-KD loss "
                       f"(weights {cfg.lambda_sd} / {cfg.lambda_out} / {cfg.lambda_feat})",
@@ -193,7 +218,7 @@ class DistillRecipe(Trainer):
             "unusable samples skipped": self.skips.summary(examples=False),
         }
         final_losses = {f"final {k} loss": v for k, v in last.items() if k in TERMS}
-        write_model_card(final, record, dict(self.teacher.unet.config), params, training, final_losses or None,
+        write_model_card(final, record, self.teacher_config, params, training, final_losses or None,
                          "samples.png" if (final / "samples.png").is_file() else None)
 
     @torch.no_grad()
@@ -208,8 +233,8 @@ class DistillRecipe(Trainer):
         vae, text = load_text_side(self.pipeline_dir)
         sched = load_component(self.pipeline_dir, "scheduler")
         rows = []
-        for unet in (self.teacher.unet, self.final_unet()):
-            rows.append(generate_images({"unet": unet.float(), "vae": vae, **text}, sched, self.cfg.sample_prompts,
+        for model in (self.teacher.unet, self.final_model()):
+            rows.append(generate_images({self.family.backbone: model.float(), "vae": vae, **text}, sched, self.cfg.sample_prompts,
                                         seeds=list(range(len(self.cfg.sample_prompts))), steps=self.cfg.sample_steps))
         self.teacher.unet.to(self.weight_dtype)
         path = self.out / "samples" / f"step-{self.step}.png"

@@ -147,9 +147,10 @@ class DreamBooth:
 
         from bksdm.arch.families import family_of
         from bksdm.dreambooth.dataset import load_subject_images
-        from bksdm.models import load_component, pipeline_folder
+        from bksdm.models import load_component, pipeline_folder, refuse_transformer
 
         cfg = self.cfg
+        refuse_transformer(pipeline_folder(cfg.model), "dreambooth")  # before the subject's pictures are read
         self.instances = load_subject_images(cfg.instance_dir, cfg.resolution)
         fresh_accelerator_state()
         self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision)

@@ -30,6 +30,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 class LCMRecipe(Trainer):
     terms = ("loss", "mse")
     tracker_name = "lcm"
+    transformer_note = "their flow-matching objective has no alphas_cumprod for LCM's DDIM solver"
     cfg: LCMConfig
 
     def pipeline_source(self) -> str:
@@ -38,11 +39,12 @@ class LCMRecipe(Trainer):
     # ------------------------------------------------------------------ models
     def build_models(self) -> torch.nn.Module:
         from bksdm.hub import read_unet_config
-        from bksdm.models import load_unet, pipeline_folder
+        from bksdm.models import load_unet, pipeline_folder, refuse_transformer
 
         cfg = self.cfg
         model_cfg, unet_dir = read_unet_config(self.pipeline_dir)
         teacher_dir = pipeline_folder(cfg.teacher, "teacher") if cfg.teacher else self.pipeline_dir
+        refuse_transformer(teacher_dir, "lcm", self.transformer_note)
         teacher_cfg, teacher_unet_dir = read_unet_config(teacher_dir)
         for key in ("in_channels", "cross_attention_dim", "sample_size"):
             if teacher_cfg.get(key) != model_cfg.get(key):

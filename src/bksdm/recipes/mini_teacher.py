@@ -1,14 +1,17 @@
-"""The recipe that trains the mini teacher (the asset in ``bksdm/mini/assets/teacher``).
+"""The recipe that trains the mini teachers (the assets in ``bksdm/mini/assets/teacher*``).
 
-The text encoder and the SD-v1-layout U-Net learn together on the shapes world: SD-v1's noise schedule with
-SD-v2's v-prediction target, 10% empty captions so classifier-free guidance works, an EMA of both (diffusers'
-``EMAModel``), bf16 autocast on CPUs.
+The text encoders and the denoiser learn together on the shapes world, 10% empty captions so classifier-free
+guidance works, an EMA of all of them (diffusers' ``EMAModel``), bf16 autocast on CPUs. What differs between the
+layouts lives in the teacher's own parts, not here: the family (``bksdm.arch.families`` / ``flow_families``: prompt
+encoding, the unconditional input, how the denoiser is called) and the objective its scheduler config names
+(``bksdm.objectives``: SD-v1's noise schedule with SD-v2's v-prediction for the U-Nets, rectified flow for SD3).
 
     bksdm mini-teacher --out teacher --steps 8000      # teacher/final: a pipeline folder (fp16 safetensors)
     bksdm mini-teacher --config default out=teacher    # the same from configs/mini_teacher_default.yaml
+    bksdm mini-teacher --config sd3 out=teacher_sd3    # the SD3 layout (MMDiT, flow matching)
 
-The shipped weights were trained by this loop's earlier home, ``bksdm.mini.teacher``, whose EMA was written by hand
-(same decay schedule but for a first-step offset); their stages are in ``assets/teacher/training.json``.
+The shipped SD weights were trained by this loop's earlier home, ``bksdm.mini.teacher``, whose EMA was written by
+hand (same decay schedule but for a first-step offset); their stages are in ``assets/teacher/training.json``.
 """
 
 from __future__ import annotations
@@ -20,64 +23,63 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bksdm.arch.families import family_of
+from bksdm.arch.flow_families import family_for
 from bksdm.errors import UserError
-from bksdm.mini.model import SpaceToDepthVAE, build_pipeline, build_sdxl_pipeline, sdxl_unet_config, text_encoder, unet_config
+from bksdm.mini.model import (SpaceToDepthVAE, build_pipeline, build_sd3_pipeline, build_sdxl_pipeline,
+                              sd3_transformer_config, sdxl_unet_config, text_encoder, unet_config)
 from bksdm.mini.config import TeacherConfig
-from bksdm.mini.teacher import (SDXL_TEACHER_UNET, TEACHER_UNET, TEXT_EMBED_STD, TEXT_LAYERS, VAE_SHIFT, save_teacher,
-                                world_batch)
+from bksdm.mini.teacher import (SD3_TEACHER_TRANSFORMER, SDXL_TEACHER_UNET, TEACHER_UNET, TEXT_EMBED_STD, TEXT_LAYERS,
+                                VAE_SHIFT, save_teacher, world_batch)
 from bksdm.mini.world import WORDS, ShapesWorld
-from bksdm.training import noisy_inputs
+from bksdm.objectives import objective_for
+from bksdm.training import task_loss, to_latent_space
 
 
 def train_teacher(cfg: TeacherConfig) -> dict:
-    """Train (or, with ``init_from``, continue training) the mini teacher: ``OUT/final`` (as every trainer's
-    result), EMA checkpoints ``OUT/step-N`` on the way.
+    """Train (or, with ``init_from``, continue training) the mini teacher of ``cfg.family``: ``OUT/final`` (as every
+    trainer's result), EMA checkpoints ``OUT/step-N`` on the way.
 
-    ``prediction`` is the U-Net's target, ``"v_prediction"`` (SD-v2's) or ``"epsilon"`` (SD-v1's); it is written
-    into the scheduler config, which every recipe reads. Why v: the prompt decides the layout at noisy timesteps,
-    where an epsilon model must output almost exactly its input and the picture is a tiny correction on top; with
-    epsilon MSE the text's share of the loss there was ~1e-4 and 5,000 steps learnt an almost unconditional model.
+    ``prediction`` is the U-Nets' target, ``"v_prediction"`` (SD-v2's; ``auto`` for sd and sdxl) or ``"epsilon"``
+    (SD-v1's); it is written into the scheduler config, which every recipe reads. Why v: the prompt decides the
+    layout at noisy timesteps, where an epsilon model must output almost exactly its input and the picture is a
+    tiny correction on top; with epsilon MSE the text's share of the loss there was ~1e-4 and 5,000 steps learnt an
+    almost unconditional model. SD3 (``auto`` only) learns the rectified-flow velocity ``eps - x0``, which carries
+    the picture at every noise level, with SD3's logit-normal timestep draws (:class:`bksdm.objectives.FlowObjective`).
     ``start_index`` offsets the world indices so a continuation sees new pictures; ``fresh_text`` (with ``init``)
-    replaces the text encoder by a new one of that many layers.
+    replaces the one text encoder of an SD-layout teacher by a new one of that many layers.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
     from diffusers.training_utils import EMAModel
 
     cfg.validate()
     out, steps, batch, lr, seed, log_every = Path(cfg.out), cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, cfg.log_every
-    bf16, save_every, ema_decay, start_index, prediction = cfg.bf16, cfg.save_every, cfg.ema_decay, cfg.start_index, cfg.prediction
+    bf16, save_every, ema_decay, start_index = cfg.bf16, cfg.save_every, cfg.ema_decay, cfg.start_index
     init, fresh_text = (Path(cfg.init_from) if cfg.init_from else None), cfg.fresh_text
     torch.manual_seed(seed)
     if init is not None:
-        import bksdm.mini.model  # noqa: F401  (its VAE class, named in the folder's model_index.json)
-
-        from bksdm.models import pipeline_family, pipeline_folder
+        from bksdm.models import absent_components, import_own_components, pipeline_family, pipeline_folder
 
         if pipeline_family(pipeline_folder(str(init), "teacher")).name != cfg.family:
             raise UserError(f"init_from {init} is not a {cfg.family}-layout teacher; pass family= to match it")
-        cls = StableDiffusionXLPipeline if cfg.family == "sdxl" else StableDiffusionPipeline
-        pipe = cls.from_pretrained(init, dtype=torch.float32)
+        import_own_components(init)  # the world's VAE class, named in the folder's model_index.json
+        pipe = DiffusionPipeline.from_pretrained(init, dtype=torch.float32, **absent_components(init))
         vae_cfg = {k: v for k, v in pipe.vae.config.items() if not k.startswith("_")}
         pipe.vae = SpaceToDepthVAE(**{**vae_cfg, "shift": VAE_SHIFT})
-        if fresh_text and cfg.family == "sdxl":
-            raise UserError("fresh_text replaces the SD layout's one text encoder; an SDXL teacher has two")
         if fresh_text:
             tc = pipe.text_encoder.config
             pipe.text_encoder = text_encoder(tc.vocab_size, tc.max_position_embeddings, tc.hidden_size, fresh_text,
                                              TEXT_EMBED_STD)
-    elif cfg.family == "sdxl":
-        pipe = _sdxl_teacher(seed)
     else:
-        pipe = build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET), text_layers=TEXT_LAYERS,
-                              vae_shift=VAE_SHIFT, text_embed_std=TEXT_EMBED_STD)
-    pipe.scheduler.register_to_config(prediction_type=prediction)
-    unet, vae = pipe.unet, pipe.vae
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    family = family_of(unet.config)
+        pipe = new_teacher(cfg.family, seed)
+    if cfg.target() != "flow":  # a DDPM scheduler's target is a setting; a flow scheduler's is always eps - x0
+        pipe.scheduler.register_to_config(prediction_type=cfg.target())
+    family = family_for(pipe.components.get("transformer", pipe.components.get("unet")).config,
+                        [n for n, c in pipe.components.items() if c is not None])
+    denoiser, vae = getattr(pipe, family.backbone), pipe.vae
+    objective = objective_for(pipe.scheduler.config)  # DDPM (sd, sdxl) or flow (sd3): what the pipeline samples
     parts = {n: getattr(pipe, n) for n in family.text_components}
     texts_nets = [p for n, p in parts.items() if n.startswith("text_encoder")]
-    params = list(unet.parameters()) + [p for net in texts_nets for p in net.parameters()]
+    params = list(denoiser.parameters()) + [p for net in texts_nets for p in net.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ema = EMAModel(params, decay=ema_decay)  # warm-up decay min(ema_decay, (1 + n) / (10 + n)), as distill's
@@ -85,11 +87,11 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     t0, losses, history = time.time(), [], []
     for step in range(steps):
         images, texts = world_batch(world, start_index + step * batch, batch, gen)
-        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-        noisy, t, target = noisy_inputs(noise_sched, latents, gen)
+        latents = to_latent_space(vae.encode(images).latent_dist.sample(), vae.config)  # (B, 12, 16, 16)
+        noisy, t, target = objective.sample(latents, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = unet(noisy, t, **family.unet_kwargs(teacher_conditioning(family, parts, texts, latents.shape[0]))).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
+            pred = family.denoise(denoiser, noisy, t, teacher_conditioning(family, parts, texts, latents.shape[0]))
+        loss = task_loss(objective, pred.float(), target, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -104,8 +106,25 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             _save_ema(pipe, ema, params, out / f"step-{step + 1}", {"steps": step + 1, "history": history})
     _save_ema(pipe, ema, params, out / "final", {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "bf16_autocast": bf16,
-                             "prediction": prediction, "seconds": round(time.time() - t0, 1), "history": history})
+                             "family": cfg.family, "prediction": objective.name, "seconds": round(time.time() - t0, 1),
+                             "history": history})
     return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-log_every:])) if losses else None}
+
+
+def new_teacher(family: str, seed: int):
+    """A randomly initialised mini teacher of ``family`` with the shipped teachers' settings: the world's 18-word
+    tokenizers, 4-layer text encoders with unit-scale embeddings, the centring space-to-depth VAE, and
+    :data:`~bksdm.mini.teacher.TEACHER_UNET` (sd), :data:`~bksdm.mini.teacher.SDXL_TEACHER_UNET` (sdxl) or
+    :data:`~bksdm.mini.teacher.SD3_TEACHER_TRANSFORMER` (sd3)."""
+    builders = {"sd": _sd_teacher, "sdxl": _sdxl_teacher, "sd3": _sd3_teacher}
+    if family not in builders:
+        raise UserError(f"family {family!r} is not one of {', '.join(builders)}")
+    return builders[family](seed)
+
+
+def _sd_teacher(seed: int):
+    return build_pipeline(WORDS, seed=seed, unet=unet_config(**TEACHER_UNET), text_layers=TEXT_LAYERS,
+                          vae_shift=VAE_SHIFT, text_embed_std=TEXT_EMBED_STD)
 
 
 def _sdxl_teacher(seed: int):
@@ -117,9 +136,20 @@ def _sdxl_teacher(seed: int):
                                text_embed_std=TEXT_EMBED_STD)
 
 
+def _sd3_teacher(seed: int):
+    """A new SD3-layout mini teacher: :data:`SD3_TEACHER_TRANSFORMER`, the world's VAE (centred by its ``shift``;
+    ``shift_factor`` 0), two text encoders, no T5."""
+    u = SD3_TEACHER_TRANSFORMER
+    half = u["text_width"] // 2
+    return build_sd3_pipeline(WORDS, seed=seed, transformer=sd3_transformer_config(**u), widths=(half, half),
+                              vae=SpaceToDepthVAE(sample_size=32, shift=VAE_SHIFT, shift_factor=0.0),
+                              text_layers=TEXT_LAYERS, text_embed_std=TEXT_EMBED_STD)
+
+
 def teacher_conditioning(family, parts: dict, texts: list[str], batch: int) -> dict:
     """The prompts' conditioning for training. A dropped caption ("") becomes what the pipeline will pass for
-    "no prompt" under guidance: the empty prompt's encoding (SD), all zeros (SDXL's force_zeros_for_empty_prompt)."""
+    "no prompt" under guidance: the empty prompt's encoding (SD; SD3, whose negative prompt is "" through both CLIPs
+    and T5's zeros), all zeros (SDXL's force_zeros_for_empty_prompt)."""
     cond = family.encode_prompt(parts, texts, "cpu")
     empty = [i for i, text in enumerate(texts) if text == ""]
     if empty:
