@@ -34,7 +34,7 @@ class DistillConfig(TrainConfig):
     caption_dropout: float = 0.0  # share of captions replaced by "" (paper: 0); trains the unconditional branch that guidance uses
     lambda_cfg: float = 0.0  # output KD on the classifier-free guided prediction at cfg_scale (paper: 0; both nets also run on "")
     cfg_scale: float = 7.5  # the guidance scale of lambda_cfg's term (the scale images are generated with)
-    cfg_fraction: float = 1.0  # share of each micro-batch (its first rows) that lambda_cfg's extra empty-prompt pass covers
+    cfg_fraction: float = 1.0  # share of each micro-batch (its first rows) that lambda_cfg's empty-prompt rows cover
     ema: bool = True  # keep an EMA of the student; the final pipeline holds the EMA weights
     ema_decay: float = 0.9999
     ema_foreach: bool = True  # one fused EMA update over all tensors (the public recipe loops tensor by tensor)

@@ -30,6 +30,14 @@ from bksdm.training import FrozenTeacher, task_loss, timestep_weights, unwrap
 TERMS = ("loss", "task", "out_kd", "feat_kd", "cfg_kd")
 
 
+def guided_kd(s_cond: torch.Tensor, s_unc: torch.Tensor, t_cond: torch.Tensor, t_unc: torch.Tensor, g: float) -> torch.Tensor:
+    """MSE between the student's and the teacher's classifier-free guided predictions at scale ``g``, u + g (c - u),
+    with c the prediction for the caption and u for the empty prompt (each (b, C, h, w)). Guidance multiplies the
+    error of the difference c - u by g; this term (bksdm's, not the paper's: docs/mini-world.md) trains that
+    difference directly."""
+    return F.mse_loss(s_unc + g * (s_cond - s_unc), t_unc + g * (t_cond - t_unc))
+
+
 class DistillRecipe(Trainer):
     terms = TERMS
     tracker_name = "distill"
@@ -134,34 +142,27 @@ class DistillRecipe(Trainer):
         cfg = self.cfg
         latents, cond = self.encode(batch, gen)
         noisy, t, target = self.objective.sample(latents, gen)
+        n, wd = noisy.shape[0], self.weight_dtype
+        x, tt, c = noisy, t, cond
+        if cfg.lambda_cfg > 0:  # guided KD's empty-prompt rows ride in the same calls: one batch of n + b, not two
+            b = max(1, round(n * cfg.cfg_fraction))  # the first b rows: a cheaper, unbiased estimate
+            uncond = self.unconditional({k: v[:b] for k, v in cond.items()})
+            x, tt = torch.cat([noisy, noisy[:b]]), torch.cat([t, t[:b]])
+            c = {k: torch.cat([v, uncond[k]]) for k, v in cond.items()}
         denoise = self.family.denoise
-        t_cond = {k: v.to(self.weight_dtype) for k, v in cond.items()}
-        t_pred = denoise(self.teacher, noisy.to(self.weight_dtype), t, t_cond).float()
-        t_feats = [f.float() for f in self.t_hooks.pop()]
-        s_pred = denoise(self.student, noisy, t, cond).float()
-        s_feats = [f.float() for f in self.s_hooks.pop()]
+        t_all = denoise(self.teacher, x.to(wd), tt, {k: v.to(wd) for k, v in c.items()}).float()
+        t_feats = [f[:n].float() for f in self.t_hooks.pop()]  # the empty-prompt rows' features are not distilled
+        s_all = denoise(self.student, x, tt, c).float()
+        s_feats = [f[:n].float() for f in self.s_hooks.pop()]
+        t_pred, s_pred = t_all[:n], s_all[:n]
         task = task_loss(self.objective, s_pred, target, t)
         out_kd = F.mse_loss(s_pred, t_pred)
         feat_kd = sum(F.mse_loss(s, tf) for s, tf in zip(s_feats, t_feats))
-        cfg_kd = self._guided_kd(noisy, t, cond, s_pred, t_pred) if cfg.lambda_cfg > 0 else torch.zeros((), device=s_pred.device)
+        cfg_kd = torch.zeros((), device=s_pred.device)
+        if cfg.lambda_cfg > 0:
+            cfg_kd = guided_kd(s_pred[: len(s_all) - n], s_all[n:], t_pred[: len(t_all) - n], t_all[n:], cfg.cfg_scale)
         loss = cfg.lambda_sd * task + cfg.lambda_out * out_kd + cfg.lambda_feat * feat_kd + cfg.lambda_cfg * cfg_kd
         return {"loss": loss, "task": task, "out_kd": out_kd, "feat_kd": feat_kd, "cfg_kd": cfg_kd}
-
-    def _guided_kd(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], s_cond: torch.Tensor,
-                   t_cond: torch.Tensor) -> torch.Tensor:
-        """MSE between the student's and the teacher's classifier-free guided predictions at ``cfg_scale``:
-        u + g (c - u), with u the prediction for the empty prompt. Guidance multiplies the error of the difference
-        c - u by g; this term trains that difference directly (both networks run once more, on the empty prompt,
-        for the first ``cfg_fraction`` of the rows)."""
-        g = self.cfg.cfg_scale
-        b = max(1, round(noisy.shape[0] * self.cfg.cfg_fraction))  # the first b rows: a cheaper, unbiased estimate
-        noisy, t, s_cond, t_cond = noisy[:b], t[:b], s_cond[:b], t_cond[:b]
-        uncond = self.unconditional({k: v[:b] for k, v in cond.items()})
-        denoise = self.family.denoise
-        t_unc = denoise(self.teacher, noisy.to(self.weight_dtype), t, {k: v.to(self.weight_dtype) for k, v in uncond.items()}).float()
-        s_unc = denoise(self.student, noisy, t, uncond).float()
-        self.t_hooks.pop(), self.s_hooks.pop()  # the block features of these extra calls are not distilled
-        return F.mse_loss(s_unc + g * (s_cond - s_unc), t_unc + g * (t_cond - t_unc))
 
     # ------------------------------------------------------------------ outputs
     def final_model(self):
