@@ -158,3 +158,20 @@ def write_prompt_csv(path, rows):
         w.writerow(["file_name", "caption"])
         w.writerows(rows)
     return path
+
+
+def assert_cached_equals_live(plain, cached, micro_batches_n: int = 2) -> None:
+    """A recipe reading a `bksdm cache` computes the same loss terms as one encoding the same pictures live (same
+    positions, flips, caption drops and noise), and loads no VAE or text encoder."""
+    import torch
+
+    from bksdm.distill.loader import micro_batches
+
+    assert not hasattr(cached, "vae") and not hasattr(cached, "text_parts")
+    for micro in range(micro_batches_n):
+        b1 = next(micro_batches(plain.source, 1234, True, 32, 4, 0, 1, micro))
+        b2 = next(micro_batches(cached.source, 1234, True, 32, 4, 0, 1, micro))
+        l1 = plain.loss_step(b1, torch.Generator().manual_seed(micro))
+        l2 = cached.loss_step(b2, torch.Generator().manual_seed(micro))
+        for k in l1:
+            torch.testing.assert_close(l1[k], l2[k], rtol=1e-4, atol=1e-6, msg=k)

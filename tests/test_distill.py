@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from bksdm.cli import main
-from tests.conftest import FAST, distill_cfg, hf_image_dataset, one_line_error
+from tests.conftest import FAST, assert_cached_equals_live, distill_cfg, hf_image_dataset, one_line_error
 from bksdm.distill.config import DistillConfig, load_config
 from bksdm.recipes.distill import DistillRecipe
 
@@ -109,16 +109,7 @@ def test_cached_equals_uncached(tiny_teacher_dir, tmp_path):
     kw = dict(random_flip=True, caption_dropout=0.5)  # the cached path drops captions the same way
     plain = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "u", data="mini-world:8", **kw)).setup()
     cached = DistillRecipe(distill_cfg(tiny_teacher_dir, tmp_path / "k", cache=str(tmp_path / "c"), **kw)).setup()
-    assert not hasattr(cached, "vae") and not hasattr(cached, "text_parts")
-    from bksdm.distill.loader import micro_batches
-
-    for micro in range(2):
-        b1 = next(micro_batches(plain.source, 1234, True, 32, 4, 0, 1, micro))
-        b2 = next(micro_batches(cached.source, 1234, True, 32, 4, 0, 1, micro))
-        l1 = plain.loss_step(b1, torch.Generator().manual_seed(micro))
-        l2 = cached.loss_step(b2, torch.Generator().manual_seed(micro))
-        for k in l1:
-            torch.testing.assert_close(l1[k], l2[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_cached_equals_live(plain, cached)
 
 
 def test_corrupt_image_is_skipped_and_counted(tiny_teacher_dir, tmp_path):

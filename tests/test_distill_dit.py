@@ -13,7 +13,7 @@ import torch
 
 from bksdm.cli import main
 from bksdm.recipes.distill import DistillRecipe
-from tests.conftest import FAST, distill_cfg, one_line_error
+from tests.conftest import FAST, assert_cached_equals_live, distill_cfg, one_line_error
 from tests.test_flow import tiny_flux, tiny_sd3
 
 KINDS = ("sd3", "sd3-no-t5", "flux", "flux-schnell")
@@ -125,8 +125,6 @@ def test_latents_are_the_sd3_scripts_shifted_and_scaled_latents(teachers, tmp_pa
 def test_cached_equals_live(kind, teachers, tmp_path):
     from safetensors.torch import load_file
 
-    from bksdm.distill.loader import micro_batches
-
     teacher, _ = teachers[kind]
     assert main(["cache", "--teacher", str(teacher), "--data", "mini-world:8", "--out", str(tmp_path / "c"),
                  "--resolution", "32", "--dtype", "fp32"]) == 0
@@ -141,14 +139,7 @@ def test_cached_equals_live(kind, teachers, tmp_path):
     kw = dict(random_flip=True, caption_dropout=0.5, lambda_cfg=0.5 if family == "sd3" else 0.0)
     plain = DistillRecipe(_cfg(teachers, kind, tmp_path / "u", data="mini-world:8", **kw)).setup()
     cached = DistillRecipe(_cfg(teachers, kind, tmp_path / "k", cache=str(tmp_path / "c"), **kw)).setup()
-    assert not hasattr(cached, "vae") and not hasattr(cached, "text_parts")
-    for micro in range(2):
-        b1 = next(micro_batches(plain.source, 1234, True, 32, 4, 0, 1, micro))
-        b2 = next(micro_batches(cached.source, 1234, True, 32, 4, 0, 1, micro))
-        l1 = plain.loss_step(b1, torch.Generator().manual_seed(micro))
-        l2 = cached.loss_step(b2, torch.Generator().manual_seed(micro))
-        for k in l1:
-            torch.testing.assert_close(l1[k], l2[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_cached_equals_live(plain, cached)
 
 
 def test_a_cache_of_another_teacher_is_refused(teachers, tmp_path, capsys):
