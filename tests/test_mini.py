@@ -272,3 +272,30 @@ def test_bootstrap_interval_is_reproducible_and_narrows_with_more_images():
     # a binomial share: the bootstrap standard error is sqrt(p (1 - p) / n)
     se = np.sqrt(0.8 * 0.2 / 2000)
     assert abs((b[1] - b[0]) / (2 * 1.96) - se) < 0.15 * se
+
+
+def test_mini_fid_of_few_images_takes_the_eigenvalue_trace_where_sqrtm_fails():
+    """Fewer images than 129 make both covariances singular: where sqrtm leaves an imaginary part (which FID refuses,
+    as pytorch-fid does), mini-FID is the same quantity through the eigenvalues; with enough images it is FID's
+    formula to the bit."""
+    import numpy as np
+
+    from bksdm.errors import UserError
+    from bksdm.evaluate.metrics import frechet_distance, stats
+    from bksdm.mini.metrics import frechet_features, trace_sqrt_eig
+
+    rng = np.random.default_rng(0)
+    big1, big2 = rng.normal(size=(400, 128)), rng.normal(0.3, 1.2, size=(400, 128))
+    assert frechet_features(big1, big2) == frechet_distance(*stats(big1, "x"), *stats(big2, "x"))
+    r = np.random.default_rng(351)  # 4 images a side, one of the few draws where sqrtm's result is refused
+    f1, f2 = r.normal(size=(4, 128)) * 10, r.normal(size=(4, 128))
+    with pytest.raises(UserError, match="imaginary component"):
+        frechet_distance(*stats(f1, "x"), *stats(f2, "x"))
+    (m1, s1), (m2, s2) = stats(f1, "x"), stats(f2, "x")
+    want = float((m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_eig(s1, s2))
+    assert frechet_features(f1, f2) == want and want > 0
+    # the eigenvalue trace is the sqrtm trace where sqrtm is well defined
+    import scipy.linalg
+
+    a, b = np.cov(big1, rowvar=False), np.cov(big2, rowvar=False)
+    assert trace_sqrt_eig(a, b) == pytest.approx(np.trace(scipy.linalg.sqrtm(a @ b)).real, rel=1e-9)
