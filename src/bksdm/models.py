@@ -135,11 +135,13 @@ def generation_parts(folder: Path) -> tuple[str, ...]:
 
 def decoder_factor(vae) -> int:
     """How many pixels a latent cell spans for a VAE or tiny decoder (what diffusers pipelines compute from
-    ``block_out_channels``): 8 for SD's VAE and TAESD, 2 for the mini world's."""
-    cfg = vae.config
+    ``block_out_channels``): 8 for SD's VAE and TAESD, 2 for the mini world's. ``vae``: the model, or its config
+    (a dict, e.g. ``vae/config.json`` read without loading the weights; a config without ``block_out_channels``
+    counts as diffusers' default of 8)."""
+    cfg = getattr(vae, "config", vae)
     if "upsampling_scaling_factor" in cfg:  # AutoencoderTiny: its own upsampling factor per level
-        return int(cfg.upsampling_scaling_factor) ** (len(cfg.decoder_block_out_channels) - 1)
-    return 2 ** (len(cfg.block_out_channels) - 1)
+        return int(cfg["upsampling_scaling_factor"]) ** (len(cfg["decoder_block_out_channels"]) - 1)
+    return 2 ** (len(cfg.get("block_out_channels") or (0,) * 4) - 1)
 
 
 def vae_dtype(vae, dtype: torch.dtype) -> torch.dtype:

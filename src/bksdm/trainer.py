@@ -102,7 +102,8 @@ class Trainer:
         from accelerate.utils import ProjectConfiguration
         from diffusers.optimization import get_scheduler
 
-        from bksdm.models import DTYPES, default_device, load_text_side, pipeline_family, pipeline_folder, unsupported
+        from bksdm.models import (DTYPES, decoder_factor, default_device, load_text_side, pipeline_family,
+                                  pipeline_folder, unsupported)
         from bksdm.pipelines import read_backbone_config
 
         cfg = self.cfg
@@ -113,8 +114,8 @@ class Trainer:
         self.family = pipeline_family(self.pipeline_dir)  # SD, SDXL (unet/), SD3, Flux (transformer/)
         if self.family.backbone not in self.backbones:
             raise unsupported(self.tracker_name, self.transformer_note)
-        factor = 2 ** (len(self.vae_config.get("block_out_channels") or (0,) * 4) - 1)
-        self.family.latent_shape(read_backbone_config(self.pipeline_dir)[0], cfg.resolution, factor)  # SD3/Flux sides
+        self.family.latent_shape(read_backbone_config(self.pipeline_dir)[0], cfg.resolution,
+                                 decoder_factor(self.vae_config))  # sides SD3 / Flux cannot take, before any work
         log_with = None if cfg.report_to == "none" else cfg.report_to
         fresh_accelerator_state()
         self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision,

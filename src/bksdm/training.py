@@ -21,8 +21,8 @@ def noisy_inputs(scheduler, latents: torch.Tensor, gen: torch.Generator,
 
     ``latents`` (B, C, h, w); the noise and then the timesteps are drawn from the CPU generator ``gen`` in that
     order, which resumed runs and the reference checks rely on: uniformly (the paper), or in proportion to
-    ``weights`` (T,) (:func:`timestep_weights`). The target is :func:`training_target`'s. A wrapper of
-    :class:`bksdm.objectives.DDPMObjective` (same draws, bit for bit) for a DDPM ``scheduler``."""
+    ``weights`` (T,) (:func:`timestep_weights`); the target is the scheduler's ``prediction_type``'s. A wrapper
+    of :class:`bksdm.objectives.DDPMObjective` (same draws, bit for bit) for a DDPM ``scheduler``."""
     from bksdm.objectives import DDPMObjective
 
     return DDPMObjective(scheduler, weights).sample(latents, gen)
@@ -61,15 +61,6 @@ def timestep_weights(num_timesteps: int, strategy: str, portion: float = 0.25, m
     weights[:n] *= multiplier if strategy == "earlier" else 1
     weights[num_timesteps - n:] *= multiplier if strategy == "later" else 1
     return weights / weights.sum()
-
-
-def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the U-Net learns to predict for ``(latents, noise, t)``: the noise, the velocity when the scheduler's
-    config says ``v_prediction`` (SD-v2, the mini teacher), the clean latents for ``sample``. Same shape as
-    ``latents``."""
-    from bksdm.objectives import DDPMObjective
-
-    return DDPMObjective(scheduler).target(latents, noise, t)
 
 
 class FrozenTeacher(torch.nn.Module):

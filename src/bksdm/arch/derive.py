@@ -377,11 +377,6 @@ def map_keys(modules: list[tuple[str, str]], student: dict[str, torch.Size], tea
     Checked: the source exists with the identical shape (:class:`UserError` naming both), and no teacher tensor
     is used twice (:class:`AssertionError`). ``student``/``teacher``: key -> shape (buffers included).
     """
-    return _key_map(modules, student, teacher, roots)
-
-
-def _key_map(modules: list[tuple[str, str]], student: dict[str, torch.Size], teacher: dict[str, torch.Size],
-             roots: tuple[str, ...] = UNET_ROOTS):
     prefixes = dict(modules)
     key_map: dict[str, str] = {}
     for key, shape in student.items():
@@ -421,5 +416,5 @@ def derive(teacher_config: dict[str, Any], spec: BlockSpec, with_keys: bool = Tr
     der = Derivation(spec, copy.deepcopy(teacher_config), student_cfg, modules, pairs, attn)
     if with_keys:
         teacher_cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
-        der.key_map, der.unused_teacher_keys = _key_map(modules, _meta_shapes(student_cfg), _meta_shapes(teacher_cfg))
+        der.key_map, der.unused_teacher_keys = map_keys(modules, _meta_shapes(student_cfg), _meta_shapes(teacher_cfg))
     return der
