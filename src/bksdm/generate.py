@@ -138,6 +138,7 @@ def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds:
     (:func:`initial_latents`, in the family's layout: Flux packs it), so an image does not depend on its batch."""
     from contextlib import nullcontext
 
+    from bksdm.arch.repeats import merge_repeats
     from bksdm.fast import FeatureCache
 
     pipe, family = family_pipeline(parts, scheduler)
@@ -151,6 +152,8 @@ def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds:
     gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
     kw = {"max_sequence_length": family.max_sequence_length} if family.backbone == "transformer" else {}
     cache = FeatureCache(model, cache_interval, cache_branch, forward) if family.backbone == "unet" else nullcontext()
+    if family.name == "sd3":
+        merge_repeats(model)  # T5's zeros (when absent) computed once: exact (bksdm.arch.repeats)
     with cache:  # one pipeline call: one trajectory
         out = pipe(prompts, height=size, width=size, num_inference_steps=steps,
                    guidance_scale=family.guidance if guidance is None else guidance,

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from bksdm.arch.families import Family, family_of
+from bksdm.arch.repeats import merge_repeats
 from bksdm.errors import UserError
 
 
@@ -69,7 +70,10 @@ class SD3Family(Family):
         return {"encoder_hidden_states": cond["encoder_hidden_states"], "pooled_projections": cond["pooled_projections"]}
 
     def denoise(self, model: Any, x: Any, t: Any, cond: Mapping[str, Any]) -> Any:
-        """``model(hidden_states=x, timestep=t, ...)``: SD3 takes ``t`` in scheduler units (0-1000)."""
+        """``model(hidden_states=x, timestep=t, ...)``: SD3 takes ``t`` in scheduler units (0-1000). Identical
+        trailing context tokens (T5's zeros when it is absent) are computed once, an exact rewrite
+        (:func:`bksdm.arch.repeats.merge_repeats`, installed on the model's transformer on first use)."""
+        merge_repeats(model)
         return model(hidden_states=x, timestep=t, **self.unet_kwargs(cond)).sample
 
     def latent_shape(self, config: Mapping[str, Any], size: int, vae_scale_factor: int) -> tuple[int, int, int]:

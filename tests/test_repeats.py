@@ -1,0 +1,91 @@
+"""Identical trailing context tokens merged (bksdm.arch.repeats): the SD3 transformer's output and gradients equal
+the unmerged model's, in the mini SD3 teacher's layout (24 CLIP + 256 zero tokens) and through the pipeline."""
+
+import copy
+
+import pytest
+import torch
+
+from bksdm.arch.repeats import RepeatMergingProcessor, merge_repeats, trailing_repeats
+from bksdm.mini.model import build_sd3_pipeline, sd3_transformer_config
+
+
+def _transformer(layers=3):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel.from_config(sd3_transformer_config(layers=layers, text_width=16, pooled_width=16))
+
+
+def _inputs(batch=3, clip=5, zeros=40):
+    torch.manual_seed(1)
+    ehs = torch.cat([torch.randn(batch, clip, 16), torch.zeros(batch, zeros, 16)], dim=1)
+    return dict(hidden_states=torch.randn(batch, 12, 16, 16), encoder_hidden_states=ehs,
+                pooled_projections=torch.randn(batch, 16), timestep=torch.tensor([10.0, 500.0, 990.0][:batch]))
+
+
+def test_trailing_repeats_counts_the_shortest_run_over_the_batch():
+    x = torch.zeros(2, 6, 3)
+    x[0, :2] = 1.0
+    x[1, :4] = torch.arange(12.0).view(4, 3)
+    assert trailing_repeats(x) == 2  # row 0 ends in 4 equal tokens, row 1 in 2
+    assert trailing_repeats(torch.randn(2, 6, 3)) == 1
+
+
+def test_merged_transformer_equals_the_original_with_gradients():
+    plain = _transformer()
+    merged = copy.deepcopy(plain)
+    assert merge_repeats(merged) and merge_repeats(merged)  # idempotent
+    assert isinstance(merged.transformer_blocks[0].attn.processor, RepeatMergingProcessor)
+    seen = []
+    merged.transformer_blocks[0].register_forward_hook(lambda m, a, out: seen.append(out[0].shape[1]))
+    kw = _inputs()
+    out_plain, out_merged = plain(**kw).sample, merged(**kw).sample
+    assert seen == [5 + 1]  # the context stream ran 6 tokens, not 45
+    assert torch.allclose(out_plain, out_merged, atol=2e-5, rtol=1e-4), (out_plain - out_merged).abs().max()
+    out_plain.square().mean().backward()
+    out_merged.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), merged.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-3), name
+
+
+def test_a_replaced_processor_turns_merging_off_and_the_output_stays_right():
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    plain, merged = _transformer(2), _transformer(2)
+    merge_repeats(merged)
+    merged.set_attn_processor(JointAttnProcessor2_0())  # as a LoRA loader or a user might
+    kw = _inputs()
+    assert torch.allclose(plain(**kw).sample, merged(**kw).sample, atol=1e-6)
+
+
+def test_pipeline_images_unchanged_and_a_foreign_processor_is_left_alone():
+    pipe = build_sd3_pipeline(["a", "red", "circle"], image_size=16)
+    kw = dict(prompt=["a red circle", "circle"], num_inference_steps=3, height=16, width=16, output_type="np",
+              max_sequence_length=64)
+    before = pipe(**kw, generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert merge_repeats(pipe.transformer)
+    after = pipe(**kw, generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert abs(before - after).max() < 1e-4
+
+    other = _transformer(2)
+    other.transformer_blocks[1].attn.set_processor(type("Custom", (), {"__call__": lambda *a, **k: None})())
+    assert not merge_repeats(other)
+    assert not isinstance(other.transformer_blocks[0].attn.processor, RepeatMergingProcessor)
+
+
+def test_nothing_to_merge_without_an_sd3_transformer():
+    assert merge_repeats(torch.nn.Linear(2, 2)) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_bf16_autocast_merged_is_no_further_from_fp64_than_the_original(dtype):
+    plain = _transformer(2)
+    merged = copy.deepcopy(plain)
+    merge_repeats(merged)
+    kw = _inputs(batch=2)
+    exact = copy.deepcopy(plain).double()(**{k: v.double() for k, v in kw.items()}).sample
+    with torch.autocast("cpu", dtype=dtype):
+        err_plain = (plain(**kw).sample.double() - exact).abs().max()
+        err_merged = (merged(**kw).sample.double() - exact).abs().max()
+    assert err_merged <= 1.5 * err_plain, (err_plain, err_merged)
