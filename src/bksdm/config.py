@@ -43,6 +43,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "feature_points": {"choices": ("blocks", "self_attn")},
     "family": {"choices": ("sd", "sdxl", "sd3")},
     "mixed_precision": {"choices": ("no", "fp16", "bf16")},
+    "shard": {"choices": ("none", "fsdp2")},
     "init": {"choices": ("teacher", "random")},
     "timestep_bias": {"choices": ("none", "earlier", "later")},
     "timestep_bias_portion": {"above": 0, "max": 1},
@@ -157,6 +158,7 @@ class TrainConfig(Config):
     sample_steps: int = 25
     report_to: str = "tensorboard"  # tensorboard | wandb | none
     num_workers: int = 2  # image decoding workers
+    shard: str = "none"  # none | fsdp2: student and teacher sharded over the processes (torchrun; docs/sharding.md)
 
     def validate_training(self) -> None:
         """The checks every trainer needs (counts, precision name, some data)."""

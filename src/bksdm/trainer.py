@@ -39,6 +39,8 @@ class Trainer:
     backbones: tuple[str, ...] = ("unet",)
     """The denoiser folders (``Family.backbone``) the recipe trains; another is refused in one line at set-up."""
     transformer_note = ""  # why a recipe refuses transformer pipelines, said with the refusal
+    shardable = False
+    """Whether the recipe runs with ``shard: fsdp2`` (:mod:`bksdm.sharding`; it lists :meth:`frozen_modules`)."""
 
     def __init__(self, cfg: TrainConfig, source: Any = None):
         self.cfg = cfg.validate()
@@ -64,6 +66,14 @@ class Trainer:
 
         return load_objective(self.pipeline_dir)
 
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The frozen models called on every process (a teacher): sharded with the student under ``shard: fsdp2``."""
+        return []
+
+    def sharded_state(self) -> dict[str, torch.Tensor]:
+        """Sharded tensors beyond the model and optimiser that a ``shard: fsdp2`` checkpoint holds (an EMA's)."""
+        return {}
+
     def on_prepared(self) -> None:
         """After ``prepare``, before resume: register extra state for checkpoints, move helpers to the device."""
 
@@ -86,9 +96,15 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         return None
 
-    def save_weights(self, folder: Path) -> None:
-        """The trained weights in a checkpoint, readable without accelerate (``folder/unet`` or ``transformer``)."""
-        unwrap(self.acc.unwrap_model(self.student)).save_pretrained(folder / self.family.backbone, safe_serialization=True)
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.shard == "fsdp2"
+
+    def save_weights(self, folder: Path, gathered: torch.nn.Module | None = None) -> None:
+        """The trained weights in a checkpoint, readable without accelerate (``folder/unet`` or ``transformer``);
+        ``gathered``: the sharded student gathered whole (:func:`bksdm.sharding.gather`)."""
+        model = gathered if gathered is not None else unwrap(self.acc.unwrap_model(self.student))
+        model.save_pretrained(folder / self.family.backbone, safe_serialization=True)
 
     def save_extra(self, folder: Path) -> None:
         """State beyond accelerate's that a checkpoint needs (main process)."""
@@ -114,6 +130,11 @@ class Trainer:
         self.family = pipeline_family(self.pipeline_dir)  # SD, SDXL (unet/), SD3, Flux (transformer/)
         if self.family.backbone not in self.backbones:
             raise unsupported(self.tracker_name, self.transformer_note)
+        if self.sharded and not self.shardable:
+            raise UserError(f"shard {cfg.shard}: `bksdm {self.tracker_name}` does not shard; bksdm distill does")
+        if self.sharded and (cfg.sample_every or cfg.sample_prompts):
+            raise UserError("sample grids run the whole teacher in one process, which a sharded run does not hold; "
+                            "with shard fsdp2 leave sample_every 0 and sample_prompts empty (bksdm generate OUT/final)")
         self.family.latent_shape(read_backbone_config(self.pipeline_dir)[0], cfg.resolution,
                                  decoder_factor(self.vae_config))  # sides SD3 / Flux cannot take, before any work
         log_with = None if cfg.report_to == "none" else cfg.report_to
@@ -132,11 +153,18 @@ class Trainer:
         if not getattr(self.source, "is_cache", False):
             self.vae, self.text_parts = load_text_side(self.pipeline_dir, self.acc.device, self.weight_dtype)
 
-        fused = cfg.fused_adam and self.acc.device.type in ("cpu", "cuda")
+        fused = cfg.fused_adam and self.acc.device.type in ("cpu", "cuda") and not self.sharded
+        if self.sharded:  # before the optimiser: FSDP2 replaces the parameter objects (bksdm.sharding)
+            from bksdm.sharding import fully_shard_model
+
+            for frozen in self.frozen_modules():
+                fully_shard_model(frozen)
+            fully_shard_model(trainable, self.weight_dtype if cfg.mixed_precision != "no" else None)
         params = [p for p in trainable.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=fused or None)
-        self.student, self.opt = self.acc.prepare(trainable, opt)
+        # sharded: FSDP2 reduces the gradients and its policy casts; accelerate's DDP and autocast stay out
+        self.student, self.opt = (trainable, opt) if self.sharded else self.acc.prepare(trainable, opt)
         self.params = params
         # stepped once per optimiser step by the loop (not prepared: accelerate would step it once per process)
         # and saved with every checkpoint
@@ -243,9 +271,13 @@ class Trainer:
                 terms = self.loss_step(batch, gen)
                 acc.backward(terms["loss"])
                 if acc.sync_gradients:
-                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                    if self.sharded:  # the norm over every shard (DTensor gradients)
+                        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    else:
+                        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                if acc.sync_gradients or not self.sharded:  # a prepared optimiser skips accumulation steps itself
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
                 if acc.sync_gradients:
                     lr = self.lr_sched.get_last_lr()[0]  # the rate this step used
                     self.lr_sched.step()
@@ -311,13 +343,19 @@ class Trainer:
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
+        self.acc.save_state(str(tmp))  # sharded: the schedule and random states; the shards below
+        gathered = None
+        if self.sharded:  # collectives: every process takes part
+            from bksdm.sharding import gather, save
+
+            save(tmp / "sharded", self.student, self.opt, self.sharded_state())
+            gathered = gather(self.student, self.acc.is_main_process)
         skips = self.all_skips()  # collective: every process calls it
         if self.acc.is_main_process:
             state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "skip_reasons": dict(skips),
                      "processes": self.acc.num_processes}
             self.save_extra(tmp)
-            self.save_weights(tmp)
+            self.save_weights(tmp, gathered)
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -357,6 +395,10 @@ class Trainer:
                             f"{state['processes']} processes")
         with reading(path, "checkpoint"):
             self.acc.load_state(str(path))
+            if self.sharded:
+                from bksdm.sharding import load
+
+                load(path / "sharded", self.student, self.opt, self.sharded_state())
             self.load_extra(path)
         self.step, self.skipped = step, skipped
         self.skips = Skips()  # run totals live on the main process; the others count from zero again

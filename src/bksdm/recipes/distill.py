@@ -42,6 +42,7 @@ class DistillRecipe(Trainer):
     terms = TERMS
     tracker_name = "distill"
     backbones = ("unet", "transformer")
+    shardable = True
     cfg: DistillConfig
 
     def pipeline_source(self) -> str:
@@ -86,16 +87,22 @@ class DistillRecipe(Trainer):
         pairs = self.derivation.layer_pairs if cfg.feature_points == "blocks" else self.derivation.attn_pairs
         self.t_hooks = FeatureHooks(self.teacher.unet, [t for t, _ in pairs], "teacher")
         self.s_hooks = FeatureHooks(student, [s for _, s in pairs], "student")
-        self.ema = None
-        if cfg.ema:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(student.parameters(), decay=cfg.ema_decay, foreach=cfg.ema_foreach)
+        self.ema = None  # made in on_prepared, from the parameters training will update (sharded ones are new)
         return student
 
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.teacher.unet]
+
     def on_prepared(self) -> None:
-        if self.ema is not None:
+        if self.cfg.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(unwrap(self.student).parameters(), decay=self.cfg.ema_decay, foreach=self.cfg.ema_foreach)
             self.ema.to(self.acc.device)
+
+    def sharded_state(self) -> dict[str, torch.Tensor]:
+        """The EMA's shadow shards (its step count goes to ``ema.pt`` with the other scalars)."""
+        return {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)} if self.ema is not None else {}
 
     def needs_empty_prompt(self) -> bool:
         return super().needs_empty_prompt() or self.cfg.lambda_cfg > 0
@@ -106,11 +113,17 @@ class DistillRecipe(Trainer):
 
     def save_extra(self, folder: Path) -> None:
         if self.ema is not None:
-            torch.save(self.ema.state_dict(), folder / "ema.pt")
+            state = self.ema.state_dict()
+            if self.sharded:  # the shadow shards are in the sharded checkpoint
+                state.pop("shadow_params")
+            torch.save(state, folder / "ema.pt")
 
     def load_extra(self, folder: Path) -> None:
         if self.ema is not None and (folder / "ema.pt").is_file():
-            self.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+            state = torch.load(folder / "ema.pt", weights_only=False)
+            if self.sharded:
+                state["shadow_params"] = self.ema.shadow_params  # filled from the sharded checkpoint
+            self.ema.load_state_dict(state)
             self.ema.to(self.acc.device)
 
     def _student(self, teacher_model):
@@ -166,9 +179,20 @@ class DistillRecipe(Trainer):
 
     # ------------------------------------------------------------------ outputs
     def final_model(self):
-        """The student denoiser (U-Net or transformer) to ship: a copy holding the EMA weights when EMA is on."""
+        """The student denoiser (U-Net or transformer) to ship: a copy holding the EMA weights when EMA is on.
+        Sharded: gathered whole on the first process (a collective: every process calls it; the others get None)."""
         import copy
 
+        if self.sharded:
+            from bksdm.sharding import full_tensors, gather
+
+            model = gather(self.student, self.acc.is_main_process)
+            shadow = full_tensors(self.ema.shadow_params) if self.ema is not None else None
+            if model is not None and shadow is not None:
+                with torch.no_grad():
+                    for p, s in zip(model.parameters(), shadow):
+                        p.copy_(s)
+            return model
         model = copy.deepcopy(unwrap(self.acc.unwrap_model(self.student))).float()
         if self.ema is not None:
             self.ema.copy_to(model.parameters())
@@ -182,10 +206,11 @@ class DistillRecipe(Trainer):
         from bksdm.pipelines import copy_pipeline, load_record, write_record
 
         self.acc.wait_for_everyone()
+        model = self.final_model() if self.sharded else None  # a collective when sharded
         if self.acc.is_main_process:
             final, backbone = self.out / "final", self.family.backbone
             copy_pipeline(self.pipeline_dir, final, skip=(backbone,))
-            self.final_model().save_pretrained(final / backbone, safe_serialization=True)
+            (model or self.final_model()).save_pretrained(final / backbone, safe_serialization=True)
             student = Path(str(self.cfg.student))  # a compressed folder: how its spec was chosen goes on with it
             chosen = (load_record(student) or {}).get("chosen_by_measurement") if student.is_dir() else None
             kind = {"backbone": self.teacher_config["_class_name"]} if backbone != "unet" else {}

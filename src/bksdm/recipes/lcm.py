@@ -141,11 +141,11 @@ class LCMRecipe(Trainer):
         return {"loss": loss, "mse": torch.nn.functional.mse_loss(pred, target)}
 
     # ------------------------------------------------------------------ outputs
-    def save_weights(self, folder: Path) -> None:
+    def save_weights(self, folder: Path, gathered: torch.nn.Module | None = None) -> None:
         if self.cfg.lora:
             self._save_lora(folder)
         else:
-            super().save_weights(folder)
+            super().save_weights(folder, gathered)
 
     def _save_lora(self, folder: Path) -> None:
         from diffusers import StableDiffusionPipeline
