@@ -31,25 +31,28 @@ def folded_metadata(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "lora_alpha": config["r"], "alpha_pattern": {}}
 
 
-def save_lora(folder, pipeline_class: str, unet, text_encoder=None) -> None:
-    """``folder/pytorch_lora_weights.safetensors`` from peft-wrapped ``unet`` (and ``text_encoder``), each adapter's
-    ``alpha / rank`` folded into its weights (:func:`fold_alpha`), through the pipeline class's
-    ``save_lora_weights`` (diffusers' key names and adapter metadata, which ``load_lora_weights`` reads)."""
+def save_lora(folder, pipeline_class: str, unet, text_encoder=None, denoiser: str = "unet") -> None:
+    """``folder/pytorch_lora_weights.safetensors`` from a peft-wrapped denoiser ``unet`` (and ``text_encoder``), each
+    adapter's ``alpha / rank`` folded into its weights (:func:`fold_alpha`), through the pipeline class's
+    ``save_lora_weights`` (diffusers' key names and adapter metadata, which ``load_lora_weights`` reads).
+    ``denoiser``: ``unet``, or ``transformer`` (SD3 / Flux pipelines; saved with peft's key names, as diffusers'
+    SD3 / Flux DreamBooth scripts save them)."""
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers, meta = {}, {}
-    for name, net in (("unet", unet), ("text_encoder", text_encoder)):
+    for name, net in ((denoiser, unet), ("text_encoder", text_encoder)):
         if net is None:
             continue
         config = net.peft_config["default"]
         state = fold_alpha(get_peft_model_state_dict(net), config.lora_alpha, config.r)
-        layers[name] = convert_state_dict_to_diffusers(state)
+        layers[name] = state if name == "transformer" else convert_state_dict_to_diffusers(state)
         meta[name] = folded_metadata(config.to_dict())
     getattr(diffusers, pipeline_class).save_lora_weights(
-        folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
-        unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta.get("text_encoder"))
+        folder, text_encoder_lora_layers=layers.get("text_encoder"),
+        text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
+        **{f"{denoiser}_lora_layers": layers[denoiser], f"{denoiser}_lora_adapter_metadata": meta[denoiser]})
 
 
 LORA_KEY = re.compile(r"^unet\.(.+?)\.(lora_[AB]\.weight|lora_magnitude_vector.*)$")

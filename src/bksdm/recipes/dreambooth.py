@@ -1,8 +1,12 @@
 """DreamBooth fine-tuning with prior preservation (full or LoRA) and the 30-subject benchmark runner.
 
 ``finetune(cfg)`` personalises one pipeline folder on one subject; its ``loss_step`` returns ``loss``,
-``instance`` and ``prior`` by name. ``bench(...)`` runs every subject of the public dataset layout (resumable),
-generates 4 images per evaluation prompt and scores DINO / CLIP-I / CLIP-T beside fine-tuning time and memory.
+``instance`` and ``prior`` by name. U-Net pipelines (SD, SDXL) train as diffusers' ``train_dreambooth_lora.py``
+(and BK-SDM's scripts); SD3 / Flux pipelines train their transformer as ``train_dreambooth_lora_sd3.py`` /
+``train_dreambooth_lora_flux.py`` (objective, loss and LoRA targets: ``dreambooth.config.FLOW_SCRIPTS`` and
+``LORA_PRESETS``), text encoders frozen; the family's ``denoise`` calls either network. ``bench(...)`` runs
+every subject of the public dataset layout (resumable; U-Net pipelines), generates 4 images per evaluation prompt
+and scores DINO / CLIP-I / CLIP-T beside fine-tuning time and memory.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from bksdm.dreambooth.config import DreamBoothConfig, lora_config
@@ -27,7 +30,7 @@ from bksdm.errors import UserError, check_output, note
 from bksdm.images import IMAGE_EXTENSIONS, check_crop, open_image
 from bksdm.skips import Skips, Unusable
 from bksdm.models import default_device, encode_pixels
-from bksdm.training import fresh_accelerator_state, noisy_inputs
+from bksdm.training import fresh_accelerator_state, task_loss, to_latent_space
 
 
 def _crop(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
@@ -140,24 +143,35 @@ class DreamBooth:
         self.cfg = cfg.validate()
         check_output(cfg.out)
 
+    @property
+    def unet(self):
+        """The denoiser being fine-tuned (a U-Net, or SD3's / Flux's transformer: ``family.backbone``)."""
+        return self.denoiser
+
     def setup(self) -> "DreamBooth":
+        import dataclasses
+
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-        from diffusers import DDPMScheduler
 
-        from bksdm.arch.families import family_of
+        from bksdm.dreambooth.config import FLOW_SCRIPTS, check_family, denoiser_key
         from bksdm.dreambooth.dataset import load_subject_images
-        from bksdm.models import load_component, pipeline_folder, refuse_transformer
+        from bksdm.models import DTYPES, load_component, pipeline_family, pipeline_folder
+        from bksdm.objectives import load_objective
 
         cfg = self.cfg
-        refuse_transformer(pipeline_folder(cfg.model), "dreambooth")  # before the subject's pictures are read
+        self.folder = pipeline_folder(cfg.model)
+        family = pipeline_family(self.folder)
+        check_family(cfg, family)  # before the subject's pictures are read
+        script = FLOW_SCRIPTS.get(family.name, {})  # SD3 / Flux: what diffusers' script of the family fixes
+        self.family = dataclasses.replace(family, **script.get("family", {}))
+        self.objective = load_objective(self.folder, **script.get("objective", {}))  # SD, SDXL: their DDPM objective
+        self.precondition = script.get("precondition", False)
         self.instances = load_subject_images(cfg.instance_dir, cfg.resolution)
         fresh_accelerator_state()
         self.acc = Accelerator(cpu=default_device() == "cpu", mixed_precision=cfg.mixed_precision)
-        self.folder = pipeline_folder(cfg.model)
         self.classes, self.class_skipped = class_images(cfg, str(self.acc.device)) if cfg.with_prior else ([], Skips())
-        self.unet = load_component(self.folder, "unet")
-        self.family = family_of(self.unet.config)
+        self.denoiser = load_component(self.folder, self.family.backbone)
         # the first text encoder is the one DreamBooth may train; an SDXL pipeline's second stays frozen
         self.text_parts = {n: load_component(self.folder, n) for n in self.family.text_components}
         for name, part in self.text_parts.items():
@@ -165,14 +179,24 @@ class DreamBooth:
                 part.to(self.acc.device).float().eval().requires_grad_(False)
         self.text_encoder = self.text_parts["text_encoder"]
         self.vae = load_component(self.folder, "vae").to(self.acc.device).eval().requires_grad_(False)
-        self.noise = DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler")
-        self.unet.float()
+        self.denoiser.float()
         self.text_encoder.float()
+        # SD3 / Flux LoRA: the frozen networks in the autocast dtype, as their scripts hold them (FLUX.1-dev's 12B
+        # transformer and T5-XXL take 67 GB in fp32); U-Nets stay fp32 (BK-SDM's runs)
+        half = cfg.lora and script.get("frozen_in_half") and cfg.mixed_precision != "no"
+        frozen = DTYPES[cfg.mixed_precision] if half else None
+        for part in (self.denoiser, *self.text_parts.values()) if frozen else ():
+            if isinstance(part, torch.nn.Module):
+                part.to(frozen)
         set_seed(cfg.seed)  # the adapters' random init depends on the seed only, not on what ran before
         if cfg.lora:
-            self.unet.requires_grad_(False)
+            self.denoiser.requires_grad_(False)
             self.text_encoder.requires_grad_(False)
-            self.unet.add_adapter(lora_config(cfg.lora_preset, "unet", cfg.lora_rank))
+            self.denoiser.add_adapter(lora_config(cfg.lora_preset, denoiser_key(self.family), cfg.lora_rank))
+            if frozen:
+                from diffusers.training_utils import cast_training_params
+
+                cast_training_params(self.denoiser, dtype=torch.float32)  # the adapters train in fp32, as the scripts
             if cfg.train_text_encoder:  # peft directly: transformers' add_adapter wants a newer peft than PyPI has
                 from peft import inject_adapter_in_model
 
@@ -180,12 +204,12 @@ class DreamBooth:
         else:
             self.text_encoder.requires_grad_(cfg.train_text_encoder)
         if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
-        params = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
+        params = [p for m in (self.denoiser, self.text_encoder) for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
-        self.unet, self.text_encoder, self.opt = self.acc.prepare(self.unet, self.text_encoder, opt)
+        self.denoiser, self.text_encoder, self.opt = self.acc.prepare(self.denoiser, self.text_encoder, opt)
         self.params = params
         return self
 
@@ -200,20 +224,26 @@ class DreamBooth:
         return torch.stack(pix), texts
 
     def loss_step(self, pixels: torch.Tensor, texts: list[str], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """``loss`` = instance MSE + prior_loss_weight * prior MSE (class half of the batch)."""
+        """``loss`` = instance term + prior_loss_weight * prior term (class half of the batch), each the objective's
+        task loss (:func:`bksdm.training.task_loss`: MSE, per-row flow weights when a weighting is on). Draws from
+        ``gen``: the VAE posterior sample, then the objective's noise and timestep. SD3 (``precondition``) compares
+        ``x0 = x_t - sigma * pred`` with the clean latents, as its script's ``--precondition_outputs``."""
         dev = self.acc.device
         with torch.no_grad():
             dist = encode_pixels(self.vae, pixels.to(dev))  # outside autocast: SDXL's VAE is NaN in fp16
-            latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev)) * self.vae.config.scaling_factor
-        noisy, t, target = noisy_inputs(self.noise, latents, gen)
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev)
+            latents = to_latent_space(z, self.vae.config)  # SD3 / Flux: (z - shift) * scale
+        noisy, t, target = self.objective.sample(latents, gen)
         cond = self.family.encode_prompt({**self.text_parts, "text_encoder": self.text_encoder}, texts, dev)
         cond.update(self.family.added_conditioning(len(texts), self.cfg.resolution, dev))
-        pred = self.unet(noisy, t, **self.family.unet_kwargs(cond)).sample.float()
+        pred = self.family.denoise(self.denoiser, noisy, t, cond).float()
+        if self.precondition:
+            pred, target = self.objective.x0(pred, noisy.float(), t), latents
         b = self.cfg.batch_size
-        instance = F.mse_loss(pred[:b], target[:b])
+        instance = task_loss(self.objective, pred[:b], target[:b], t[:b])
         terms = {"instance": instance}
         if self.cfg.with_prior:
-            terms["prior"] = F.mse_loss(pred[b:], target[b:])
+            terms["prior"] = task_loss(self.objective, pred[b:], target[b:], t[b:])
             terms["loss"] = instance + self.cfg.prior_loss_weight * terms["prior"]
         else:
             terms["loss"] = instance
@@ -226,7 +256,7 @@ class DreamBooth:
         rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.unet.train()
+        self.denoiser.train()
         self.text_encoder.train()
         history = []
         t0 = time.perf_counter()
@@ -253,22 +283,25 @@ class DreamBooth:
 
     def save(self, result: dict[str, Any]) -> None:
         """Into ``OUT/final``, as every trainer: full fine-tuning a complete pipeline folder, LoRA the adapter file
-        ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``. ``OUT/finetune.json`` records the run."""
+        ``pytorch_lora_weights.safetensors`` for the family pipeline's ``load_lora_weights``. ``OUT/finetune.json``
+        records the run."""
         from bksdm.pipelines import copy_pipeline
         from bksdm.training import unwrap
 
         out = Path(self.cfg.out)
         final = out / "final"
         final.mkdir(parents=True, exist_ok=True)
-        unet, text = unwrap(self.acc.unwrap_model(self.unet)), unwrap(self.acc.unwrap_model(self.text_encoder))
+        backbone = self.family.backbone
+        net, text = unwrap(self.acc.unwrap_model(self.denoiser)), unwrap(self.acc.unwrap_model(self.text_encoder))
         if self.cfg.lora:
             from bksdm.lora import save_lora
 
             # alpha / rank folded into the weights, so kohya-style loaders apply the trained strength (bksdm.lora)
-            save_lora(final, self.family.pipeline_class, unet, text if self.cfg.train_text_encoder else None)
+            save_lora(final, self.family.pipeline_class, net, text if self.cfg.train_text_encoder else None,
+                      denoiser=backbone)
         else:
-            copy_pipeline(self.folder, final, skip=("unet", "text_encoder"))
-            unet.save_pretrained(final / "unet", safe_serialization=True)
+            copy_pipeline(self.folder, final, skip=(backbone, "text_encoder"))
+            net.save_pretrained(final / backbone, safe_serialization=True)
             text.save_pretrained(final / "text_encoder", safe_serialization=True)
             self._card(final, result)
         (out / "finetune.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"} |
@@ -302,13 +335,14 @@ def personalised_pipeline(model: str, out: str | Path, lora: bool):
     """The fine-tuned pipeline a run wrote (a full pipeline, or the base with its LoRA weights loaded)."""
     import diffusers
 
-    from bksdm.models import import_own_components, pipeline_family, pipeline_folder
+    from bksdm.models import import_own_components, model_index, pipeline_family, pipeline_folder
 
     final = Path(out) / "final"
     base = pipeline_folder(model) if lora else final
     import_own_components(base)
     family = pipeline_family(base)
-    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base, **dict(family.pipeline_kwargs))
+    absent = {k: None for k, v in model_index(base).items() if isinstance(v, list) and v[0] is None}  # SD3 without T5
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base, **{**absent, **dict(family.pipeline_kwargs)})
     if lora:
         pipe.load_lora_weights(final)
     pipe.set_progress_bar_config(disable=True)
@@ -330,8 +364,11 @@ def bench(model: str, dataset: str | Path, out: str | Path, subjects_only: list[
 
     from bksdm.config import SCHEDULERS, check_value
     from bksdm.generate import default_dtype, generate_images, image_complete, prompt_seed
+    from bksdm.models import pipeline_folder, refuse_transformer
 
     check_value("scheduler", scheduler)
+    refuse_transformer(pipeline_folder(model), "dreambooth-bench", "its samplers are U-Net ones; `bksdm dreambooth` "
+                       "takes them")
     device = device or default_device()
     todo = subjects(dataset, subjects_only)
     dino_net = DM.dino_model(dino or DM.DINO_DEFAULT, device)  # fail on missing metric weights before any training
