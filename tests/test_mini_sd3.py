@@ -157,8 +157,6 @@ def test_mini_teacher_sd3_faults(trained, tmp_path, capsys):
     assert main(["mini-teacher", "--config", "sd3", f"out={tmp_path / 'd'}", f"init_from={trained / 'final'}",
                  "fresh_text=2"]) == 2
     assert "a sd3 teacher has two" in one_line_error(capsys)
-    assert main(["ablate", "--family", "sd3", "--out", str(tmp_path / "abl")]) == 2
-    assert "no mini ablation of that family yet" in one_line_error(capsys)
     assert not any((tmp_path / n / "final").exists() for n in "abcd")
     if not (SD3_ASSET / "checksums.json").is_file():  # until the shipped weights exist, loading them says how to train
         with pytest.raises(Exception, match="family=sd3"):

@@ -513,16 +513,19 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
-@command("ablate", "mini-world ablations: appendix Table 3 (init and KD variants), or KOALA's feature points (--family sdxl)")
+@command("ablate", "mini-world ablations: appendix Table 3 (init and KD variants), KOALA's feature points "
+                   "(--family sdxl), or which transformer blocks matter (--family sd3)")
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bksdm-ablation", help="output folder (ablation.json, ablation.md); resumable")
     p.add_argument("--family", default="sd",
                    help="sd: Table 3's rows on the SD-layout teacher; sdxl: output KD vs + block vs + self-attention "
-                        "feature KD on the SDXL-layout teacher")
+                        "feature KD on the SDXL-layout teacher; sd3: half of the SD3-layout teacher's 8 joint blocks "
+                        "removed in four places (first half, middle, last half, alternate), output KD vs + feature KD")
     p.add_argument("--steps", type=int, default=50, help="distillation steps of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--students", nargs="+", default=None,
-                   help="built-in names or spec files (default: bk-small bk-tiny; --family sdxl: koala-mini)")
+                   help="built-in names or spec files (default: bk-small bk-tiny; --family sdxl: koala-mini; "
+                        "--family sd3: sd3-first-half sd3-middle sd3-last-half sd3-alternate)")
     p.add_argument("--images", type=int, default=100, help="generated images per run for fidelity and mini-FID")
     p.add_argument("--gen-steps", type=int, default=25, help="denoising steps when generating")
     p.add_argument("--teacher", default=None, help="a mini teacher folder (default: the shipped one of --family)")
@@ -540,8 +543,10 @@ def _ablate(a: argparse.Namespace) -> int:
     from bksdm.recipes.mini import FAMILY_STUDENTS
 
     check_value("family", a.family)
-    if a.family not in FAMILY_STUDENTS:  # a family mini-teacher trains (sd3) before its ablation exists
+    if a.family not in FAMILY_STUDENTS:  # a family mini-teacher can train before its ablation exists
         raise UserError(f"--family {a.family}: no mini ablation of that family yet; ablations: {', '.join(FAMILY_STUDENTS)}")
+    if a.auto and a.family == "sd3":
+        raise UserError("--auto ranks U-Net units (bksdm rank); --family sd3 compares hand-chosen block sets, drop --auto")
     if a.auto:
         from bksdm.recipes.mini_auto import ablate_auto, auto_markdown
 

@@ -9,8 +9,8 @@
   which pixels no jittered drawing of its shapes can touch (:func:`background_mask`); grain, tint and smeared
   edges there are what a person sees as a noisy picture, and what the classifier measures were built to ignore;
 * held-out MSE / MSE to teacher — on a fixed set of (image, timestep, noise) triples from world indices never used
-  in training: the model's error on its training target (epsilon or v), and its distance to the teacher's
-  prediction.
+  in training: the model's error on its training target (epsilon or v; SD3: the flow velocity), and its distance
+  to the teacher's prediction.
 
 Fidelity, mini-FID and background noise come with a 95% bootstrap interval over the images
 (:func:`bootstrap_interval`: ``KEY_lo``, ``KEY_hi``), so a difference inside the sampling noise is not read as a
@@ -184,33 +184,35 @@ def bootstrap_interval(statistic, n: int, estimate: float, resamples: int = 1000
 
 
 @torch.no_grad()
-def heldout_mse(unet, teacher_unet, text_parts: dict, vae, scheduler_config: dict, count: int = 256,
+def heldout_mse(model, teacher_model, text_parts: dict, vae, scheduler_config: dict, count: int = 256,
                 batch: int = 64) -> dict[str, float]:
-    """MSE to the training target (epsilon or v, as ``scheduler_config`` says) and MSE to the teacher's prediction
-    on ``count`` fixed held-out (image, timestep, noise) triples. ``text_parts``: the family's text components by
-    name (SD: tokenizer, text_encoder; SDXL: both pairs), as :attr:`Family.text_components`."""
-    from diffusers import DDPMScheduler
-
+    """MSE to the training target and MSE to the teacher's prediction on ``count`` fixed held-out (image, timestep,
+    noise) triples. ``model`` / ``teacher_model``: U-Nets or (SD3) transformers, called through their family's
+    ``denoise``; the target is the objective ``scheduler_config`` names (:func:`bksdm.objectives.objective_for`):
+    epsilon or v for the DDPM-trained U-Nets, the rectified-flow velocity ``eps - x0`` at SD3's logit-normal sigmas
+    for a flow-matching teacher. ``text_parts``: the family's text components by name (SD: tokenizer,
+    text_encoder; SDXL: both pairs; SD3: both CLIP pairs, and T5's when present), as
+    :attr:`Family.text_components`."""
+    from bksdm.arch.flow_families import family_for
     from bksdm.mini.teacher import to_tensor
-    from bksdm.arch.families import family_of
-    from bksdm.training import noisy_inputs
+    from bksdm.objectives import objective_for
+    from bksdm.training import to_latent_space
 
-    sched = DDPMScheduler.from_config(scheduler_config)
-    family = family_of(unet.config)
+    objective = objective_for(scheduler_config)  # DDPM: the draws of training.noisy_inputs, bit for bit
+    family = family_for(model.config, text_parts)  # SD3: without T5 unless text_parts holds it
     world, gen = ShapesWorld(seed=0), torch.Generator().manual_seed(HELDOUT_START)
     err, dist = [], []
     for start in range(0, count, batch):
         n = min(batch, count - start)
         samples = [world.sample(HELDOUT_START + start + i) for i in range(n)]
-        lat = vae.encode(to_tensor([s[0] for s in samples])).latent_dist.mode() * vae.config.scaling_factor
-        x, t, target = noisy_inputs(sched, lat, gen)
+        lat = to_latent_space(vae.encode(to_tensor([s[0] for s in samples])).latent_dist.mode(), vae.config)
+        x, t, target = objective.sample(lat, gen)
         cond = family.encode_prompt(text_parts, [s[1] for s in samples], "cpu")
         cond.update(family.added_conditioning(n, samples[0][0].size[1], "cpu"))  # SDXL: size ids of 32 px pictures
-        kwargs = family.unet_kwargs(cond)
-        pred = unet(x, t, **kwargs).sample.float()
+        pred = family.denoise(model, x, t, cond).float()
         err.append(((pred - target) ** 2).mean(dim=(1, 2, 3)))
-        if teacher_unet is not None:
-            dist.append(((pred - teacher_unet(x, t, **kwargs).sample.float()) ** 2).mean(dim=(1, 2, 3)))
+        if teacher_model is not None:
+            dist.append(((pred - family.denoise(teacher_model, x, t, cond).float()) ** 2).mean(dim=(1, 2, 3)))
     out = {"heldout_mse": float(torch.cat(err).mean())}
     if dist:
         out["teacher_mse"] = float(torch.cat(dist).mean())

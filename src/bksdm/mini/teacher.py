@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from bksdm.arch.dit import DiTSpec
 from bksdm.arch.spec import BlockSpec
 from bksdm.images import pixels
 from bksdm.mini.world import ShapesWorld
@@ -51,7 +52,23 @@ MEASURED_SMALL = BlockSpec("measured-small", down=((0, 1), (0,), (0,), None), mi
 1,923,276), spent differently. BK-Small removes one pair of every stage; the measurement keeps the outermost
 (32-pixel) stage whole and removes the innermost stage, whose removal changes the teacher's output least. Tested
 against a fresh ranking in the slow tier (``tests/test_mini.py``); docs/mini-world.md says why the demo uses it."""
-MINI_SPECS = {"koala-mini": KOALA_MINI, "measured-small": MEASURED_SMALL}
+SD3_FIRST_HALF = DiTSpec("sd3-first-half", (("transformer_blocks", (4, 5, 6, 7)),))
+"""Removes the first half of the SD3-layout teacher's joint blocks (0-3), keeping 4-7."""
+SD3_MIDDLE = DiTSpec("sd3-middle", (("transformer_blocks", (0, 1, 6, 7)),))
+"""Removes the middle four joint blocks (2-5), keeping 0, 1, 6 and 7: BK-SDM's choice (the middle goes, the
+ends stay) carried to depth."""
+SD3_LAST_HALF = DiTSpec("sd3-last-half", (("transformer_blocks", (0, 1, 2, 7)),))
+"""Removes the last half but one (blocks 3-6), keeping 0, 1, 2 and 7: block 7 stays because an SD3 student's last
+block must be the teacher's last (diffusers builds it without a text-stream output, ``context_pre_only``, so no
+other block has its shapes; :func:`bksdm.arch.dit.check_spec`), so the removed half is 3-6 rather than 4-7."""
+SD3_ALTERNATE = DiTSpec("sd3-alternate", (("transformer_blocks", (1, 3, 5, 7)),))
+"""Removes every other joint block (0, 2, 4, 6), keeping 1, 3, 5 and 7: depth thinned evenly."""
+SD3_SPECS = {s.name: s for s in (SD3_FIRST_HALF, SD3_MIDDLE, SD3_LAST_HALF, SD3_ALTERNATE)}
+"""``bksdm ablate --family sd3``'s students: four of the eight joint blocks of :data:`SD3_TEACHER_TRANSFORMER`
+removed in four places, block 7 kept by all (SD3's rule above), so every student has three ordinary joint blocks
+and the last one: the same parameter count (2,288,432 of 4,663,088) and the same compute; only which blocks remain
+differs."""
+MINI_SPECS = {"koala-mini": KOALA_MINI, "measured-small": MEASURED_SMALL, **SD3_SPECS}
 
 
 def to_tensor(images) -> torch.Tensor:

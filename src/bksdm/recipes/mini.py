@@ -27,31 +27,39 @@ def prompt_file(path: Path, count: int, seed: int = 0) -> Path:
 
 
 def _components(folder: Path):
-    """U-Net, VAE, scheduler and the family's text components of a pipeline folder."""
+    """The denoiser (U-Net, or SD3's transformer), VAE, scheduler and the family's text components of a pipeline
+    folder."""
     from bksdm.models import generation_parts, load_components
 
     return load_components(folder, (*generation_parts(folder), "scheduler"))
 
 
 def eval_parts(folder: Path) -> dict:
-    """A pipeline folder's components for scoring: U-Net and text encoders in float32, eval mode."""
+    """A pipeline folder's components for scoring: the denoiser and text encoders in float32, eval mode."""
     return _float(_components(folder))
 
 
 def _float(parts: dict) -> dict:
-    for n in ("unet", "text_encoder", "text_encoder_2"):
+    for n in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if n in parts:
             parts[n] = parts[n].float().eval()
     return parts
 
 
-def heldout(p: dict, teacher_unet, count: int = 256) -> dict[str, float]:
-    """Held-out MSE and MSE to the teacher of loaded components ``p`` (see :func:`_components`)."""
-    from bksdm.arch.families import family_of
+def denoiser(parts: dict):
+    """The denoiser of loaded components (:func:`eval_parts`): the U-Net, or an SD3 pipeline's transformer."""
+    return parts["unet"] if "unet" in parts else parts["transformer"]
+
+
+def heldout(p: dict, teacher_model, count: int = 256) -> dict[str, float]:
+    """Held-out MSE and MSE to the teacher's denoiser ``teacher_model`` of loaded components ``p`` (see
+    :func:`_components`; SD3: the flow-matching error, :func:`bksdm.mini.metrics.heldout_mse`)."""
+    from bksdm.arch.flow_families import family_for
     from bksdm.mini.metrics import heldout_mse
 
-    text = {n: p[n] for n in family_of(p["unet"].config).text_components}
-    return heldout_mse(p["unet"], teacher_unet, text, p["vae"], dict(p["scheduler"].config), count)
+    model = denoiser(p)
+    text = {n: p[n] for n in family_for(model.config, p).text_components}  # SD3: T5 only where the folder has it
+    return heldout_mse(model, teacher_model, text, p["vae"], dict(p["scheduler"].config), count)
 
 
 MINI_METRICS = ("fidelity", "mini_fid", "bg_noise")
@@ -190,7 +198,10 @@ GUIDED_VARIANT = {"+ guided output KD (demo recipe)": {"lambda_cfg": 1.0}}
 _METRICS = ("heldout_mse", "teacher_mse", "fidelity", "mini_fid", "bg_noise")
 ABLATION_BASE = {"batch_size": 32, "ema": False, "timestep_bias": "none"}
 """The mini config as the recorded ablations ran it (docs/mini-world.md: batch 32, no EMA, uniform timesteps),
-kept when the demo's recipe moved on (2026-12-02), so `--steps 200` still means what those tables mean."""
+kept when the demo's recipe moved on (2026-12-02), so `--steps 200` still means what those tables mean. Every
+family's runs start from it: for the flow-matching SD3 teacher ``timestep_bias none`` is also the only value that
+applies (a flow objective draws sigma from the logit-normal density the teacher learnt with, the config's defaults,
+and refuses a timestep bias), and every variant sets the mini config's guided KD (``lambda_cfg``) to 0."""
 
 
 SDXL_VARIANTS: dict[str, dict[str, Any]] = {  # KOALA's question: which features to distil (all teacher-initialised)
@@ -200,7 +211,20 @@ SDXL_VARIANTS: dict[str, dict[str, Any]] = {  # KOALA's question: which features
 }
 """``bksdm ablate --family sdxl``: BK-SDM's feature points (every kept block's output) against KOALA's (every kept
 self-attention layer's output), with output KD alone as the reference; the paper's loss (no guided KD)."""
-FAMILY_STUDENTS = {"sd": ("bk-small", "bk-tiny"), "sdxl": ("koala-mini",)}
+SD3_VARIANTS: dict[str, dict[str, Any]] = {  # which blocks matter: each student with and without feature KD
+    "+ output KD": {"lambda_feat": 0.0, "lambda_cfg": 0.0},
+    "+ output & feature KD": {"lambda_cfg": 0.0},
+}
+"""``bksdm ablate --family sd3``: the paper's loss (no guided KD) on every SD3 student, with output KD alone and with
+feature KD added at the derivation's feature points (each kept block's image-stream output against the output of
+the last teacher block it stands in for); all teacher-initialised."""
+FAMILY_VARIANTS = {"sdxl": SDXL_VARIANTS, "sd3": SD3_VARIANTS}
+"""The variants of each family's ablation but SD's (:data:`VARIANTS`, with ``--guided``'s row)."""
+FAMILY_STUDENTS = {"sd": ("bk-small", "bk-tiny"), "sdxl": ("koala-mini",),
+                   "sd3": ("sd3-first-half", "sd3-middle", "sd3-last-half", "sd3-alternate")}
+QUESTIONS = {"sd": "appendix Table 3 in miniature", "sdxl": "KOALA's feature points on the SDXL-layout teacher",
+             "sd3": "which blocks matter: half of the SD3-layout teacher's 8 joint blocks removed in four places"}
+"""What each family's ablation asks (the title of its ``ablation.md``)."""
 
 
 def student_source(out: Path, student: str) -> str:
@@ -222,7 +246,9 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
     """Every variant x student x seed at a fixed step budget; writes ``ablation.json`` and ``ablation.md``.
 
     ``family="sd"``: appendix Table 3's rows (:data:`VARIANTS`) on the shipped SD-layout teacher; ``"sdxl"``: the
-    feature points (:data:`SDXL_VARIANTS`) on the shipped SDXL-layout teacher with a KOALA-style student."""
+    feature points (:data:`SDXL_VARIANTS`) on the shipped SDXL-layout teacher with a KOALA-style student; ``"sd3"``:
+    which blocks matter, four students each without half of the SD3-layout teacher's joint blocks
+    (:data:`bksdm.mini.teacher.SD3_SPECS`), with and without feature KD (:data:`SD3_VARIANTS`)."""
     from bksdm.compress import compress
     from bksdm.config import check_value
     from bksdm.errors import UserError
@@ -230,9 +256,10 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
 
     check_value("family", family)  # the CLI checked it already; API callers get the same message
     if guided and family != "sd":
-        raise UserError("--guided adds a row to the SD ablation (Table 3); the SDXL one compares feature points")
+        raise UserError(f"--guided adds a row to the SD ablation (Table 3), not to --family {family}'s "
+                        f"({QUESTIONS[family]})")
     students = tuple(students) if students else FAMILY_STUDENTS[family]
-    variants = SDXL_VARIANTS if family == "sdxl" else {**VARIANTS, **(GUIDED_VARIANT if guided else {})}
+    variants = FAMILY_VARIANTS.get(family) or {**VARIANTS, **(GUIDED_VARIANT if guided else {})}
     teacher_dir = teacher_path(Path(teacher) if teacher else None, family)
     out = Path(out)
     done_file = out / "ablation.json"
@@ -241,7 +268,7 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
     if other:
         raise UserError(f"{out} holds an ablation of family {other.pop()}; choose another --out for --family {family}")
     out.mkdir(parents=True, exist_ok=True)
-    t_unet = eval_parts(teacher_dir)["unet"]
+    t_model = denoiser(eval_parts(teacher_dir))
     prompts = prompt_file(out / "prompts.txt", images)
     done = {(r["student"], r["variant"], r["seed"]) for r in rows}
     for student in students:
@@ -258,7 +285,7 @@ def ablate(out: str | Path = "bksdm-ablation", steps: int = 50, seeds: tuple[int
                 t0 = time.time()
                 distill_run(teacher_dir, init, run, steps, seed=seed, **{**ABLATION_BASE, **overrides})
                 rec = {"family": family, "student": student, "variant": variant, "seed": seed, "steps": steps}
-                rec.update(heldout(eval_parts(run / "final"), t_unet))
+                rec.update(heldout(eval_parts(run / "final"), t_model))
                 rec.update(score(run / "final", prompts, run / "eval", steps=gen_steps))
                 rec["seconds"] = round(time.time() - t0, 1)
                 rows.append(rec)
@@ -322,19 +349,36 @@ def _compare_line(summary: list[dict[str, Any]], student: str, metric: str, a: s
     return f"{head} **{a if c['gain'] > 0 else b}** is better by {abs(c['gain']):.4g} (beyond the seed spread)."
 
 
+def _fmt(m: str) -> str:
+    return "{:.1f}" if m == "mini_fid" else "{:.2f}" if m == "bg_noise" else "{:.4f}"
+
+
 def _cell(s: dict[str, Any], m: str) -> str:
     if m not in s:
         return "-"
-    fmt = "{:.1f}" if m == "mini_fid" else "{:.2f}" if m == "bg_noise" else "{:.4f}"
+    fmt = _fmt(m)
     return f"{fmt.format(s[m])} ({fmt.format(s[m + '_spread'])})"
+
+
+def student_ranking(summary: list[dict[str, Any]], variant: str, metric: str) -> str:
+    """The students of ``variant`` best first on ``metric`` (lower is better except for prompt fidelity) with their
+    means; ``>`` between two whose difference exceeds both seed spreads, ``~`` where it lies inside them."""
+    rows = sorted((s for s in summary if s["variant"] == variant and metric in s), key=lambda s: s[metric],
+                  reverse=metric in HIGHER_IS_BETTER)
+    text = ""
+    for i, s in enumerate(rows):
+        if i:
+            a = rows[i - 1]
+            text += " > " if abs(a[metric] - s[metric]) > max(a[metric + "_spread"], s[metric + "_spread"]) else " ~ "
+        text += f"{s['student']} ({_fmt(metric).format(s[metric])})"
+    return text
 
 
 def ablation_markdown(rows: list[dict[str, Any]], steps: int) -> str:
     summary = summarise(rows)
     minutes = sum(r.get("seconds", 0) for r in rows) / 60
-    sdxl = any(r.get("family") == "sdxl" for r in rows)
-    title = "KOALA's feature points on the SDXL-layout teacher" if sdxl else "appendix Table 3 in miniature"
-    lines = [f"# Ablation in the mini world ({title}): {steps} distillation steps", "",
+    family = next((r.get("family", "sd") for r in rows), "sd")
+    lines = [f"# Ablation in the mini world ({QUESTIONS[family]}): {steps} distillation steps", "",
              f"Mean over seeds, with the spread (max - min) in brackets. {len(rows)} runs, {minutes:.1f} min of "
              "distillation and scoring in all.", "",
              "| student | variant | seeds | held-out MSE | MSE to teacher | prompt fidelity | mini-FID | background noise |",
@@ -344,7 +388,21 @@ def ablation_markdown(rows: list[dict[str, Any]], steps: int) -> str:
         lines.append(f"| {s['student']} | {s['variant']} | {s['seeds']} | " + " | ".join(cells) + " |")
     metrics = [m for m in _METRICS if all(m in s for s in summary)]
     students = list(dict.fromkeys(s["student"] for s in summary))
-    if sdxl:
+    if family == "sd3":
+        out_kd, feat = SD3_VARIANTS
+        lines += ["", "Which blocks matter: every student keeps four of the teacher's eight joint blocks, always block 7 "
+                  "(an SD3 student's last block must be the teacher's last). Per variant and measure the students "
+                  "are listed best first with their means: `>` where the difference exceeds both students' seed "
+                  "spreads, `~` where it lies inside them (no ranking). Then what feature KD adds to each student.", ""]
+        variants = [v for v in SD3_VARIANTS if any(s["variant"] == v for s in summary)]
+        for variant in variants:
+            for metric in metrics:
+                lines.append(f"- {variant}, {metric}: {student_ranking(summary, variant, metric)}.")
+        for student in students:
+            if {out_kd, feat} <= {s["variant"] for s in summary if s["student"] == student}:
+                lines += [_compare_line(summary, student, metric, feat, out_kd) for metric in metrics]
+        return "\n".join(lines) + "\n"
+    if family == "sdxl":
         out_kd, blocks, attn = SDXL_VARIANTS
         lines += ["", "KOALA's finding: distilling the self-attention layers' outputs beats distilling the blocks' "
                   "outputs. A difference counts only when it exceeds both rows' seed spreads.", ""]
