@@ -159,6 +159,7 @@ class Trainer:
 
             for frozen in self.frozen_modules():
                 fully_shard_model(frozen)
+            trainable.to(self.acc.device)  # prepare would have moved it; unprepared, it moves here
             fully_shard_model(trainable, self.weight_dtype if cfg.mixed_precision != "no" else None)
         params = [p for p in trainable.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
