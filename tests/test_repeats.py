@@ -3,7 +3,6 @@ the unmerged model's, in the mini SD3 teacher's layout (24 CLIP + 256 zero token
 
 import copy
 
-import pytest
 import torch
 
 from bksdm.arch.repeats import RepeatMergingProcessor, merge_repeats, trailing_repeats
@@ -78,14 +77,36 @@ def test_nothing_to_merge_without_an_sd3_transformer():
     assert merge_repeats(torch.nn.Linear(2, 2)) is False
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_bf16_autocast_merged_is_no_further_from_fp64_than_the_original(dtype):
+def test_bf16_autocast_merged_is_as_close_to_fp64_as_the_original():
+    """256 zeros, as the SD3 pipeline without T5 feeds them: the merged attention runs in fp32 (ln 256 has no exact
+    bf16 value), so under bf16 autocast it is as close to the fp64 model as the plain one: the rest of the bf16
+    computation dominates both errors (RMS 0.003699 merged against 0.003691 plain here, max 0.0143 against 0.0147)."""
     plain = _transformer(2)
     merged = copy.deepcopy(plain)
     merge_repeats(merged)
-    kw = _inputs(batch=2)
+    kw = _inputs(batch=2, clip=24, zeros=256)
     exact = copy.deepcopy(plain).double()(**{k: v.double() for k, v in kw.items()}).sample
-    with torch.autocast("cpu", dtype=dtype):
-        err_plain = (plain(**kw).sample.double() - exact).abs().max()
-        err_merged = (merged(**kw).sample.double() - exact).abs().max()
-    assert err_merged <= 1.5 * err_plain, (err_plain, err_merged)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_plain, out_merged = plain(**kw).sample, merged(**kw).sample
+    assert out_merged.dtype == out_plain.dtype
+    err_plain = (out_plain.double() - exact).square().mean().sqrt()
+    err_merged = (out_merged.double() - exact).square().mean().sqrt()
+    assert err_merged <= 1.01 * err_plain, (err_plain, err_merged)
+
+
+def test_positional_arguments_and_token_gradients():
+    """encoder_hidden_states and joint_attention_kwargs passed by position are merged as by name; tokens that want
+    their own gradient are not merged (their per-token gradients would move to the kept token)."""
+    plain, merged = _transformer(2), _transformer(2)
+    merge_repeats(merged)
+    kw = _inputs()
+    args = (kw["hidden_states"], kw["encoder_hidden_states"], kw["pooled_projections"], kw["timestep"], None, {})
+    assert torch.allclose(plain(*args).sample, merged(*args).sample, atol=2e-5)
+    seen = []
+    merged.transformer_blocks[0].register_forward_hook(lambda m, a, out: seen.append(out[0].shape[1]))
+    ehs_a = kw["encoder_hidden_states"].clone().requires_grad_()
+    ehs_b = kw["encoder_hidden_states"].clone().requires_grad_()
+    plain(**{**kw, "encoder_hidden_states": ehs_a}).sample.sum().backward()
+    merged(**{**kw, "encoder_hidden_states": ehs_b}).sample.sum().backward()
+    assert seen == [45]  # not merged
+    assert torch.allclose(ehs_a.grad, ehs_b.grad, atol=1e-5)

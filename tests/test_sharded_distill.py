@@ -23,6 +23,7 @@ KINDS = ("flux", "sd3-no-t5")
 
 RUNS = {"ddp": ({}, 2), "fsdp2": ({"shard": "fsdp2"}, 2), "half": ({"shard": "fsdp2"}, 1),
         "resumed": ({"shard": "fsdp2", "resume": "latest"}, 2)}
+MISMATCH = {"mismatch": ({"resume": "latest"}, 2)}  # the sharded checkpoints resumed unsharded: refused
 """One torchrun launch each (accelerate's end_training ends the process group: one run per process): the DDP run,
 the sharded run, and the sharded run "killed" after step 1 ("half") then resumed in the same folder."""
 
@@ -32,8 +33,8 @@ def _worker(root: Path, kind: str, run: str) -> None:
     from bksdm.recipes.distill import DistillRecipe
     from tests.conftest import distill_cfg
 
-    extra, steps = RUNS[run]
-    folder = root / f"{kind}-{'half' if run == 'resumed' else run}"
+    extra, steps = {**RUNS, **MISMATCH}[run]
+    folder = root / f"{kind}-{'half' if run in ('resumed', 'mismatch') else run}"
     kw = dict(student=str(root / f"{kind}-s"), max_steps=2, checkpoint_every=1, caption_dropout=0.5, lr=1e-3, batch_size=2)
     recipe = DistillRecipe(distill_cfg(root / kind, folder, **kw, **extra)).setup()
     recipe.cfg.max_steps = steps  # "half": killed after step 1 (the schedule was built for 2)
@@ -45,10 +46,14 @@ def _worker(root: Path, kind: str, run: str) -> None:
         (root / f"{kind}-{run}.json").write_text(json.dumps(state))
 
 
-def _run(root: Path, kind: str, run: str) -> dict:
+def _launch(root: Path, kind: str, run: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(root), kind, run]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+
+
+def _run(root: Path, kind: str, run: str) -> dict:
+    res = _launch(root, kind, run)
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads((root / f"{kind}-{run}.json").read_text())
 
@@ -84,6 +89,9 @@ def test_fsdp2_distill_equals_ddp_and_resumes_exactly(kind, tmp_path):
     assert sum(name.endswith(".distcp") for name in shards) == 2, shards  # one file per process
     import diffusers
 
+    if kind == "flux":  # the sharded checkpoints resumed without sharding: one message, not a missing-file hunt
+        res = _launch(tmp_path, kind, "mismatch")
+        assert res.returncode != 0 and "was written with shard fsdp2 and this run has shard none" in res.stderr
     final = tmp_path / f"{kind}-fsdp2" / "final"  # a plain diffusers folder
     cls = getattr(diffusers, json.loads((final / "model_index.json").read_text())["_class_name"])
     cls.from_pretrained(final, **absent_components(final))
@@ -103,6 +111,11 @@ def test_sharded_run_refuses_sample_grids_unknown_modes_and_recipes_that_do_not_
     assert not (tmp_path / "a").exists()  # refused before anything was written
     assert main([*base, "--out", str(tmp_path / "b"), "shard=zero3"]) == 2
     assert "fsdp2" in one_line_error(capsys)
+    (tmp_path / "b" / "final").mkdir(parents=True)  # an earlier run the refusal must leave alone
+    (tmp_path / "b" / "final" / "keep.txt").write_text("mine")
+    assert main([*base, "--out", str(tmp_path / "b"), "--overwrite", "shard=fsdp2"]) == 2
+    assert "launch it with torchrun --nproc_per_node N" in one_line_error(capsys)
+    assert (tmp_path / "b" / "final" / "keep.txt").read_text() == "mine"
     assert main(["lcm", "--model", str(tiny_teacher_dir), "--data", "mini-world:8", "--resolution", "32",
                  "--out", str(tmp_path / "c"), "--mixed-precision", "no", "--report-to", "none", "shard=fsdp2"]) == 2
     assert "does not shard" in one_line_error(capsys)

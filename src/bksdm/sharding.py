@@ -7,6 +7,7 @@ shards like the student; and it runs on CPU processes with gloo, where it is tes
 plugin on CPU into plain DDP without a word, and FSDP1 needs an accelerator (docs/sharding.md, probes). What the
 Trainer does differently when sharded (each item of docs/sharding.md's list):
 
+- a run needs two or more processes, bf16 or fp32, torch >= 2.6 and no accelerate FSDP plugin (:func:`check_launch`);
 - every block of each model (:func:`shard_units`) is its own FSDP unit, then the root; the teacher is sharded too
   and never given to ``accelerate.prepare`` (DDP refuses a model without trainable parameters);
 - the optimiser and the EMA are made from the sharded parameters (FSDP2 replaces the parameter objects);
@@ -29,6 +30,26 @@ import torch
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "down_blocks", "up_blocks")
 """The block lists whose items become FSDP units (SD3 / Flux transformers, U-Nets); ``mid_block`` too."""
+
+
+def check_launch(acc: Any, mixed_precision: str) -> None:
+    """One-line errors for a ``shard: fsdp2`` run that cannot work: a single process, accelerate's own FSDP plugin,
+    fp16 (its loss scaler needs the prepared optimiser, which a sharded run does not have), a torch without FSDP2."""
+    from bksdm.errors import UserError
+
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (torch >= 2.6)
+    except ImportError:
+        raise UserError(f"shard fsdp2 needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                        f"{torch.__version__}") from None
+    if acc.num_processes < 2:
+        raise UserError("shard fsdp2 splits the models over processes and this run has one: launch it with "
+                        "torchrun --nproc_per_node N (N >= 2), or use shard none")
+    if str(acc.distributed_type).endswith("FSDP"):
+        raise UserError("shard fsdp2 shards the models itself: launch without accelerate's FSDP plugin "
+                        "(accelerate launch --multi_gpu, or torchrun)")
+    if mixed_precision == "fp16":
+        raise UserError("shard fsdp2 with fp16 has no loss scaling: use mixed_precision bf16 (or no)")
 
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -65,11 +86,6 @@ def gather(model: torch.nn.Module, first: bool) -> torch.nn.Module | None:
     return copy.float()
 
 
-def full_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each (sharded) tensor whole, on the CPU (a collective for sharded ones)."""
-    return [(t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for t in tensors]
-
-
 def _state(model: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict[str, torch.Tensor]) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -91,7 +107,12 @@ def load(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, extra
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state(model, opt, extra)
-    dcp.load(state, checkpoint_id=str(folder))
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except BaseException as exc:  # CheckpointException is a BaseException: make it one errors.reading reports
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise RuntimeError(f"sharded state {folder}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     for key, tensor in extra.items():
         if state["extra"][key] is not tensor:

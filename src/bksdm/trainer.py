@@ -143,6 +143,10 @@ class Trainer:
                                gradient_accumulation_steps=cfg.grad_accum,
                                log_with=log_with, project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                                        logging_dir=str(self.out / "logs")))
+        if self.sharded:
+            from bksdm.sharding import check_launch
+
+            check_launch(self.acc, cfg.mixed_precision)  # before anything in out is replaced
         self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no": fp32
         self.objective = self.build_objective()
         self.noise_scheduler = self.objective.scheduler  # DDPM users: LCM's solver, timestep weights, sample grids
@@ -354,7 +358,7 @@ class Trainer:
         skips = self.all_skips()  # collective: every process calls it
         if self.acc.is_main_process:
             state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "skip_reasons": dict(skips),
-                     "processes": self.acc.num_processes}
+                     "processes": self.acc.num_processes, "shard": self.cfg.shard}
             self.save_extra(tmp)
             self.save_weights(tmp, gathered)
             (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -394,6 +398,9 @@ class Trainer:
             raise UserError(f"{path} was written by {state['processes']} processes and this run has "
                             f"{self.acc.num_processes}; the data split depends on it: resume with "
                             f"{state['processes']} processes")
+        if state.get("shard", "none") != self.cfg.shard:
+            raise UserError(f"{path} was written with shard {state.get('shard', 'none')} and this run has shard "
+                            f"{self.cfg.shard}: resume with shard {state.get('shard', 'none')}")
         with reading(path, "checkpoint"):
             self.acc.load_state(str(path))
             if self.sharded:

@@ -9,10 +9,11 @@ transformer's output is unchanged (in exact arithmetic) when the run is replaced
 additive ``ln m`` bias. On the mini SD3 teacher (24 CLIP + 256 zero tokens, 64 image tokens) the zeros were 62% of a
 training step.
 
-Measured against float64 on random attention inputs, the merged form is closer than the original in fp32 (5e-7
-against 4.6e-6) and in bf16 (the bias stays fp32; SDPA accepts an fp32 mask with bf16 inputs): one exp per key
-instead of a sum of 256 equal terms. ``tests/test_repeats.py`` checks transformer outputs and gradients against the
-unmerged model.
+The merged attention runs in fp32 whatever the model's precision (``ln m`` has no exact bf16 value): in fp32 the
+merged and the plain transformer agree to ~1e-6 (one exp per key instead of a sum of 256 equal terms); under bf16
+autocast both are as far from the fp64 model (RMS within 1%: the bf16 projections dominate). ``tests/test_repeats.py`` checks outputs and parameter
+gradients against the unmerged model. Tokens that want a gradient of their own (``encoder_hidden_states`` with
+``requires_grad``) are never merged: the kept token would collect the run's whole gradient.
 
 :func:`merge_repeats` installs it on an ``SD3Transformer2DModel`` (found inside wrappers): a processor around each
 block's attention that takes ``context_repeats`` and a forward pre-hook that shortens ``encoder_hidden_states``.
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 _FLAG = "_bksdm_merges_repeats"
+_JOINT_KWARGS_POSITION = 5  # hidden_states, encoder_hidden_states, pooled_projections, timestep, controlnet states
 
 
 def trailing_repeats(encoder_hidden_states: torch.Tensor) -> int:
@@ -64,10 +66,15 @@ class RepeatMergingProcessor:
         k = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
                        heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
         v = torch.cat([heads(attn.to_v(hidden_states), None), heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
-        bias = torch.zeros(1, 1, 1, k.shape[2], device=k.device, dtype=torch.float32)  # fp32 even under bf16
+        bias = torch.zeros(1, 1, 1, k.shape[2], device=k.device, dtype=torch.float32)
         bias[..., -1] = math.log(context_repeats)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3]).to(q.dtype)
+        # in fp32 always: ln m has no exact bf16 / fp16 value (ln 256 -> 5.53125 in bf16: a 1.4% weight error), and
+        # CUDA's memory-efficient kernel refuses a mask of another dtype than q's; autocast would cast both back
+        dev = q.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+        with torch.autocast(dev, enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3]).to(out_dtype)
         image, context = out[:, :n], out[:, n:]
         if not attn.context_pre_only:
             context = attn.to_add_out(context)
@@ -89,7 +96,9 @@ def _shorten(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     """Forward pre-hook: replace the trailing run of identical context tokens by one, and say how many it was."""
     args = list(args)
     ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    if ehs is None or ehs.shape[1] < 2 or not _processors_ours(module):  # processors replaced since
+    # processors replaced since: the full sequence; a gradient wanted for the tokens themselves: the full sequence
+    # too (merged, the kept token would collect the whole run's gradient and the dropped ones none)
+    if ehs is None or ehs.shape[1] < 2 or ehs.requires_grad or not _processors_ours(module):
         return tuple(args), kwargs
     run = trailing_repeats(ehs)
     if run < 2:
@@ -99,7 +108,10 @@ def _shorten(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
         kwargs["encoder_hidden_states"] = ehs
     else:
         args[1] = ehs
-    kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), "context_repeats": run}
+    if len(args) > _JOINT_KWARGS_POSITION:  # SD3Transformer2DModel.forward's sixth positional parameter
+        args[_JOINT_KWARGS_POSITION] = {**(args[_JOINT_KWARGS_POSITION] or {}), "context_repeats": run}
+    else:
+        kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), "context_repeats": run}
     return tuple(args), kwargs
 
 

@@ -183,15 +183,17 @@ class DistillRecipe(Trainer):
         Sharded: gathered whole on the first process (a collective: every process calls it; the others get None)."""
         import copy
 
-        if self.sharded:
-            from bksdm.sharding import full_tensors, gather
+        if self.sharded:  # the EMA swapped into the shards, gathered once on the first process, swapped back
+            from bksdm.sharding import gather
 
-            model = gather(self.student, self.acc.is_main_process)
-            shadow = full_tensors(self.ema.shadow_params) if self.ema is not None else None
-            if model is not None and shadow is not None:
-                with torch.no_grad():
-                    for p, s in zip(model.parameters(), shadow):
-                        p.copy_(s)
+            params = list(self.student.parameters())
+            with torch.no_grad():  # one tensor at a time: DTensor has no foreach copy (EMAModel.store / copy_to)
+                live = [p.detach().clone() for p in params] if self.ema is not None else []
+                for p, shadow in zip(params, self.ema.shadow_params if self.ema is not None else []):
+                    p.copy_(shadow)
+                model = gather(self.student, self.acc.is_main_process)
+                for p, kept in zip(params, live):
+                    p.copy_(kept)
             return model
         model = copy.deepcopy(unwrap(self.acc.unwrap_model(self.student))).float()
         if self.ema is not None:
@@ -210,7 +212,7 @@ class DistillRecipe(Trainer):
         if self.acc.is_main_process:
             final, backbone = self.out / "final", self.family.backbone
             copy_pipeline(self.pipeline_dir, final, skip=(backbone,))
-            (model or self.final_model()).save_pretrained(final / backbone, safe_serialization=True)
+            (model if model is not None else self.final_model()).save_pretrained(final / backbone, safe_serialization=True)
             student = Path(str(self.cfg.student))  # a compressed folder: how its spec was chosen goes on with it
             chosen = (load_record(student) or {}).get("chosen_by_measurement") if student.is_dir() else None
             kind = {"backbone": self.teacher_config["_class_name"]} if backbone != "unet" else {}

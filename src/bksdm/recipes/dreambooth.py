@@ -335,14 +335,14 @@ def personalised_pipeline(model: str, out: str | Path, lora: bool):
     """The fine-tuned pipeline a run wrote (a full pipeline, or the base with its LoRA weights loaded)."""
     import diffusers
 
-    from bksdm.models import import_own_components, model_index, pipeline_family, pipeline_folder
+    from bksdm.models import absent_components, import_own_components, pipeline_family, pipeline_folder
 
     final = Path(out) / "final"
     base = pipeline_folder(model) if lora else final
     import_own_components(base)
     family = pipeline_family(base)
-    absent = {k: None for k, v in model_index(base).items() if isinstance(v, list) and v[0] is None}  # SD3 without T5
-    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base, **{**absent, **dict(family.pipeline_kwargs)})
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
+        base, **{**absent_components(base), **dict(family.pipeline_kwargs)})  # SD3 without T5
     if lora:
         pipe.load_lora_weights(final)
     pipe.set_progress_bar_config(disable=True)
