@@ -175,3 +175,15 @@ def assert_cached_equals_live(plain, cached, micro_batches_n: int = 2) -> None:
         l2 = cached.loss_step(b2, torch.Generator().manual_seed(micro))
         for k in l1:
             torch.testing.assert_close(l1[k], l2[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.fixture
+def subject_dir(tmp_path):
+    """A three-image DreamBooth subject: a large red triangle, slightly moved."""
+    from bksdm.mini.world import Shape, render
+
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    for i, jit in enumerate([(0, 0), (1, -1), (-1, 1)]):
+        render((Shape("triangle", "red", "large", "top left"),), 32, (jit,)).save(folder / f"{i}.png")
+    return folder

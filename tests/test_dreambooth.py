@@ -16,17 +16,8 @@ import bksdm
 
 from bksdm.cli import main
 from tests.conftest import hf_image_dataset, one_line_error
-from bksdm.mini.world import Shape, render
 
 
-@pytest.fixture
-def subject_dir(tmp_path):
-    """A three-image subject: a large red triangle, slightly moved."""
-    folder = tmp_path / "subject"
-    folder.mkdir()
-    for i, jit in enumerate([(0, 0), (1, -1), (-1, 1)]):
-        render((Shape("triangle", "red", "large", "top left"),), 32, (jit,)).save(folder / f"{i}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from bksdm.cli import main
-from bksdm.mini.world import Shape, render
 from tests.conftest import one_line_error
 from tests.test_flow import tiny_flux, tiny_sd3
 
@@ -28,13 +27,6 @@ def flow_teachers(tmp_path_factory):
     return {"sd3": root / "sd3", "flux": root / "flux"}
 
 
-@pytest.fixture
-def subject_dir(tmp_path):
-    folder = tmp_path / "subject"
-    folder.mkdir()
-    for i, jit in enumerate([(0, 0), (1, -1), (-1, 1)]):
-        render((Shape("triangle", "red", "large", "top left"),), 32, (jit,)).save(folder / f"{i}.png")
-    return folder
 
 
 def _ft(teacher, subject, out, *extra):
