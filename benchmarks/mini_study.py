@@ -4,7 +4,7 @@
     python benchmarks/mini_study.py --out /tmp/study --score-only FOLDER --guidance 1,3,7.5
 
 Every variant is ``key=value`` overrides of ``configs/distill_mini.yaml`` (see VARIANTS); the grain study's
-``demo*`` variants start from the recipe they were measured against (``bksdm.recipes.mini.ABLATION_BASE``: batch
+``demo*`` variants start from the recipe they were measured against (``bksdm.recipes.mini_ablate.ABLATION_BASE``: batch
 32, no EMA, uniform timesteps), so they mean the same after the demo's recipe moved on. Each run is scored as the
 demo scores (``bksdm.recipes.mini.score``: fidelity, mini-FID, background noise with intervals, and which attribute
 goes wrong), written to ``OUT/study.json`` (resumable: finished variants are kept).
@@ -77,7 +77,8 @@ def main() -> None:
     from bksdm.compress import compress
     from bksdm.mini.teacher import teacher_path
     from bksdm.mini.world import ShapesWorld
-    from bksdm.recipes.mini import ABLATION_BASE, distill_run
+    from bksdm.recipes.mini import distill_run
+    from bksdm.recipes.mini_ablate import ABLATION_BASE
 
     a.out.mkdir(parents=True, exist_ok=True)
     prompts = a.out / "prompts.txt"

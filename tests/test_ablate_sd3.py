@@ -37,7 +37,8 @@ def test_sd3_students_remove_half_the_blocks_at_equal_size(tmp_path):
     from bksdm.arch.spec import load_spec
     from bksdm.mini.model import sd3_transformer_config
     from bksdm.mini.teacher import SD3_SPECS, SD3_TEACHER_TRANSFORMER
-    from bksdm.recipes.mini import FAMILY_STUDENTS, student_source
+    from bksdm.recipes.mini import student_source
+    from bksdm.recipes.mini_ablate import FAMILY_STUDENTS
 
     assert tuple(SD3_SPECS) == FAMILY_STUDENTS["sd3"] == tuple(KEPT)
     config = {"_class_name": "SD3Transformer2DModel", **sd3_transformer_config(**SD3_TEACHER_TRANSFORMER)}
@@ -92,7 +93,7 @@ def test_ablate_family_sd3_end_to_end(teacher, tmp_path):
     triples through two transformers: more students would double the time): every measure finite, the student's
     kept blocks in its pipeline, the recipe (no guided KD, uniform timesteps, feature KD only in its variant), the
     report naming the student, and a rerun resumes."""
-    from bksdm.recipes.mini import SD3_VARIANTS, ablate
+    from bksdm.recipes.mini_ablate import SD3_VARIANTS, ablate
 
     out = tmp_path / "abl"
     students = ["sd3-last-half"]
@@ -120,7 +121,7 @@ def test_ablate_family_sd3_end_to_end(teacher, tmp_path):
 
 
 def test_sd3_report_ranks_students_with_the_seed_spreads():
-    from bksdm.recipes.mini import SD3_VARIANTS, ablation_markdown, student_ranking, summarise
+    from bksdm.recipes.mini_ablate import SD3_VARIANTS, ablation_markdown, student_ranking, summarise
 
     means = {"sd3-first-half": 0.30, "sd3-middle": 0.10, "sd3-last-half": 0.11, "sd3-alternate": 0.20}
     rows = [{"family": "sd3", "student": s, "variant": v, "seed": seed, "heldout_mse": m + 0.01 * seed - 0.02 * k,
@@ -140,7 +141,7 @@ def test_sd3_report_ranks_students_with_the_seed_spreads():
 
 def test_ablate_sd3_faults_are_one_line(teacher, tmp_path, capsys):
     from bksdm.mini.teacher import SD3_ASSET
-    from bksdm.recipes.mini import ablate
+    from bksdm.recipes.mini_ablate import ablate
 
     out = tmp_path / "abl"
     out.mkdir()

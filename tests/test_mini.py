@@ -89,7 +89,7 @@ def test_teacher_recipe_trains_a_checksummed_v_prediction_pipeline(tmp_path):
 
 
 def test_ablation_summary_and_ordering():
-    from bksdm.recipes.mini import VARIANTS, ablation_markdown, ordering_holds, summarise
+    from bksdm.recipes.mini_ablate import VARIANTS, ablation_markdown, ordering_holds, summarise
 
     rows = []
     for k, v in enumerate(VARIANTS):
@@ -107,7 +107,7 @@ def test_ablation_summary_and_ordering():
 
 def test_ablation_verdict_reads_the_seed_spread():
     """A gain in the mean that lies inside the seeds' spread is not reported as the paper's ordering holding."""
-    from bksdm.recipes.mini import VARIANTS, ablation_markdown, ordering_verdict, summarise
+    from bksdm.recipes.mini_ablate import VARIANTS, ablation_markdown, ordering_verdict, summarise
 
     fid = {0: (0.0, 0.02), 1: (0.20, 0.30), 2: (0.22, 0.32), 3: (0.60, 0.62)}  # output KD: +0.02, spreads 0.10
     rows = [{"student": "bk-tiny", "variant": v, "seed": seed, "heldout_mse": 0.1, "teacher_mse": 0.1,
@@ -123,7 +123,7 @@ def test_ablation_verdict_reads_the_seed_spread():
 
 
 def test_sdxl_ablation_verdicts_need_a_gap_beyond_the_seed_spread():
-    from bksdm.recipes.mini import SDXL_VARIANTS, ablation_markdown, compare, summarise
+    from bksdm.recipes.mini_ablate import SDXL_VARIANTS, ablation_markdown, compare, summarise
 
     fid = {"+ output KD": (0.50, 0.52), "+ block feature KD": (0.60, 0.64), "+ self-attention feature KD": (0.70, 0.71)}
     rows = [{"family": "sdxl", "student": "koala-mini", "variant": v, "seed": seed, "heldout_mse": 0.04 + 0.001 * seed,

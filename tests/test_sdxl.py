@@ -334,7 +334,7 @@ def test_ablate_family_sdxl_compares_feature_points(tmp_path):
     """`bksdm ablate --family sdxl` on a (barely trained) SDXL-layout mini teacher: a KOALA-style student, the three
     rows, every metric measured, the spec recorded, resumable, and an SD ablation folder refused."""
     from bksdm.mini.config import TeacherConfig
-    from bksdm.recipes.mini import SDXL_VARIANTS, ablate
+    from bksdm.recipes.mini_ablate import SDXL_VARIANTS, ablate
     from bksdm.recipes.mini_teacher import train_teacher
 
     train_teacher(TeacherConfig(out=str(tmp_path / "t"), steps=1, batch_size=4, log_every=1, save_every=0, family="sdxl"))

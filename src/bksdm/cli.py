@@ -540,7 +540,7 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 @_ablate_args.run
 def _ablate(a: argparse.Namespace) -> int:
     from bksdm.config import check_value
-    from bksdm.recipes.mini import FAMILY_STUDENTS
+    from bksdm.recipes.mini_ablate import FAMILY_STUDENTS
 
     check_value("family", a.family)
     if a.family not in FAMILY_STUDENTS:  # a family mini-teacher can train before its ablation exists
@@ -556,7 +556,7 @@ def _ablate(a: argparse.Namespace) -> int:
                             a.correlation_steps, a.family)
         print(auto_markdown(state, a.steps, a.correlation_steps))
         return 0
-    from bksdm.recipes.mini import ablate, ablation_markdown
+    from bksdm.recipes.mini_ablate import ablate, ablation_markdown
 
     rows = ablate(a.out, a.steps, tuple(a.seeds), a.students, a.images, a.teacher, a.gen_steps, a.guided, a.family)
     print(ablation_markdown(rows, a.steps))

@@ -3,7 +3,7 @@
 The shipped SD-layout teacher is ranked (`bksdm rank` on the world's own pictures); for each hand-made student
 (BK-Small, BK-Tiny) `compress --student auto` chooses a student at the hand student's U-Net parameter count; both
 are distilled with the same recipe (the ablation's: paper loss with output and feature KD,
-:data:`bksdm.recipes.mini.ABLATION_BASE`) for the same steps and seeds, and scored by held-out MSE, prompt fidelity,
+:data:`bksdm.recipes.mini_ablate.ABLATION_BASE`) for the same steps and seeds, and scored by held-out MSE, prompt fidelity,
 mini-FID and background noise. With ``correlation_steps``, a student lacking each single unit is distilled too (one
 seed), and the one-shot ranking is compared with the distilled students' error to the teacher (Spearman's rho).
 """
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bksdm.recipes.mini import (ABLATION_BASE, FAMILY_STUDENTS, VARIANTS, distill_run, eval_parts, heldout,
-                                prompt_file, score, student_source, summarise)
+from bksdm.recipes.mini import distill_run, eval_parts, heldout, prompt_file, score, student_source
+from bksdm.recipes.mini_ablate import ABLATION_BASE, FAMILY_STUDENTS, VARIANTS, summarise
 
 RECIPE = {**ABLATION_BASE, **VARIANTS["+ output & feature KD"]}
 HAND, MEASURED = "hand (paper)", "measured (auto)"
