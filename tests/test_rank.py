@@ -67,13 +67,13 @@ def test_bypassing_a_unit_is_the_student_without_it(tiny_teacher_dir, tmp_path):
         student = UNet2DConditionModel.from_pretrained(tmp_path / f"s{i}" / "unet").eval()
         with torch.no_grad():  # the same function; bit-equal on a Xeon, a kernel's summation order apart on an AMD EPYC
             torch.testing.assert_close(bypassed(teacher, cfg, spec)(x, t, **kw).sample, student(x, t, **kw).sample,
-                                       rtol=0, atol=1e-6, msg=unit.name)
+                                       rtol=1e-5, atol=1e-5, msg=unit.name)
     mid_less = copy.deepcopy(teacher)
     mid_less.mid_block = None
     spec = remove(full_spec(cfg), Unit("mid"), cfg)
     with torch.no_grad():
         torch.testing.assert_close(bypassed(teacher, cfg, spec)(x, t, **kw).sample, mid_less(x, t, **kw).sample,
-                                   rtol=0, atol=1e-6)
+                                   rtol=1e-5, atol=1e-5)
         assert (teacher(x, t, **kw).sample - mid_less(x, t, **kw).sample).abs().max() > 1e-3
 
 
