@@ -102,7 +102,7 @@ def save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, extra
 
 
 def load(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict[str, torch.Tensor]) -> None:
-    """Read back what :func:`save` wrote, into the live shards (``extra``'s tensors are filled in place)."""
+    """Read back what :func:`save` wrote, into the live shards (``dcp.load`` fills ``extra``'s tensors in place)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -114,6 +114,3 @@ def load(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, extra
             raise
         raise RuntimeError(f"sharded state {folder}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    for key, tensor in extra.items():
-        if state["extra"][key] is not tensor:
-            tensor.copy_(state["extra"][key])
