@@ -139,10 +139,15 @@ def test_compress_takes_the_mini_sd3_teacher(trained, tmp_path):
 
 
 def test_mini_teacher_sd3_continues_from_its_own_folder(trained, tmp_path):
+    """A continuation with the cosine schedule (how the shipped teacher's last stage ran): the lr each step used is
+    logged, starts at lr (runs under 10 steps have no warm-up) and falls as diffusers' cosine schedule says."""
     assert main(["mini-teacher", "--config", "sd3", f"out={tmp_path / 'more'}", f"init_from={trained / 'final'}",
-                 "--steps", "1", "batch_size=2", "--log-every", "1", "--save-every", "0", "start_index=100"]) == 0
+                 "--steps", "4", "batch_size=2", "--log-every", "1", "--save-every", "0", "start_index=100",
+                 "lr=0.001", "lr_schedule=cosine"]) == 0
     info = json.loads((tmp_path / "more" / "final" / "training.json").read_text())
-    assert info["family"] == "sd3" and np.isfinite(info["history"][0]["loss"])
+    assert info["family"] == "sd3" and info["lr_schedule"] == "cosine" and np.isfinite(info["history"][0]["loss"])
+    cosine = [1e-3 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in range(4)]
+    np.testing.assert_allclose([h["lr"] for h in info["history"]], cosine, rtol=1e-6)
 
 
 def test_mini_teacher_sd3_faults(trained, tmp_path, capsys):
@@ -157,7 +162,9 @@ def test_mini_teacher_sd3_faults(trained, tmp_path, capsys):
     assert main(["mini-teacher", "--config", "sd3", f"out={tmp_path / 'd'}", f"init_from={trained / 'final'}",
                  "fresh_text=2"]) == 2
     assert "a sd3 teacher has two" in one_line_error(capsys)
-    assert not any((tmp_path / n / "final").exists() for n in "abcd")
+    assert main(["mini-teacher", "--config", "sd3", f"out={tmp_path / 'e'}", "lr_schedule=linear"]) == 2
+    assert "choose constant or cosine" in one_line_error(capsys)
+    assert not any((tmp_path / n / "final").exists() for n in "abcde")
     if not (SD3_ASSET / "checksums.json").is_file():  # until the shipped weights exist, loading them says how to train
         with pytest.raises(Exception, match="family=sd3"):
             teacher_path(family="sd3")

@@ -13,7 +13,10 @@ The merged attention runs in fp32 whatever the model's precision (``ln m`` has n
 merged and the plain transformer agree to ~1e-6 (one exp per key instead of a sum of 256 equal terms); under bf16
 autocast both are as far from the fp64 model (RMS within 1%: the bf16 projections dominate). ``tests/test_repeats.py`` checks outputs and parameter
 gradients against the unmerged model. Tokens that want a gradient of their own (``encoder_hidden_states`` with
-``requires_grad``) are never merged: the kept token would collect the run's whole gradient.
+``requires_grad``, as when the CLIP encoders are trained with the transformer) are merged too: the kept token's
+gradient is the sum of the run's, and it is handed back spread evenly over the run, which is exact because the run's
+tokens are interchangeable (SD3's context tokens carry no position embedding), so the plain model gives each of
+them the same gradient.
 
 :func:`merge_repeats` installs it on an ``SD3Transformer2DModel`` (found inside wrappers): a processor around each
 block's attention that takes ``context_repeats`` and a forward pre-hook that shortens ``encoder_hidden_states``.
@@ -92,18 +95,32 @@ def _processors_ours(transformer: torch.nn.Module) -> bool:
     return all(isinstance(b.attn.processor, RepeatMergingProcessor) for b in transformer.transformer_blocks)
 
 
+class _FirstOfRun(torch.autograd.Function):
+    """``x[:, :keep]`` whose backward spreads the last kept token's gradient evenly over the ``run`` positions it
+    stands for (``keep - 1`` to the end): the gradient the plain model gives each of ``run`` interchangeable tokens."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: int, run: int) -> torch.Tensor:
+        ctx.keep, ctx.run = keep, run
+        return x[:, :keep].clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        spread = (grad[:, -1:] / ctx.run).expand(-1, ctx.run, -1)
+        return torch.cat([grad[:, :-1], spread], dim=1), None, None
+
+
 def _shorten(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook: replace the trailing run of identical context tokens by one, and say how many it was."""
     args = list(args)
     ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    # processors replaced since: the full sequence; a gradient wanted for the tokens themselves: the full sequence
-    # too (merged, the kept token would collect the whole run's gradient and the dropped ones none)
-    if ehs is None or ehs.shape[1] < 2 or ehs.requires_grad or not _processors_ours(module):
+    if ehs is None or ehs.shape[1] < 2 or not _processors_ours(module):  # processors replaced since: the full sequence
         return tuple(args), kwargs
     run = trailing_repeats(ehs)
     if run < 2:
         return tuple(args), kwargs
-    ehs = ehs[:, : ehs.shape[1] - run + 1]
+    keep = ehs.shape[1] - run + 1
+    ehs = _FirstOfRun.apply(ehs, keep, run) if ehs.requires_grad else ehs[:, :keep]
     if "encoder_hidden_states" in kwargs:
         kwargs["encoder_hidden_states"] = ehs
     else:

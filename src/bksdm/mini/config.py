@@ -20,7 +20,8 @@ class TeacherConfig(Config):
     out: str = ""  # run folder (required): the teacher in OUT/final, EMA checkpoints in OUT/step-N
     steps: int = 8000  # optimiser steps
     batch_size: int = 32  # freshly drawn world pictures per step
-    lr: float = 5e-4  # AdamW, 200-step linear warm-up, then constant
+    lr: float = 5e-4  # AdamW, 200-step linear warm-up, then as lr_schedule says
+    lr_schedule: str = "constant"  # constant, or cosine: from lr after the warm-up (200 steps, a tenth of shorter runs) to 0 at the last step
     seed: int = 0  # decides the initial weights, the pictures' order, caption dropping and noise
     log_every: int = 100  # print the mean loss every N steps
     bf16: bool = True  # bf16 autocast (native on CPUs with AVX512-BF16/AMX); --no-bf16 trains in fp32
@@ -43,6 +44,8 @@ class TeacherConfig(Config):
         if (Path(self.out) / "final" / "model_index.json").exists() and not self.overwrite:
             raise UserError(f"{self.out} already holds a trained teacher (final/); pass --overwrite to replace it or "
                             f"choose another --out")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"lr_schedule {self.lr_schedule!r}: choose constant or cosine")
         if self.fresh_text and self.family != "sd":
             raise UserError(f"fresh_text replaces the SD layout's one text encoder; a {self.family} teacher has two")
         if self.prediction != "auto" and FAMILY_TARGETS.get(self.family) == "flow":

@@ -50,6 +50,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     replaces the one text encoder of an SD-layout teacher by a new one of that many layers.
     """
     from diffusers import DiffusionPipeline
+    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     cfg.validate()
@@ -82,7 +83,10 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     texts_nets = [p for n, p in parts.items() if n.startswith("text_encoder")]
     params = list(denoiser.parameters()) + [p for net in texts_nets for p in net.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    # cosine: a tenth of a short run warms up, so its decay is not spent inside the constant recipe's 200 steps
+    warmup = 200 if cfg.lr_schedule == "constant" else min(200, steps // 10)
+    sched = get_scheduler("constant_with_warmup" if cfg.lr_schedule == "constant" else "cosine", opt,
+                          num_warmup_steps=warmup, num_training_steps=steps)
     ema = EMAModel(params, decay=ema_decay)  # warm-up decay min(ema_decay, (1 + n) / (10 + n)), as distill's
     if bf16 and default_dtype("cpu") != torch.bfloat16:  # a setting, not silently changed: said, with the way out
         note("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 autocast is emulated, about 4x slower than fp32 "
@@ -96,6 +100,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = family.denoise(denoiser, noisy, t, teacher_conditioning(family, parts, texts, latents.shape[0]))
         loss = task_loss(objective, pred.float(), target, t)
+        step_lr = opt.param_groups[0]["lr"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -104,12 +109,13 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         ema.step(params)
         losses.append(loss.item())
         if (step + 1) % log_every == 0:
-            rec = {"step": step + 1, "loss": float(np.mean(losses[-log_every:])), "seconds": round(time.time() - t0, 1)}
+            rec = {"step": step + 1, "loss": float(np.mean(losses[-log_every:])), "lr": step_lr,
+                   "seconds": round(time.time() - t0, 1)}
             history.append(rec)
             print(json.dumps(rec), flush=True)
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             _save_ema(pipe, ema, params, out / f"step-{step + 1}", {"steps": step + 1, "history": history})
-    _save_ema(pipe, ema, params, out / "final", {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "bf16_autocast": bf16,
+    _save_ema(pipe, ema, params, out / "final", {"steps": steps, "batch": batch, "lr": lr, "lr_schedule": cfg.lr_schedule, "seed": seed, "bf16_autocast": bf16,
                              "family": cfg.family, "prediction": objective.name, "seconds": round(time.time() - t0, 1),
                              "history": history})
     return {"seconds": time.time() - t0, "final_loss": float(np.mean(losses[-log_every:])) if losses else None}
