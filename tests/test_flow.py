@@ -488,7 +488,7 @@ def test_generate_refuses_unet_options_on_transformer_pipelines(tmp_path, prompt
     capsys.readouterr()  # saving's progress bars
     for extra, what in ((["--scheduler", "ddim"], "--scheduler ddim"), (["--scheduler", "pndm"], "--scheduler pndm"),
                         (["--cache-interval", "2"], "--cache-interval"), (["--cache-branch", "1"], "--cache-branch"),
-                        (["--lora", "x.safetensors"], "--lora"), (["--decoder", "taesd"], "--decoder"),
+                        (["--decoder", "taesd"], "--decoder"),
                         (["--compile"], "--compile")):
         code = main(["generate", "--model", str(tmp_path / "model"), "--prompts", str(prompts_csv_texts), "--out",
                      str(tmp_path / "o"), "--steps", "1", "--dtype", "fp32", *extra])

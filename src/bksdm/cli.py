@@ -301,8 +301,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None, help="U-Net pipelines: pndm (default, the paper's), ddim, euler, dpm, "
                    "lcm (a `bksdm lcm` model: --steps 4; with a guidance-embedding U-Net there is no classifier-free "
                    "batch doubling); SD3 and Flux sample with their own flow-matching Euler scheduler")
-    p.add_argument("--lora", default=None, help="a LoRA file fused into the model first (LCM-LoRA: --scheduler lcm "
-                   "--steps 4 --guidance 1)")
+    p.add_argument("--lora", default=None, help="a LoRA file fused into the model's U-Net or transformer (SD3, Flux) "
+                   "first; a teacher's LoRA is moved onto its student (LCM-LoRA: --scheduler lcm --steps 4 --guidance 1)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's, 512 for SD-v1)")
     p.add_argument("--save-size", type=int, default=256, help="also save a bicubic copy at this size (0: none)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per call; images do not depend on it")

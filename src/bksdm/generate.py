@@ -163,20 +163,25 @@ def generate_images(parts: dict[str, Any], scheduler, prompts: list[str], seeds:
 
 def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a LoRA file (diffusers, peft or kohya keys; ``pytorch_lora_weights.safetensors`` or its folder) into
-    ``parts``' U-Net and text encoder and fuse it, through the family's pipeline class as ``load_lora_weights`` does.
+    ``parts``' denoiser (the family's backbone: U-Net, or SD3's / Flux's transformer) and text encoder and fuse it,
+    through the family's pipeline class as ``load_lora_weights`` does.
 
-    Every U-Net module of the LoRA must fit the U-Net (exist, with matching shapes). When some do not and the model
-    is a bksdm student (``record``: its ``bksdm.json``), the LoRA is taken as one made for the teacher and moved
-    onto the student through the module map (:func:`bksdm.lora.remap`: modules of removed blocks dropped, renumbered
-    ones moved where the teacher's weights went), with a note; otherwise it is refused in one line with the counts.
-    Returns what was done (``modules``, ``remapped``, ``dropped``)."""
+    Every denoiser module of the LoRA must fit the denoiser (exist, with matching shapes). When some do not and the
+    model is a bksdm student (``record``: its ``bksdm.json``), the LoRA is taken as one made for the teacher and moved
+    onto the student through the key or module map (:func:`bksdm.lora.remap`: modules of removed blocks dropped,
+    renumbered ones moved where the teacher's weights went), with a note; otherwise it is refused in one line with
+    the counts. Returns what was done (``modules``, ``remapped``, ``dropped``)."""
+    import inspect
+
     from bksdm.errors import note
-    from bksdm.lora import misfits, normalise, remap, unet_modules
+    from bksdm.lora import lora_modules, misfits, normalise, remap
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"LoRA file {path} does not exist")
     pipe, family = family_pipeline(parts, scheduler)
+    backbone, model = family.backbone, parts[family.backbone]
+    what = "U-Net" if backbone == "unet" else "transformer"
     where = (str(path),) if path.is_dir() else (str(path.parent),)
     kw = {} if path.is_dir() else {"weight_name": path.name}
     if family.name == "sdxl":  # as StableDiffusionXLPipeline.load_lora_weights passes it
@@ -184,25 +189,30 @@ def fuse_lora(parts: dict[str, Any], scheduler, path: str | Path, record: dict[s
         if record and _sgm_names(path):  # decoded with the student's layout they would name the wrong teacher blocks
             raise UserError(f"LoRA {path.name} names SDXL's original blocks (kohya); on a student bksdm cannot tell which "
                             "model's numbering it uses: load it on the model it was made for")
+    extra = {"return_alphas": True} if "return_alphas" in inspect.signature(pipe.lora_state_dict).parameters else {}
     with reading(path, "LoRA file", "pass a LoRA .safetensors (diffusers, peft or kohya keys)"):
-        state, alphas, metadata = pipe.lora_state_dict(*where, return_lora_metadata=True, **kw)
+        got = pipe.lora_state_dict(*where, return_lora_metadata=True, **extra, **kw)  # SD3: no alphas
+        state, alphas, metadata = got if len(got) == 3 else (got[0], None, got[1])
         state = normalise(state, alphas, metadata)
     kw.pop("unet_config", None)
-    modules = unet_modules(state)
-    bad = misfits(modules, parts["unet"])
+    modules = lora_modules(state, backbone)
+    bad = misfits(modules, model)
     done: dict[str, Any] = {"modules": len(modules), "remapped": 0, "dropped": []}
     if bad and record and (record.get("key_map") or record.get("module_map")):
-        moved, dropped, renumbered = remap(state, record)
-        still = misfits(unet_modules(moved), parts["unet"])
+        moved, dropped, renumbered = remap(state, record, backbone)
+        still = misfits(lora_modules(moved, backbone), model)
         if not still:
             note(f"LoRA {path.name} is for the teacher ({record.get('teacher', 'unknown')}): {len(modules) - len(dropped)} "
-                 f"of its {len(modules)} U-Net modules moved onto the student ({renumbered} renumbered), "
+                 f"of its {len(modules)} {what} modules moved onto the student ({renumbered} renumbered), "
                  f"{len(dropped)} of removed blocks dropped (first: {dropped[0] if dropped else 'none'})")
             state, where, kw = moved, (moved,), {}
             done.update(remapped=len(modules) - len(dropped), dropped=dropped)
             bad = []
+    if not modules and backbone == "transformer":  # e.g. a U-Net LoRA: its unet. keys would be skipped silently
+        raise UserError(f"LoRA {path} adapts no transformer module (first tensor: {next(iter(state), 'none')}); it was "
+                        "made for another architecture")
     if bad:
-        raise UserError(f"LoRA {path} does not fit this U-Net: {len(modules) - len(bad)} of its {len(modules)} U-Net "
+        raise UserError(f"LoRA {path} does not fit this {what}: {len(modules) - len(bad)} of its {len(modules)} {what} "
                         f"modules fit (first that does not: {bad[0]}); it was made for another architecture")
     with reading(path, "LoRA file", "pass a LoRA .safetensors (diffusers, peft or kohya keys)"):
         pipe.load_lora_weights(*where, **kw)
@@ -269,7 +279,7 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
             source = lora_dir
     names = generation_parts(folder)
     if names[0] == "transformer":  # flow matching: the pipeline's own FlowMatchEulerDiscreteScheduler, nothing else yet
-        _check_flow_options(folder, scheduler, lora, decoder, cache_interval, cache_branch, compile)
+        _check_flow_options(folder, scheduler, decoder, cache_interval, cache_branch, compile)
     scheduler = scheduler or "pndm"
     with reading(source / "scheduler", "scheduler of"):
         cls = diffusers.FlowMatchEulerDiscreteScheduler if names[0] == "transformer" else getattr(diffusers, SCHEDULERS[scheduler])
@@ -323,11 +333,12 @@ def generate(model: str, prompts: str | Path, out: str | Path, steps: int = 25, 
             **({"lora": {k: v if k != "dropped" else len(v) for k, v in lora_done.items()}} if lora_done else {})}
 
 
-def _check_flow_options(folder: Path, scheduler: str | None, lora, decoder, cache_interval: int, cache_branch: int,
+def _check_flow_options(folder: Path, scheduler: str | None, decoder, cache_interval: int, cache_branch: int,
                         compile: bool) -> None:
     """One-line refusals of what transformer (flow-matching) pipelines do not support in ``generate`` yet: every
-    U-Net option asked for, and a folder whose scheduler is another flow sampler (diffusers would only warn)."""
-    asked = [f for f, on in ((f"--scheduler {scheduler}", scheduler is not None), ("--lora", lora),
+    U-Net-only option asked for (``--lora`` applies: :func:`fuse_lora`), and a folder whose scheduler is another
+    flow sampler (diffusers would only warn)."""
+    asked = [f for f, on in ((f"--scheduler {scheduler}", scheduler is not None),
                              ("--decoder", decoder), ("--cache-interval", cache_interval != 1),
                              ("--cache-branch", cache_branch != 0), ("--compile", compile)) if on]
     if asked:

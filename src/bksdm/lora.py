@@ -55,9 +55,14 @@ def save_lora(folder, pipeline_class: str, unet, text_encoder=None, denoiser: st
         **{f"{denoiser}_lora_layers": layers[denoiser], f"{denoiser}_lora_adapter_metadata": meta[denoiser]})
 
 
-LORA_KEY = re.compile(r"^unet\.(.+?)\.(lora_[AB]\.weight|lora_magnitude_vector.*)$")
-"""A U-Net tensor of a normalised LoRA state dict (:func:`normalise`): ``unet.<module>.lora_A.weight`` (down, (r, in))
-/ ``.lora_B.weight`` (up, (out, r))."""
+def lora_key(backbone: str = "unet") -> re.Pattern[str]:
+    """A denoiser tensor of a normalised LoRA state dict (:func:`normalise`): ``<backbone>.<module>.lora_A.weight``
+    (down, (r, in)) / ``.lora_B.weight`` (up, (out, r)); ``backbone``: ``unet`` or ``transformer`` (SD3, Flux)."""
+    return re.compile(rf"^{backbone}\.(.+?)\.(lora_[AB]\.weight|lora_magnitude_vector.*)$")
+
+
+LORA_KEY = lora_key("unet")
+"""A U-Net tensor of a normalised LoRA state dict: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``."""
 _UP = (("lora.down", "lora.up"), ("lora_down", "lora_up"), ("lora_A", "lora_B"), ("_layer.down", "_layer.up"))
 
 
@@ -67,7 +72,9 @@ def normalise(state: dict[str, torch.Tensor], alphas: dict[str, float] | None = 
     names; kohya's network alphas; diffusers' adapter metadata) with every alpha folded into its up weights
     (:func:`fold_alpha`'s rule: the same update at alpha = rank, no alphas or metadata needed) and the U-Net's keys in
     peft's names (``unet.<module>.lora_A.weight``, diffusers' ``convert_unet_state_dict_to_peft``). Text-encoder keys
-    keep their names. Per-module alpha or rank patterns are refused (they would need a mapping of their own)."""
+    keep their names; a transformer's (SD3, Flux: ``transformer.<module>.lora_A.weight``, as their pipelines'
+    ``lora_state_dict`` return them) are checked to be in peft's names. Per-module alpha or rank patterns are
+    refused (they would need a mapping of their own)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     from bksdm.errors import UserError
@@ -80,7 +87,7 @@ def normalise(state: dict[str, torch.Tensor], alphas: dict[str, float] | None = 
             up = _up_of(d)
             if up in out:
                 out[up] = out[up] * (float(alpha) / out[d].shape[0])
-    for part in ("unet", "text_encoder", "text_encoder_2"):
+    for part in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         meta = {k[len(part) + 1:]: v for k, v in (metadata or {}).items() if k.startswith(part + ".")}
         if meta.get("alpha_pattern") or meta.get("rank_pattern"):
             raise UserError("this LoRA sets alpha or rank per module (alpha_pattern / rank_pattern); it cannot be "
@@ -94,6 +101,10 @@ def normalise(state: dict[str, torch.Tensor], alphas: dict[str, float] | None = 
     if odd:
         raise UserError(f"LoRA tensor unet.{odd[0]} has a name bksdm cannot place; load this LoRA on the model it "
                         "was made for")
+    odd = [k for k in out if k.startswith("transformer.") and not lora_key("transformer").match(k)]
+    if odd:
+        raise UserError(f"LoRA tensor {odd[0]} has a name bksdm cannot place; load this LoRA on the model it was "
+                        "made for")
     return {**{k: v for k, v in out.items() if not k.startswith("unet.")}, **{"unet." + k: v for k, v in unet.items()}}
 
 
@@ -112,19 +123,22 @@ def _up_of_any(key: str) -> bool:
     return any(u in key for _, u in _UP)
 
 
-def unet_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The U-Net modules a normalised LoRA adapts (``down_blocks.0.attentions.0...to_q``) with their tensors."""
+def lora_modules(state: dict[str, torch.Tensor], backbone: str = "unet") -> dict[str, dict[str, torch.Tensor]]:
+    """The modules of the denoiser ``backbone`` (``unet`` or ``transformer``) a normalised LoRA adapts
+    (``down_blocks.0.attentions.0...to_q``, ``transformer_blocks.0.attn.to_q``) with their tensors."""
+    key = lora_key(backbone)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in state.items():
-        m = LORA_KEY.match(k)
+        m = key.match(k)
         if m:
             out.setdefault(m.group(1), {})[m.group(2)] = v
     return out
 
 
-def misfits(modules: dict[str, dict[str, torch.Tensor]], unet) -> list[str]:
-    """The LoRA modules ``unet`` lacks, or whose weight's shape the LoRA's down (in) / up (out) sides do not fit."""
-    have = dict(unet.named_modules())
+def misfits(modules: dict[str, dict[str, torch.Tensor]], model) -> list[str]:
+    """The LoRA modules (:func:`lora_modules`) the denoiser ``model`` (U-Net or transformer) lacks, or whose weight's
+    shape the LoRA's down (in) / up (out) sides do not fit."""
+    have = dict(model.named_modules())
     bad = []
     for name, tensors in modules.items():
         weight = getattr(have.get(name), "weight", None)
@@ -134,11 +148,14 @@ def misfits(modules: dict[str, dict[str, torch.Tensor]], unet) -> list[str]:
     return bad
 
 
-def remap(state: dict[str, torch.Tensor], record: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str], int]:
-    """A teacher's normalised LoRA moved onto its student: each U-Net module goes where the teacher's weight of that
+def remap(state: dict[str, torch.Tensor], record: dict[str, Any],
+          backbone: str = "unet") -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """A teacher's normalised LoRA moved onto its student: each module of the denoiser ``backbone`` (``unet`` or
+    ``transformer``) goes where the teacher's weight of that
     module went, by the student's tensor key map (``bksdm.json`` ``key_map``: student tensor -> teacher tensor; exact
     for every kept block, transformer layer and top-level layer), or, in records without one, by the longest
-    matching block of its ``module_map``. Modules whose weights no student tensor took are dropped. Returns the new
+    matching block of its ``module_map``; DiT students' records hold the key map too (``bksdm.arch.dit``: every kept
+    block renumbered, top-level layers as they are). Modules whose weights no student tensor took are dropped. Returns the new
     state, the dropped modules and how many were renumbered. Text-encoder tensors pass unchanged."""
     if record.get("key_map"):
         moves = {t[: -len(".weight")]: s[: -len(".weight")] for s, t in record["key_map"].items()
@@ -152,9 +169,9 @@ def remap(state: dict[str, torch.Tensor], record: dict[str, Any]) -> tuple[dict[
         def place(module: str) -> str | None:
             hit = next(((t, s) for t, s in pairs if module == t or module.startswith(t + ".")), None)
             return None if hit is None else hit[1] + module[len(hit[0]):]
-    out, dropped, moved = {}, set(), set()
+    out, dropped, moved, key = {}, set(), set(), lora_key(backbone)
     for k, v in state.items():
-        m = LORA_KEY.match(k)
+        m = key.match(k)
         if not m:
             out[k] = v
             continue
@@ -164,7 +181,7 @@ def remap(state: dict[str, torch.Tensor], record: dict[str, Any]) -> tuple[dict[
             continue
         if new != m.group(1):
             moved.add(m.group(1))
-        out[f"unet.{new}.{m.group(2)}"] = v
+        out[f"{backbone}.{new}.{m.group(2)}"] = v
     return out, sorted(dropped), len(moved)
 
 
