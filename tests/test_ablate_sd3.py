@@ -161,6 +161,7 @@ def test_ablate_sd3_faults_are_one_line(teacher, tmp_path, capsys):
     assert "--auto ranks U-Net units" in one_line_error(capsys)
     assert not (tmp_path / "g").exists() and not (tmp_path / "a").exists()
     assert not (other / "runs").exists()
-    if not (SD3_ASSET / "checksums.json").is_file():  # until the SD3 teacher ships, the default says how to train one
-        with pytest.raises(UserError, match="family=sd3"):
-            ablate(tmp_path / "d", family="sd3")
+    missing = tmp_path / "no-teacher"  # a --teacher without checksums says how to train one
+    with pytest.raises(UserError, match="family=sd3"):
+        ablate(tmp_path / "d", family="sd3", teacher=str(missing))
+    assert SD3_ASSET.is_dir() and not (tmp_path / "d" / "runs").exists()

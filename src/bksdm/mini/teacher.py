@@ -23,8 +23,7 @@ SDXL_ASSET = Path(__file__).parent / "assets" / "teacher_sdxl"
 SD3_ASSET = Path(__file__).parent / "assets" / "teacher_sd3"
 ASSETS = {"sd": ASSET, "sdxl": SDXL_ASSET, "sd3": SD3_ASSET}
 """The shipped teachers by family: SD-v1 layout (the demo's), SDXL layout (``bksdm ablate --family sdxl``) and SD3
-layout (MMDiT, flow matching; for ``bksdm ablate --family sd3``: its weights are not trained yet, see
-docs/mini-world.md, "SD3 layout")."""
+layout (MMDiT, flow matching; ``bksdm ablate --family sd3``; docs/mini-world.md, "SD3 layout")."""
 CHECKSUMS = "checksums.json"
 TEACHER_UNET = dict(channels=(32, 64, 64, 64), cross_attention_dim=64, groups=8, heads=4)
 TEXT_LAYERS = 4
