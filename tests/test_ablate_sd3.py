@@ -158,7 +158,7 @@ def test_ablate_sd3_faults_are_one_line(teacher, tmp_path, capsys):
     assert main(["ablate", "--family", "sd3", "--guided", "--out", str(tmp_path / "g")]) == 2
     assert "--guided adds a row to the SD ablation" in one_line_error(capsys)
     assert main(["ablate", "--family", "sd3", "--auto", "--out", str(tmp_path / "a")]) == 2
-    assert "--auto ranks U-Net units" in one_line_error(capsys)
+    assert "--auto compares U-Net students (--family sd or sdxl); for --family sd3 drop --auto" in one_line_error(capsys)
     assert not (tmp_path / "g").exists() and not (tmp_path / "a").exists()
     assert not (other / "runs").exists()
     missing = tmp_path / "no-teacher"  # a --teacher without checksums says how to train one

@@ -112,3 +112,20 @@ def test_positional_arguments_and_token_gradients():
     assert seen == [6]  # merged: 5 CLIP tokens and one for the 40 zeros
     assert ehs_a.grad[:, 5:].abs().min() > 0  # the run's tokens do get a gradient, each its own share
     assert torch.allclose(ehs_a.grad, ehs_b.grad, atol=1e-6, rtol=1e-4), (ehs_a.grad - ehs_b.grad).abs().max()
+
+
+def test_merging_during_a_bypass_covers_the_restored_block():
+    """`bksdm rank` bypasses a block (bksdm.arch.dit.bypass): merging switched on then skips the pass-through, and
+    the block put back afterwards is merged too on the next call, with outputs equal to the plain model's."""
+    from bksdm.arch.dit import bypass
+
+    plain, merged = _transformer(3), _transformer(3)
+    kw = _inputs()
+    with torch.no_grad(), bypass(plain, "transformer_blocks", 1), bypass(merged, "transformer_blocks", 1):
+        assert merge_repeats(merged)
+        assert torch.allclose(plain(**kw).sample, merged(**kw).sample, atol=2e-5, rtol=1e-4)
+    assert not isinstance(merged.transformer_blocks[1].attn.processor, RepeatMergingProcessor)  # restored, plain
+    assert merge_repeats(merged)
+    assert all(isinstance(b.attn.processor, RepeatMergingProcessor) for b in merged.transformer_blocks)
+    with torch.no_grad():
+        assert torch.allclose(plain(**kw).sample, merged(**kw).sample, atol=2e-5, rtol=1e-4)

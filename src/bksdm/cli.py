@@ -40,8 +40,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                    "(chosen from --ranking to meet --budget)")
     p.add_argument("--out", required=True, help="output folder: a complete diffusers pipeline with the student U-Net")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
-    p.add_argument("--budget", default=None, help="--student auto: params=F (a fraction of the teacher's U-Net, or a "
-                   "count), macs=F, or latency=F (needs a ranking measured with --latency)")
+    p.add_argument("--budget", default=None, help="--student auto: params=F (a fraction of the teacher's U-Net or "
+                   "transformer, or a count), macs=F, or latency=F (U-Net only; needs a ranking measured with --latency)")
     p.add_argument("--ranking", default=None, help="--student auto: a ranking of this teacher (bksdm rank --out FILE)")
 
 
@@ -65,10 +65,10 @@ def _rank_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="calibration pictures with captions: any distill data source "
                    "(folder, tar shards, hf:NAME, mini-world:N)")
     p.add_argument("--samples", type=int, default=256, help="calibration pictures, one timestep each (stratified)")
-    p.add_argument("--batch-size", type=int, default=16, help="pictures per U-Net call")
+    p.add_argument("--batch-size", type=int, default=16, help="pictures per denoiser call")
     p.add_argument("--resolution", type=int, default=None, help="picture size (default: the teacher's)")
     p.add_argument("--seed", type=int, default=0, help="which pictures, noise and timesteps")
-    p.add_argument("--latency", action="store_true", help="also time each bypassed U-Net (for latency budgets)")
+    p.add_argument("--latency", action="store_true", help="also time each bypassed U-Net (for latency budgets; U-Net teachers only)")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--out", default=None, help="write the ranking here (JSON, for compress --student auto)")
     p.add_argument("--plot", default=None, help="also plot importance against parameters saved (.png)")
@@ -546,7 +546,8 @@ def _ablate(a: argparse.Namespace) -> int:
     if a.family not in FAMILY_STUDENTS:  # a family mini-teacher can train before its ablation exists
         raise UserError(f"--family {a.family}: no mini ablation of that family yet; ablations: {', '.join(FAMILY_STUDENTS)}")
     if a.auto and a.family == "sd3":
-        raise UserError("--auto ranks U-Net units (bksdm rank); --family sd3 compares hand-chosen block sets, drop --auto")
+        raise UserError("--auto compares U-Net students (--family sd or sdxl); for --family sd3 drop --auto and run bksdm rank and "
+                        "compress --student auto on the teacher (docs/mini-world.md, SD3 layout)")
     if a.auto:
         from bksdm.recipes.mini_auto import ablate_auto, auto_markdown
 

@@ -29,12 +29,7 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
 
     src = resolve_model(teacher, "teacher")
     if read_transformer_config(src) is not None:
-        if student == "auto" or budget or ranking:
-            from bksdm.models import unsupported
-
-            raise unsupported("compress --student auto", "--budget and --ranking rank U-Net units; give a spec: "
-                              "bk-base, bk-small, bk-tiny, flux-mini for FLUX.1, or a spec file")
-        return compress_transformer(teacher, src, student, out, overwrite)
+        return compress_transformer(teacher, src, student, out, overwrite, budget, ranking)
     teacher_cfg, unet_dir = read_unet_config(src)
     chosen = None
     if student == "auto":
@@ -62,11 +57,8 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
         "student_config": derivation.student_config,
     }
     write_record(out, record)
-    if chosen:  # an ordinary spec file: edit it, or compress other teachers with it
-        import yaml
-
-        (out / "spec.yaml").write_text(f"# chosen by bksdm compress --student auto --budget {budget} from {ranking}\n"
-                                       + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None))
+    if chosen:
+        write_spec_file(out, spec, budget, ranking)
     write_model_card(out, record, teacher_cfg, record["params"],
                      {"status": "initialised from the teacher's weights, not yet distilled (bksdm distill retrains it)"})
     del teacher_unet
@@ -74,14 +66,23 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     return record
 
 
-def compress_transformer(teacher: str, src: Path, student: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def compress_transformer(teacher: str, src: Path, student: str, out: str | Path, overwrite: bool = False,
+                         budget: str | None = None, ranking: str | Path | None = None) -> dict[str, Any]:
     """:func:`compress` for a pipeline whose denoiser is ``transformer/`` (SD3 / SD3.5, FLUX.1): the student
     transformer built from the derived config and filled from the teacher through the asserted key map, the other
-    components copied unchanged, ``bksdm.json`` and the model card written."""
+    components copied unchanged, ``bksdm.json`` and the model card written; ``student="auto"`` as for a U-Net
+    (:func:`auto_spec`, a ranking of this transformer), with ``spec.yaml`` written."""
     from bksdm.arch import dit
 
     teacher_cfg, folder = read_transformer_config(src)
-    derivation = dit.derive(teacher_cfg, load_spec(student, teacher_cfg))  # fails on a bad spec before any weights
+    chosen = None
+    if student == "auto":
+        spec, chosen = auto_spec(teacher_cfg, budget, ranking)
+    elif budget or ranking:
+        raise UserError("--budget and --ranking choose the student: use them with --student auto")
+    else:
+        spec = load_spec(student, teacher_cfg)
+    derivation = dit.derive(teacher_cfg, spec)  # fails on a bad spec before any weights
     if not (src / "model_index.json").is_file():
         raise UserError(f"{src} is a bare transformer; compress needs a whole pipeline folder (with model_index.json)")
     out = check_output(out)
@@ -95,13 +96,24 @@ def compress_transformer(teacher: str, src: Path, student: str, out: str | Path,
         "teacher": teacher,
         "backbone": teacher_cfg["_class_name"],
         **derivation.record(),
+        **({"chosen_by_measurement": chosen} if chosen else {}),
         "params": {"teacher_transformer": count_params(teacher_model), "student_transformer": count_params(student_model)},
         "student_config": derivation.student_config,
     }
     write_record(out, record)
+    if chosen:
+        write_spec_file(out, spec, budget, ranking)
     write_model_card(out, record, teacher_cfg, record["params"],
                      {"status": "initialised from the teacher's weights, not yet distilled (bksdm distill retrains it)"})
     return record
+
+
+def write_spec_file(out: Path, spec: Any, budget: str | None, ranking: str | Path | None) -> None:
+    """``OUT/spec.yaml``: the chosen spec as an ordinary spec file (edit it, or compress other teachers with it)."""
+    import yaml
+
+    (out / "spec.yaml").write_text(f"# chosen by bksdm compress --student auto --budget {budget} from {ranking}\n"
+                                   + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None))
 
 
 def auto_spec(teacher_cfg: dict[str, Any], budget: str | None, ranking: str | Path | None):
@@ -111,9 +123,12 @@ def auto_spec(teacher_cfg: dict[str, Any], budget: str | None, ranking: str | Pa
     if not budget or not ranking:
         raise UserError("--student auto needs --budget (e.g. params=0.55) and --ranking (a file from bksdm rank)")
     rec = load_ranking(ranking)
+    from bksdm.arch.dit import is_transformer
+
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    if strip(rec["teacher_config"]) != strip(teacher_cfg):
-        raise UserError(f"ranking {ranking} was measured on another U-Net ({rec['teacher']}); rank this teacher first")
+    if is_transformer(rec["teacher_config"]) != is_transformer(teacher_cfg) or strip(rec["teacher_config"]) != strip(teacher_cfg):
+        net = rec["teacher_config"].get("_class_name", "U-Net") if is_transformer(rec["teacher_config"]) else "U-Net"
+        raise UserError(f"ranking {ranking} was measured on another {net} ({rec['teacher']}); rank this teacher first")
     spec, trace = choose(rec, budget)
     return spec, {"budget": budget, "ranking": str(ranking), "ranked_on": f"{rec['samples']} pictures of {rec['data']}",
                   "steps": trace, "units": [{k: r[k] for k in ("name", "rel_mse", "params_saved")} for r in rec["units"]]}

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from bksdm import rank_dit
+from bksdm.arch.dit import is_transformer
 from bksdm.arch.spec import BlockSpec
 from bksdm.arch.units import Unit, all_units, candidates, full_spec, remove_all
 from bksdm.errors import UserError
@@ -57,9 +59,7 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
     from diffusers import DDPMScheduler
 
     from bksdm.distill.data import open_source
-    from bksdm.distill.loader import micro_batches
     from bksdm.models import decoder_factor, encode_pixels, load_text_side, pipeline_family
-    from bksdm.skips import Skips
 
     family = pipeline_family(folder)
     vae, text = load_text_side(folder, device)
@@ -67,17 +67,8 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
     source = open_source(data)
     cfg = json.loads((folder / "unet" / "config.json").read_text())
     res = resolution or family.resolution(cfg, decoder_factor(vae))
-    limit = len(source) if not getattr(source, "streamed", False) else None
     gen = torch.Generator().manual_seed(seed)
-    skips, items, seen = Skips(), [], 0
-    # one position at a time (the loader's own order for the seed): every picture is read at most once
-    for mb in micro_batches(source, seed, False, res, 1, 0, 1, 0):
-        seen += 1
-        skips.update_from([r for r, _ in mb["skip_reasons"]])
-        if "pixels" in mb:
-            items.append(mb)
-        if len(items) >= samples or (limit is not None and seen >= limit):
-            break
+    items, skips = rank_dit.pictures(source, seed, res, samples)
     if not items:
         raise UserError(f"no usable calibration pictures in {data} ({skips.summary()}); rank needs pictures with captions")
     out = []
@@ -193,13 +184,18 @@ def rank(teacher: str, data: str, samples: int = 256, batch: int = 16, seed: int
     Errors (:class:`UserError`): counts below 1, a teacher that is not a pipeline, data with no usable picture."""
     from bksdm.hub import read_unet_config
     from bksdm.models import default_device, load_unet, pipeline_folder, refuse_transformer
+    from bksdm.pipelines import read_transformer_config
     from bksdm.profile import count_params, unet_gmacs
 
     if samples < 1 or batch < 1:
         raise UserError("--samples and --batch-size must be at least 1")
     folder = pipeline_folder(teacher, "teacher")
-    refuse_transformer(folder, "rank", "it measures U-Net units")
     device = device or default_device()
+    if read_transformer_config(folder) is not None:  # SD3 / FLUX: single blocks (bksdm.rank_dit)
+        if latency:
+            raise UserError("--latency is measured for U-Net teachers only; rank this transformer without it")
+        return rank_dit.rank(folder, teacher, data, samples, batch, seed, device, resolution, progress)
+    refuse_transformer(folder, "rank", "it measures U-Net units")
     cfg = {k: v for k, v in read_unet_config(folder)[0].items() if not k.startswith("_")}  # as compress reads it
     unet = load_unet(folder / "unet").to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
@@ -256,7 +252,7 @@ def _cost(kind: str, spec: BlockSpec, cfg: dict[str, Any], teacher: float) -> fl
     raise AssertionError(kind)
 
 
-def choose(ranking: dict[str, Any], budget: str, progress: bool = True) -> tuple[BlockSpec, list[dict[str, Any]]]:
+def choose(ranking: dict[str, Any], budget: str, progress: bool = True) -> tuple[Any, list[dict[str, Any]]]:
     """The spec that meets ``budget`` (:func:`parse_budget`), removing units greedily: at each step, among the units
     still removable, the one with the least ``rel_mse`` per unit of cost it saves now. Returns the spec and the
     trace (one entry per removal: unit, its importance, the cost after). Greedy by importance per cost: the
@@ -264,9 +260,12 @@ def choose(ranking: dict[str, Any], budget: str, progress: bool = True) -> tuple
     estimates would not be better founded, and the trace shows every choice. Errors (:class:`UserError`): a
     malformed budget, one of the whole teacher or more, a latency budget on a ranking without latencies, and a budget
     no sequence of removals reaches (with the smallest cost reached). Latency shares are taken as additive (a stage
-    holds the shares of its own pairs); params and MACs are counted on each candidate student exactly."""
+    holds the shares of its own pairs); params and MACs are counted on each candidate student exactly. A transformer
+    ranking (SD3 / FLUX) goes to :func:`bksdm.rank_dit.choose` (a :class:`bksdm.arch.dit.DiTSpec`)."""
     kind, value = parse_budget(budget)
     cfg = ranking["teacher_config"]
+    if is_transformer(cfg):  # SD3 / FLUX: blocks, params budgets (bksdm.rank_dit.choose)
+        return rank_dit.choose(ranking, kind, value, budget, progress)
     rows = {r["name"]: r for r in ranking["units"]}
     if kind == "latency" and not all("latency_share" in r for r in rows.values()):
         raise UserError("a latency budget needs a ranking measured with --latency (bksdm rank --latency)")
@@ -355,13 +354,16 @@ def ranking_table(ranking: dict[str, Any]) -> str:
     rows = [head, "|" + "---|" * (6 + lat)]
     for r in ranking["units"]:
         ic = "-" if r["input_change"] is None else f"{r['input_change']:.4f}"
+        gm = "-" if r["gmacs_saved"] is None else f"{r['gmacs_saved']:.3f}"
         rows.append(f"| {r['name']} | {r['rel_mse']:.4g} | {r['cosine']:.4g} | {ic} | {r['params_saved']:,} | "
-                    f"{r['gmacs_saved']:.3f} |" + (f" {r['latency_share']:.1%} |" if lat else ""))
+                    f"{gm} |" + (f" {r['latency_share']:.1%} |" if lat else ""))
     if not ranking["units"]:
         rows.append("| (nothing: no unit can be removed from this U-Net and leave a buildable student) | | | | | |")
+    gmacs = "" if ranking["teacher_gmacs"] is None else f", {ranking['teacher_gmacs']:.3f} GMACs"
+    net = ranking.get("backbone", "U-Net")
     rows.append(f"\n{ranking['samples']} calibration pictures of {ranking['data']}, seed {ranking['seed']}, "
-                f"{ranking['timesteps']}; teacher U-Net {ranking['teacher_params']:,} parameters, "
-                f"{ranking['teacher_gmacs']:.3f} GMACs; {ranking['seconds']} s.")
+                f"{ranking['timesteps']}; teacher {net} {ranking['teacher_params']:,} parameters{gmacs}; "
+                f"{ranking['seconds']} s.")
     return "\n".join(rows)
 
 
@@ -379,12 +381,12 @@ def plot(ranking: dict[str, Any], path: str | Path) -> None:
     rows = ranking["units"]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("pairs", "o"), ("mid", "s"), ("stage", "D"), ("layer", "^")):
+    for kind, marker in (("pairs", "o"), ("mid", "s"), ("stage", "D"), ("layer", "^"), ("block", "v")):
         pts = [(r["params_saved"] / 1e6, max(r["rel_mse"], 1e-12)) for r in rows if r["kind"] == kind]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, label=kind)
     ax.set_yscale("log")
-    ax.set_xlabel("U-Net parameters saved (M)")
+    ax.set_xlabel(f"{ranking.get('backbone', 'U-Net')} parameters saved (M)")
     ax.set_ylabel("relative MSE of the prediction when bypassed")
     ax.set_title(f"Units of {Path(ranking['teacher']).name}: cost and importance")
     ax.legend()

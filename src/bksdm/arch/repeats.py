@@ -92,7 +92,9 @@ def _sd3_transformer(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def _processors_ours(transformer: torch.nn.Module) -> bool:
-    return all(isinstance(b.attn.processor, RepeatMergingProcessor) for b in transformer.transformer_blocks)
+    # blocks without attention are skipped: a block bypassed by bksdm.arch.dit.bypass (bksdm rank) is a PassThrough
+    return all(isinstance(b.attn.processor, RepeatMergingProcessor) for b in transformer.transformer_blocks
+               if hasattr(b, "attn"))
 
 
 class _FirstOfRun(torch.autograd.Function):
@@ -141,14 +143,14 @@ def merge_repeats(model: torch.nn.Module) -> bool:
     transformer = _sd3_transformer(model)
     if transformer is None:
         return False
-    blocks = transformer.transformer_blocks
+    blocks = [b for b in transformer.transformer_blocks if hasattr(b, "attn")]
     if not _processors_ours(transformer):
-        if any(type(b.attn.processor) is not JointAttnProcessor2_0 for b in blocks):
+        if any(type(b.attn.processor) not in (JointAttnProcessor2_0, RepeatMergingProcessor) for b in blocks):
             return False
-        for block in blocks:
+        for block in blocks:  # a block restored after a bypass (bksdm rank) may still have the plain processor
             for name in ("attn", "attn2"):
                 attn = getattr(block, name, None)
-                if attn is not None:
+                if attn is not None and not isinstance(attn.processor, RepeatMergingProcessor):
                     attn.set_processor(RepeatMergingProcessor(attn.processor))
     if not getattr(transformer, _FLAG, False):
         transformer.register_forward_pre_hook(_shorten, with_kwargs=True)
