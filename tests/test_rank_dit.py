@@ -146,3 +146,49 @@ def test_faults_are_one_line(teachers, rankings, tiny_teacher_dir, tmp_path, cap
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in one_line_error(capsys), argv
+    no_t5_file = tmp_path / "no_t5.json"
+    no_t5_file.write_text(json.dumps(rankings["sd3-no-t5"]))
+    more = [  # the same transformer config, another text side: SD3 without T5 feeds zeros where T5 was
+        (["compress", "--teacher", str(teachers["sd3"]), "--student", "auto", "--budget", "params=0.7",
+          "--ranking", str(no_t5_file), "--out", str(tmp_path / "f")], "measured with another text side"),
+    ]
+    for argv, message in more:
+        assert main(argv) == 2, argv
+        assert message in one_line_error(capsys), argv
+    assert not any((tmp_path / n).exists() for n in "abcdef")
+    from bksdm.rank import rank
+
+    with pytest.raises(UserError, match="multiples of 4 px"):  # Flux packs 2x2 latents (VAE factor 2 here): 42 cannot
+        rank(str(teachers["flux"]), DATA, samples=2, batch=2, seed=0, device="cpu", resolution=42, progress=False)
+
+
+def test_inspect_shows_the_measured_choice_and_give_back_is_reported(teachers, rankings, tmp_path, capsys):
+    """A transformer student chosen by `compress --student auto`: `bksdm inspect` prints how (as for a U-Net); and a
+    greedy removal that overshoots puts blocks back. The Flux ranking's importances are set so that two cheap single
+    blocks go first, then a double block (cheaper per parameter than the third single) overshoots the budget of one
+    double block, and both singles come back: the student lacks exactly that double block."""
+    import copy
+
+    from bksdm.rank import choose
+
+    rec = copy.deepcopy(rankings["flux"])
+    importance = {"single_transformer_blocks.0": 1e-6, "single_transformer_blocks.1": 1e-6,
+                  "single_transformer_blocks.2": 1.0, "transformer_blocks.0": 0.01, "transformer_blocks.1": 0.02}
+    for r in rec["units"]:
+        r["rel_mse"] = importance[r["name"]]
+    ranking = tmp_path / "rank.json"
+    ranking.write_text(json.dumps(rec))
+    double = next(r["params_saved"] for r in rec["units"] if r["name"] == "transformer_blocks.0")
+    budget = rec["teacher_params"] - double
+    spec, trace = choose(rec, f"params={budget}", progress=False)
+    assert [t.get("removed") or "+" + t["restored"] for t in trace] == [
+        "single_transformer_blocks.0", "single_transformer_blocks.1", "transformer_blocks.0",
+        "+single_transformer_blocks.0", "+single_transformer_blocks.1"]
+    assert dict(spec.keep) == {"transformer_blocks": (1,), "single_transformer_blocks": (0, 1, 2)}
+    out = tmp_path / "s"
+    assert main(["compress", "--teacher", str(teachers["flux"]), "--student", "auto", "--budget", f"params={budget}",
+                 "--ranking", str(ranking), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "chosen by `bksdm compress --student auto" in text and "| unit | rel. MSE when bypassed | params saved |" in text

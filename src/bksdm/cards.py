@@ -119,7 +119,7 @@ def chosen_lines(chosen: dict[str, Any]) -> list[str]:
                                                   if st.get("includes") else "") for i, st in enumerate(chosen["steps"])]
     kind = chosen["budget"].split("=")[0]
     per = {"params": "parameter", "macs": "GMAC", "latency": "share of the U-Net's time"}.get(kind, kind)
-    table = ["| unit | rel. MSE when bypassed | U-Net params saved |", "|---|---:|---:|"]
+    table = ["| unit | rel. MSE when bypassed | params saved |", "|---|---:|---:|"]
     table += [f"| {u['name']} | {u['rel_mse']:.3g} | {u['params_saved']:,} |" for u in chosen["units"]]
     return ([f"The spec was chosen by `bksdm compress --student auto --budget {chosen['budget']}` from the ranking "
              f"`{chosen['ranking']}` ({chosen['ranked_on']}): units removed greedily, least important per {per} saved "

@@ -31,13 +31,7 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     if read_transformer_config(src) is not None:
         return compress_transformer(teacher, src, student, out, overwrite, budget, ranking)
     teacher_cfg, unet_dir = read_unet_config(src)
-    chosen = None
-    if student == "auto":
-        spec, chosen = auto_spec(teacher_cfg, budget, ranking)
-    elif budget or ranking:
-        raise UserError("--budget and --ranking choose the student: use them with --student auto")
-    else:
-        spec = load_spec(student, teacher_cfg)
+    spec, chosen = student_spec(teacher_cfg, student, budget, ranking)
     derivation = derive(teacher_cfg, spec)  # fails on a bad spec before any weights are read
     if not (src / "model_index.json").is_file():
         raise UserError(f"{src} is a bare U-Net; compress needs a whole pipeline folder (with model_index.json)")
@@ -66,6 +60,17 @@ def compress(teacher: str, student: str, out: str | Path, overwrite: bool = Fals
     return record
 
 
+def student_spec(teacher_cfg: dict[str, Any], student: str, budget: str | None, ranking: str | Path | None,
+                 text_side: dict[str, Any] | None = None):
+    """(spec, what the measured choice records or None): a built-in name or spec file, or ``auto`` chosen from
+    ``ranking`` for ``budget`` (:func:`auto_spec`); ``--budget`` / ``--ranking`` without ``auto`` are refused."""
+    if student == "auto":
+        return auto_spec(teacher_cfg, budget, ranking, text_side)
+    if budget or ranking:
+        raise UserError("--budget and --ranking choose the student: use them with --student auto")
+    return load_spec(student, teacher_cfg), None
+
+
 def compress_transformer(teacher: str, src: Path, student: str, out: str | Path, overwrite: bool = False,
                          budget: str | None = None, ranking: str | Path | None = None) -> dict[str, Any]:
     """:func:`compress` for a pipeline whose denoiser is ``transformer/`` (SD3 / SD3.5, FLUX.1): the student
@@ -75,13 +80,10 @@ def compress_transformer(teacher: str, src: Path, student: str, out: str | Path,
     from bksdm.arch import dit
 
     teacher_cfg, folder = read_transformer_config(src)
-    chosen = None
-    if student == "auto":
-        spec, chosen = auto_spec(teacher_cfg, budget, ranking)
-    elif budget or ranking:
-        raise UserError("--budget and --ranking choose the student: use them with --student auto")
-    else:
-        spec = load_spec(student, teacher_cfg)
+    from bksdm.models import pipeline_family
+
+    side = pipeline_family(src).cache_meta() if student == "auto" and (src / "model_index.json").is_file() else None
+    spec, chosen = student_spec(teacher_cfg, student, budget, ranking, side)
     derivation = dit.derive(teacher_cfg, spec)  # fails on a bad spec before any weights
     if not (src / "model_index.json").is_file():
         raise UserError(f"{src} is a bare transformer; compress needs a whole pipeline folder (with model_index.json)")
@@ -116,19 +118,24 @@ def write_spec_file(out: Path, spec: Any, budget: str | None, ranking: str | Pat
                                    + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None))
 
 
-def auto_spec(teacher_cfg: dict[str, Any], budget: str | None, ranking: str | Path | None):
-    """(spec, what to record) for ``--student auto``: the ranking must be of this teacher's architecture."""
+def auto_spec(teacher_cfg: dict[str, Any], budget: str | None, ranking: str | Path | None,
+              text_side: dict[str, Any] | None = None):
+    """(spec, what to record) for ``--student auto``: the ranking must be of this teacher's architecture and, for a
+    transformer, of its text side (``text_side``: the family's ``cache_meta``; SD3 with and without T5 share one
+    transformer config but not its inputs)."""
+    from bksdm.arch.dit import is_transformer
     from bksdm.rank import choose, load_ranking
 
     if not budget or not ranking:
         raise UserError("--student auto needs --budget (e.g. params=0.55) and --ranking (a file from bksdm rank)")
     rec = load_ranking(ranking)
-    from bksdm.arch.dit import is_transformer
-
-    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    if is_transformer(rec["teacher_config"]) != is_transformer(teacher_cfg) or strip(rec["teacher_config"]) != strip(teacher_cfg):
+    ranked, ours = ({k: v for k, v in c.items() if not k.startswith("_")} for c in (rec["teacher_config"], teacher_cfg))
+    if is_transformer(rec["teacher_config"]) != is_transformer(teacher_cfg) or ranked != ours:
         net = rec["teacher_config"].get("_class_name", "U-Net") if is_transformer(rec["teacher_config"]) else "U-Net"
         raise UserError(f"ranking {ranking} was measured on another {net} ({rec['teacher']}); rank this teacher first")
+    if text_side is not None and rec.get("text_side", text_side) != text_side:
+        raise UserError(f"ranking {ranking} was measured with another text side ({rec['text_side']}, this teacher: "
+                        f"{text_side}; e.g. SD3 with and without T5); rank this teacher first")
     spec, trace = choose(rec, budget)
     return spec, {"budget": budget, "ranking": str(ranking), "ranked_on": f"{rec['samples']} pictures of {rec['data']}",
                   "steps": trace, "units": [{k: r[k] for k in ("name", "rel_mse", "params_saved")} for r in rec["units"]]}

@@ -196,6 +196,7 @@ def inspect_transformer(folder, model: str, teacher: str | None = None) -> dict[
                      "student_gmacs": sum(s_macs.get(f"{name}.{j}", 0.0) for j in range(len(idx)))})
     return {"model": model, "teacher": str(source), "from_record": True, "spec": record["spec"].get("name"),
             "backbone": teacher_cfg["_class_name"], "block_lists": rows,
+            "chosen_by_measurement": record.get("chosen_by_measurement"),
             "transformer_params": {"teacher": count_params(t_model), "student": count_params(s_model)},
             "transformer_gmacs": {"teacher": t_macs["Global"], "student": s_macs["Global"]}}
 
@@ -213,4 +214,8 @@ def format_transformer(info: dict[str, Any]) -> str:
     lines += ["", f"Transformer: {p['teacher']:,} -> {p['student']:,} parameters, {g['teacher']:.3f} -> "
               f"{g['student']:.3f} GMACs per call at batch 1 with {TEXT_TOKENS} text tokens (attention-score products "
               f"excluded)."]
+    if info.get("chosen_by_measurement"):
+        from bksdm.cards import chosen_lines
+
+        lines += [""] + chosen_lines(info["chosen_by_measurement"])
     return "\n".join(lines)

@@ -358,7 +358,7 @@ def ranking_table(ranking: dict[str, Any]) -> str:
         rows.append(f"| {r['name']} | {r['rel_mse']:.4g} | {r['cosine']:.4g} | {ic} | {r['params_saved']:,} | "
                     f"{gm} |" + (f" {r['latency_share']:.1%} |" if lat else ""))
     if not ranking["units"]:
-        rows.append("| (nothing: no unit can be removed from this U-Net and leave a buildable student) | | | | | |")
+        rows.append("| (nothing: no unit can be removed from this teacher and leave a buildable student) | | | | | |")
     gmacs = "" if ranking["teacher_gmacs"] is None else f", {ranking['teacher_gmacs']:.3f} GMACs"
     net = ranking.get("backbone", "U-Net")
     rows.append(f"\n{ranking['samples']} calibration pictures of {ranking['data']}, seed {ranking['seed']}, "

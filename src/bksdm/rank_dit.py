@@ -71,6 +71,7 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
     objective = load_objective(folder)
     cfg, _ = read_transformer_config(folder)
     res = resolution or family.resolution(cfg, decoder_factor(vae))
+    family.latent_shape(cfg, res, decoder_factor(vae))  # a size the transformer cannot patch: one-line error
     items, skips = pictures(open_source(data), seed, res, samples)
     if not items:
         raise UserError(f"no usable calibration pictures in {data} ({skips.summary()}); rank needs pictures with captions")
@@ -162,14 +163,16 @@ def rank(folder: Path, teacher: str, data: str, samples: int, batch: int, seed: 
     from bksdm.pipelines import load_transformer, read_transformer_config
 
     cfg, tdir = read_transformer_config(folder)
-    model = load_transformer(tdir, cfg).to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
+    # calibration first: its text encoders and VAE are freed before the transformer loads (FLUX.1-dev: T5 ~19 GB,
+    # the transformer ~48 GB in fp32)
     batches, skips, family = calibration(folder, data, samples, batch, seed, device, resolution)
+    model = load_transformer(tdir, cfg).to(device).eval().requires_grad_(False)
     rows = measure(model, cfg, batches, family, progress=progress)
     cfg = {k: v for k, v in cfg.items() if k == "_class_name" or not k.startswith("_")}
     return {"teacher": str(teacher), "data": str(data), "samples": sum(b["x"].shape[0] for b in batches), "seed": seed,
             "timesteps": "flow sigmas stratified, one per picture", "skipped": dict(skips), "teacher_config": cfg,
-            "backbone": cfg["_class_name"], "teacher_params": dit.param_count(cfg), "teacher_gmacs": None,
+            "backbone": cfg["_class_name"], "text_side": family.cache_meta(), "teacher_params": dit.param_count(cfg), "teacher_gmacs": None,
             "seconds": round(time.perf_counter() - t0, 1), "units": rows}
 
 
@@ -187,11 +190,12 @@ def student_params(cfg: dict[str, Any], spec: dit.DiTSpec) -> int:
 
 
 def params_of(cfg: dict[str, Any], removed: list[tuple[str, int]]) -> int | None:
-    """The student's exact parameter count, or None when that student cannot be built (a list left empty)."""
-    try:
-        return student_params(cfg, without(cfg, removed, "trial"))
-    except UserError:
+    """The student's exact parameter count, or None when that student cannot be built (a block list left empty);
+    any other failure to build it is raised."""
+    gone = set(removed)
+    if any(all((n, i) in gone for i in range(c)) for n, c in dit.block_counts(cfg).items()):
         return None
+    return student_params(cfg, without(cfg, removed, "trial"))
 
 
 def choose(ranking: dict[str, Any], kind: str, value: float, budget: str,
@@ -241,6 +245,8 @@ def choose(ranking: dict[str, Any], kind: str, value: float, budget: str,
                 removed, cost, changed = rest, after, True
                 trace.append({"restored": unit_name(*b), "rel_mse": rows[unit_name(*b)]["rel_mse"],
                               "params": round(cost / teacher, 6)})
+                if progress:
+                    print(f"  put back {unit_name(*b)}: params {cost / teacher:.4f} of the teacher")
                 break
     label = f"{int(value)}" if value > 1 else f"{value:g}"
     return without(cfg, removed, f"auto-params-{label}"), trace
