@@ -78,10 +78,9 @@ def compress_transformer(teacher: str, src: Path, student: str, out: str | Path,
     components copied unchanged, ``bksdm.json`` and the model card written; ``student="auto"`` as for a U-Net
     (:func:`auto_spec`, a ranking of this transformer), with ``spec.yaml`` written."""
     from bksdm.arch import dit
-
-    teacher_cfg, folder = read_transformer_config(src)
     from bksdm.models import pipeline_family
 
+    teacher_cfg, folder = read_transformer_config(src)
     side = pipeline_family(src).cache_meta() if student == "auto" and (src / "model_index.json").is_file() else None
     spec, chosen = student_spec(teacher_cfg, student, budget, ranking, side)
     derivation = dit.derive(teacher_cfg, spec)  # fails on a bad spec before any weights
@@ -130,7 +129,7 @@ def auto_spec(teacher_cfg: dict[str, Any], budget: str | None, ranking: str | Pa
         raise UserError("--student auto needs --budget (e.g. params=0.55) and --ranking (a file from bksdm rank)")
     rec = load_ranking(ranking)
     ranked, ours = ({k: v for k, v in c.items() if not k.startswith("_")} for c in (rec["teacher_config"], teacher_cfg))
-    if is_transformer(rec["teacher_config"]) != is_transformer(teacher_cfg) or ranked != ours:
+    if ranked != ours:  # a U-Net's and a transformer's configs never match
         net = rec["teacher_config"].get("_class_name", "U-Net") if is_transformer(rec["teacher_config"]) else "U-Net"
         raise UserError(f"ranking {ranking} was measured on another {net} ({rec['teacher']}); rank this teacher first")
     if text_side is not None and rec.get("text_side", text_side) != text_side:

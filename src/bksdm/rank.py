@@ -59,6 +59,7 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
     from diffusers import DDPMScheduler
 
     from bksdm.distill.data import open_source
+    from bksdm.distill.loader import usable_pictures
     from bksdm.models import decoder_factor, encode_pixels, load_text_side, pipeline_family
 
     family = pipeline_family(folder)
@@ -68,7 +69,7 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
     cfg = json.loads((folder / "unet" / "config.json").read_text())
     res = resolution or family.resolution(cfg, decoder_factor(vae))
     gen = torch.Generator().manual_seed(seed)
-    items, skips = rank_dit.pictures(source, seed, res, samples)
+    items, skips = usable_pictures(source, seed, res, samples)
     if not items:
         raise UserError(f"no usable calibration pictures in {data} ({skips.summary()}); rank needs pictures with captions")
     out = []

@@ -35,24 +35,6 @@ def unit_name(name: str, index: int) -> str:
     return f"{name}.{index}"
 
 
-def pictures(source: Any, seed: int, resolution: int, samples: int) -> tuple[list[dict[str, Any]], Any]:
-    """Up to ``samples`` usable micro-batches of one picture each (the loader's order for ``seed``: each picture read
-    at most once) and the :class:`bksdm.skips.Skips` of unusable items."""
-    from bksdm.distill.loader import micro_batches
-    from bksdm.skips import Skips
-
-    limit = len(source) if not getattr(source, "streamed", False) else None
-    skips, items, seen = Skips(), [], 0
-    for mb in micro_batches(source, seed, False, resolution, 1, 0, 1, 0):
-        seen += 1
-        skips.update_from([r for r, _ in mb["skip_reasons"]])
-        if "pixels" in mb:
-            items.append(mb)
-        if len(items) >= samples or (limit is not None and seen >= limit):
-            break
-    return items, skips
-
-
 def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, device: str,
                 resolution: int | None = None) -> tuple[list[dict[str, Any]], Any, Any]:
     """Batches ``{"x": noisy latents (B, C, h, w), "t": (B,) sigma * T, "cond": the family's flat conditioning}``
@@ -61,6 +43,7 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
     through the objective's sigma table and shift, :meth:`FlowObjective.sigmas`), ``x = (1 - sigma) x0 + sigma eps``
     as :meth:`FlowObjective.sample`; noise and ``u`` from a generator of ``seed``."""
     from bksdm.distill.data import open_source
+    from bksdm.distill.loader import usable_pictures
     from bksdm.models import decoder_factor, encode_pixels, load_text_side, pipeline_family
     from bksdm.objectives import load_objective
     from bksdm.pipelines import read_transformer_config
@@ -72,7 +55,7 @@ def calibration(folder: Path, data: str, samples: int, batch: int, seed: int, de
     cfg, _ = read_transformer_config(folder)
     res = resolution or family.resolution(cfg, decoder_factor(vae))
     family.latent_shape(cfg, res, decoder_factor(vae))  # a size the transformer cannot patch: one-line error
-    items, skips = pictures(open_source(data), seed, res, samples)
+    items, skips = usable_pictures(open_source(data), seed, res, samples)
     if not items:
         raise UserError(f"no usable calibration pictures in {data} ({skips.summary()}); rank needs pictures with captions")
     gen = torch.Generator().manual_seed(seed)

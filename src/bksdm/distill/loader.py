@@ -104,3 +104,21 @@ def _streamed(source, seed, flip, resolution, batch, rank, world, start_micro):
             yield collate(items)
             items, micro = [], micro + 1
             wanted = positions(micro, batch, rank, world)
+
+
+def usable_pictures(source, seed: int, resolution: int, samples: int) -> tuple[list[dict[str, Any]], Any]:
+    """Up to ``samples`` usable micro-batches of one picture each, in the loader's order for ``seed`` (each picture
+    read at most once; a finite source stops at its end), and the :class:`bksdm.skips.Skips` of unusable items:
+    the calibration pictures of `bksdm rank`."""
+    from bksdm.skips import Skips
+
+    limit = len(source) if not getattr(source, "streamed", False) else None
+    skips, items, seen = Skips(), [], 0
+    for mb in micro_batches(source, seed, False, resolution, 1, 0, 1, 0):
+        seen += 1
+        skips.update_from([r for r, _ in mb["skip_reasons"]])
+        if "pixels" in mb:
+            items.append(mb)
+        if len(items) >= samples or (limit is not None and seen >= limit):
+            break
+    return items, skips
